@@ -1,0 +1,24 @@
+"""One exception family. Every message names the file (or task, or layer) and the fix."""
+
+
+class VLoRAError(Exception):
+    """Base class of every error vlora raises on purpose.
+
+    The CLI prints it without a traceback and exits 1; the workbench turns it into a ``gr.Error`` toast.
+    """
+
+
+class AdapterError(VLoRAError):
+    """An adapter folder cannot be read, or is not something vlora can store."""
+
+
+class CompatibilityError(VLoRAError):
+    """Adapters (or an adapter and a store, or a store and a model) do not fit together."""
+
+
+class StoreError(VLoRAError):
+    """A store folder is missing, damaged, or cannot be written."""
+
+
+class TaskError(VLoRAError):
+    """A task id is unknown, duplicated, or not usable as an id."""
