@@ -22,3 +22,7 @@ class StoreError(VLoRAError):
 
 class TaskError(VLoRAError):
     """A task id is unknown, duplicated, or not usable as an id."""
+
+
+class ModelLoadError(VLoRAError):
+    """The base model (bundled, a local folder, or a hub id) cannot be found or loaded."""

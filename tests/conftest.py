@@ -1,0 +1,67 @@
+"""Tiny real models from a config (never downloaded) and real PEFT adapters written by peft itself."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+TARGETS = ("q_proj", "v_proj")
+
+
+def tiny_llama_config() -> LlamaConfig:
+    return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config()).eval()
+
+
+def write_adapter(path, seed: int, *, r: int = 4, alpha: float = 8, targets=TARGETS, shared=None, **lora_kwargs):
+    """A real PEFT LoRA adapter folder, random (non-zero) factors; ``shared`` mixes in common structure.
+
+    ``shared``: an optional dict {module: (A, B)} added to this adapter's own random factors, so that a
+    set of adapters has structure in common (as adapters trained from one base usually do).
+    """
+    model = tiny_llama(0)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False,
+                        task_type="CAUSAL_LM", **lora_kwargs)
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(1000 + seed)
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+                for factor in (module.lora_A["default"].weight, module.lora_B["default"].weight):
+                    factor.normal_(0, 0.3)
+    peft_model.save_pretrained(str(path))
+    return path
+
+
+def peft_logits(adapter_dir, input_ids):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(tiny_llama(0), str(adapter_dir)).eval()
+    with torch.no_grad():
+        return model(input_ids).logits
+
+
+@pytest.fixture(scope="session")
+def input_ids():
+    torch.manual_seed(7)
+    return torch.randint(0, 128, (2, 12))
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(tmp_path_factory):
+    """Four real adapters of rank 4 on q_proj and v_proj of a 2-layer tiny Llama."""
+    root = tmp_path_factory.mktemp("adapters")
+    names = ["sentiment", "summarization", "translation", "qa"]
+    return [write_adapter(root / name, seed) for seed, name in enumerate(names)]

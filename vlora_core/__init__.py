@@ -1,0 +1,13 @@
+"""vlora_core: many PEFT LoRA adapters as one shared basis plus small per-task loadings."""
+
+from .adapter import LoRAAdapter, LoRALayer
+from .config import CompressConfig
+from .errors import AdapterError, CompatibilityError, StoreError, TaskError, VLoRAError
+from .export import export_all, export_task
+from .io.peft_files import load_adapter, save_adapter
+from .subspace import SharedSubspace, Task
+
+__all__ = [
+    "AdapterError", "CompatibilityError", "CompressConfig", "LoRAAdapter", "LoRALayer", "SharedSubspace",
+    "StoreError", "Task", "TaskError", "VLoRAError", "export_all", "export_task", "load_adapter", "save_adapter",
+]

@@ -1,0 +1,136 @@
+"""The `vlora` command: parse, validate, call the same core functions as the Python API and the UI.
+
+Exit codes: 0 ok, 1 a failure vlora explains (no traceback), 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import quality
+from .config import DEFAULT_METHOD, DEFAULT_NUM_COMPONENTS, DEFAULT_VARIANCE_THRESHOLD
+from .basis import METHODS
+from .errors import VLoRAError
+from .export import export_all, export_task
+from .io.peft_files import load_adapter
+from .subspace import SharedSubspace
+
+
+def compress(args) -> None:
+    adapters = [load_adapter(path) for path in _progress(args.adapters, "reading adapters")]
+    subspace = SharedSubspace.from_adapters(
+        adapters, task_ids=args.task_ids, num_components=args.k, method=args.method,
+        adaptive_k=args.adaptive_k, variance_threshold=args.threshold, progress=True,
+    )
+    subspace.save(args.output)
+    print(f"stored {len(adapters)} tasks in {args.output} ({subspace!r})")
+    _print_summary(subspace)
+
+
+def info(args) -> None:
+    subspace = SharedSubspace.load(args.store)
+    if args.json:
+        print(json.dumps({"summary": quality.summary(subspace),
+                          "layers": [vars(r) for r in quality.layer_reports(subspace)]}, indent=2, default=str))
+        return
+    print(f"{args.store}: {subspace!r}")
+    print(f"{'layer':<48} {'k_A':>4} {'k_B':>4} {'var_A':>7} {'var_B':>7} {'ΔW err':>8}")
+    for r in quality.layer_reports(subspace):
+        print(f"{r.layer[-48:]:<48} {r.k_a:>4} {r.k_b:>4} {r.variance_a:>7.2%} {r.variance_b:>7.2%} {r.error:>8.4f}")
+    _print_summary(subspace)
+
+
+def export(args) -> None:
+    subspace = SharedSubspace.load(args.store)
+    overrides = dict(alpha=args.alpha, base_model=args.base_model, target_modules=args.target_modules)
+    if args.all == (args.task is not None):
+        raise VLoRAError("give either a TASK or --all (not both); `vlora info STORE` lists the tasks.")
+    if args.all:
+        for task_id, path in export_all(subspace, args.output, **overrides).items():
+            print(f"exported {task_id!r} to {path}")
+    else:
+        print(f"exported {args.task!r} to {export_task(subspace, args.task, args.output, **overrides)}")
+
+
+def add(args) -> None:
+    subspace = SharedSubspace.load(args.store)
+    task = subspace.add(load_adapter(args.adapter), args.task_id, incremental=args.incremental)
+    subspace.save(args.store)
+    error = quality.task_errors(subspace)[task.id]
+    how = "basis extended" if args.incremental else "projected on the fixed basis"
+    print(f"added {task.id!r} to {args.store} ({how}; ΔW relative error {error:.4f}; {subspace!r})")
+
+
+def _print_summary(subspace: SharedSubspace) -> None:
+    s = quality.summary(subspace)
+    print(f"k per layer side: {s['k_min']}..{s['k_max']}; variance explained: "
+          f"A {s['variance_a_mean']:.2%}, B {s['variance_b_mean']:.2%} (mean over layers)")
+    print(f"parameters: basis {s['basis_parameters']:,}, per task {s['parameters_per_task']:,}")
+    for task_id, error in s["task_errors"].items():
+        print(f"  {task_id}: ΔW relative error {error:.4f}")
+
+
+def _progress(items, desc):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False, disable=len(items) < 4)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlora", description="Many LoRA adapters, one shared basis.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("compress", help="compress PEFT adapter folders into a store")
+    p.add_argument("adapters", nargs="+", help="PEFT adapter folders (task ids default to folder names)")
+    p.add_argument("-o", "--output", required=True, help="store folder to write")
+    p.add_argument("-k", "--num-components", dest="k", type=int, default=DEFAULT_NUM_COMPONENTS,
+                   help=f"directions kept per layer and side (default {DEFAULT_NUM_COMPONENTS})")
+    p.add_argument("--adaptive-k", action="store_true", help="choose k per layer and side from --threshold")
+    p.add_argument("--threshold", type=float, default=DEFAULT_VARIANCE_THRESHOLD,
+                   help=f"variance adaptive k must explain (default {DEFAULT_VARIANCE_THRESHOLD})")
+    p.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD,
+                   help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
+    p.add_argument("--task-ids", nargs="+", help="one id per adapter, in order")
+    p.set_defaults(run=compress)
+
+    p = commands.add_parser("info", help="variance explained and ΔW error per layer and task")
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=info)
+
+    p = commands.add_parser("export", help="write a task as a standard PEFT adapter folder")
+    p.add_argument("store")
+    p.add_argument("task", nargs="?", help="task id (see `vlora info`)")
+    p.add_argument("-o", "--output", required=True, help="adapter folder (with --all: a parent folder)")
+    p.add_argument("--all", action="store_true", help="export every task")
+    p.add_argument("--alpha", type=float, help="lora_alpha to write (factors are rescaled so ΔW is unchanged)")
+    p.add_argument("--base-model", help="base_model_name_or_path to write")
+    p.add_argument("--target-modules", nargs="+", help="target_modules to write")
+    p.set_defaults(run=export)
+
+    p = commands.add_parser("add", help="add an adapter to an existing store")
+    p.add_argument("store")
+    p.add_argument("adapter", help="PEFT adapter folder")
+    p.add_argument("--task-id", help="id of the new task (default: the folder name)")
+    p.add_argument("--incremental", action="store_true",
+                   help="grow the basis so the new task is stored exactly; stored tasks stay exactly as they were")
+    p.set_defaults(run=add)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="vlora: %(message)s")
+    try:
+        args.run(args)
+    except VLoRAError as error:
+        print(f"vlora {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

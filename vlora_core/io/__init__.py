@@ -1,0 +1,1 @@
+"""Every file vlora reads or writes goes through this package."""

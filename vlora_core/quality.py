@@ -1,0 +1,89 @@
+"""How good a subspace is: variance explained per layer side, and ΔW error per task and layer.
+
+ΔW errors are computed from r x r Gram matrices, never from d_out x d_in products, in float64 so that
+tiny errors (1e-6 and below) are not lost to cancellation:
+    ‖F_B F_Aᵀ − G_B G_Aᵀ‖² = tr(F_BᵀF_B · F_AᵀF_A) − 2 tr(F_BᵀG_B · (F_AᵀG_A)ᵀ) + tr(G_BᵀG_B · G_AᵀG_A)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .constants import SIDES
+
+
+def delta_w_errors(reference: tuple[torch.Tensor, torch.Tensor], approx: tuple[torch.Tensor, torch.Tensor]):
+    """Relative ΔW error and ‖ΔW‖ per task: factors F_A (N, d_in, r), F_B (N, d_out, r) -> (N,), (N,)."""
+    F_A, F_B = (F.double() for F in reference)
+    G_A, G_B = (G.double() for G in approx)
+
+    def gram(X, Y):  # (N, d, r), (N, d, r') -> (N, r, r')
+        return X.transpose(1, 2) @ Y
+
+    def trace_of_product(X, Y):  # tr(X·Yᵀ)... for batches of r x r: sum of elementwise products
+        return (X * Y).sum(dim=(1, 2))
+
+    ref = trace_of_product(gram(F_B, F_B), gram(F_A, F_A))  # ‖ΔW‖², Grams are symmetric
+    cross = trace_of_product(gram(F_B, G_B), gram(F_A, G_A))
+    own = trace_of_product(gram(G_B, G_B), gram(G_A, G_A))
+    err = (ref - 2 * cross + own).clamp(min=0)
+    norm = ref.sqrt()
+    rel = torch.where(norm > 0, err.sqrt() / norm.clamp(min=1e-300), err.sqrt())
+    return rel.float(), norm.float()
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    layer: str
+    k_a: int
+    k_b: int
+    variance_a: float  # share of variance the kept A directions explain
+    variance_b: float
+    error: float  # ΔW relative error over all tasks at this layer (nan when unknown)
+
+
+def layer_reports(subspace) -> list[LayerReport]:
+    rows = []
+    for name, sides in subspace.bases.items():
+        ks = {s: b.k for s, b in sides.items()}
+        var = {s: b.variance_explained() for s, b in sides.items()}
+        pairs = [t.quality[name] for t in subspace.tasks.values() if name in t.quality]
+        rows.append(LayerReport(name, ks["A"], ks["B"], var["A"], var["B"], _pooled(pairs)))
+    return rows
+
+
+def task_errors(subspace) -> dict[str, float]:
+    """Each task's ΔW relative error over all layers (nan when unknown, e.g. a freshly initialised task)."""
+    return {t.id: _pooled(list(t.quality.values())) for t in subspace.tasks.values()}
+
+
+def _pooled(pairs: list[tuple[float, float]]) -> float:
+    """sqrt(Σ err² ‖ΔW‖² / Σ ‖ΔW‖²) from per-part (relative error, norm) pairs."""
+    if not pairs:
+        return float("nan")
+    num = sum((e * n) ** 2 for e, n in pairs)
+    den = sum(n * n for _, n in pairs)
+    return (num / den) ** 0.5 if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def summary(subspace) -> dict:
+    reports = layer_reports(subspace)
+    params = subspace.num_parameters()
+    ks = [r.k_a for r in reports] + [r.k_b for r in reports]
+    return {
+        "method": subspace.method,
+        "tasks": len(subspace.tasks),
+        "layers": len(reports),
+        "k_min": min(ks),
+        "k_max": max(ks),
+        "variance_a_mean": sum(r.variance_a for r in reports) / len(reports),
+        "variance_b_mean": sum(r.variance_b for r in reports) / len(reports),
+        "basis_parameters": params["basis"],
+        "parameters_per_task": params["per_task"],
+        "task_errors": task_errors(subspace),
+    }
+
+
+__all__ = ["delta_w_errors", "layer_reports", "task_errors", "summary", "LayerReport", "SIDES"]

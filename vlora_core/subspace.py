@@ -1,0 +1,388 @@
+"""SharedSubspace: one shared basis per layer and side, plus each task's small loadings.
+
+A task's canonical factors (see ``gauge``) are ``basis.reconstruct(loadings)`` cut back into (d, r)
+matrices; ΔW = F_B · F_Aᵀ with the adapter's own scaling already folded in. Everything here is
+in-memory; ``vlora_core.io.store_files`` reads and writes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import basis as bases
+from .adapter import LoRAAdapter, LoRALayer, lora_scaling
+from .config import DEFAULT_NUM_COMPONENTS, DEFAULT_VARIANCE_THRESHOLD, CompressConfig
+from .constants import SIDES
+from .errors import CompatibilityError, TaskError, VLoRAError
+from .gauge import canonical_factors
+
+log = logging.getLogger("vlora")
+
+Factors = tuple[torch.Tensor, torch.Tensor]  # F_A (N, d_in, r), F_B (N, d_out, r)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    d_in: int
+    d_out: int
+    rank: int
+
+    def dim(self, side: str) -> int:
+        return self.d_in if side == "A" else self.d_out
+
+
+@dataclass
+class Task:
+    id: str
+    loadings: dict[str, dict[str, torch.Tensor]]  # layer -> side -> (g, k)
+    config: dict  # the adapter's own adapter_config.json
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save and other tensors
+    source: str = ""
+    dtype: str = "float32"  # the original factors' dtype; exports are cast back to it
+    quality: dict[str, tuple[float, float]] = field(default_factory=dict)  # layer -> (ΔW rel. error, ‖ΔW‖)
+
+
+class SharedSubspace:
+    def __init__(self, method: str, shapes: dict[str, LayerShape], bases_: dict[str, dict[str, bases.Basis]],
+                 tasks: dict[str, Task], k_requested: int | None = None):
+        self.method = method
+        self.shapes = shapes
+        self.bases = bases_
+        self.tasks = tasks
+        self.k_requested = k_requested  # what the user asked for, to report clipping
+
+    # ---- building ---------------------------------------------------------------------------------
+    @classmethod
+    def from_adapters(cls, adapters: list[LoRAAdapter], task_ids: list[str] | None = None,
+                      num_components: int = DEFAULT_NUM_COMPONENTS, *, method: str = "flat",
+                      adaptive_k: bool = False, variance_threshold: float = DEFAULT_VARIANCE_THRESHOLD,
+                      progress: bool = False) -> SharedSubspace:
+        """Compress adapters into a shared subspace with k (or adaptive k) directions per layer and side."""
+        config = CompressConfig(num_components, method, adaptive_k, variance_threshold)
+        full = cls.decompose(adapters, task_ids, method=config.method, progress=progress)
+        subspace = full.truncated(config)
+        subspace.measure_against(full)
+        note = subspace.clipping_note()
+        if note:
+            log.warning(note)
+        return subspace
+
+    @classmethod
+    def decompose(cls, adapters: list[LoRAAdapter], task_ids: list[str] | None = None, *,
+                  method: str = "flat", progress: bool = False) -> SharedSubspace:
+        """Every direction the data has (no truncation): ``truncated(k)`` then costs no SVD."""
+        ids = resolve_task_ids(adapters, task_ids)
+        shapes = check_compatible(adapters)
+        factors = {}
+        for name in tqdm(shapes, desc="canonical gauge", disable=not progress, leave=False):
+            factors[name] = adapter_factors(adapters, name)
+        tasks = {i: Task(i, {}, a.config, a.extras, a.source, _dtype_name(a)) for i, a in zip(ids, adapters)}
+        return cls.fit(method, shapes, factors, tasks, progress=progress)
+
+    @classmethod
+    def fit(cls, method: str, shapes: dict[str, LayerShape], factors: dict[str, Factors],
+            tasks: dict[str, Task], progress: bool = False) -> SharedSubspace:
+        """Fit every layer and side; ``tasks`` (in the order of the factors' N axis) get their loadings."""
+        rule = _method(method)
+        fitted = {}
+        for name in tqdm(shapes, desc="SVD per layer", disable=not progress, leave=False):
+            fitted[name] = {}
+            for side, F in zip(SIDES, factors[name]):
+                fitted[name][side], loadings = bases.fit(rule.to_vectors(F), rule.centre)
+                for task, rows in zip(tasks.values(), loadings):
+                    task.loadings.setdefault(name, {})[side] = rows
+        return cls(method, shapes, fitted, tasks)
+
+    def truncated(self, k: int | CompressConfig) -> SharedSubspace:
+        """Keep the first k directions per layer and side (clipped to what each has), or adaptive k."""
+        config = k if isinstance(k, CompressConfig) else CompressConfig(k, self.method)
+        new_bases, ks = {}, {}
+        for name, sides in self.bases.items():
+            new_bases[name], ks[name] = {}, {}
+            for side, basis in sides.items():
+                kept = (bases.choose_k(basis.spectrum[: basis.k], config.variance_threshold)
+                        if config.adaptive_k else min(config.num_components, basis.k))
+                new_bases[name][side], ks[name][side] = basis.truncate(kept), kept
+        tasks = {i: _slice_task(t, ks) for i, t in self.tasks.items()}
+        requested = None if config.adaptive_k else config.num_components
+        return SharedSubspace(self.method, self.shapes, new_bases, tasks, requested)
+
+    # ---- facts ------------------------------------------------------------------------------------
+    @property
+    def task_ids(self) -> list[str]:
+        return list(self.tasks)
+
+    @property
+    def num_components(self) -> dict[str, dict[str, int]]:
+        """The k used, per layer and side."""
+        return {name: {side: b.k for side, b in sides.items()} for name, sides in self.bases.items()}
+
+    def clipping_note(self) -> str | None:
+        if self.k_requested is None:
+            return None
+        short = [f"{n}.{s}={k}" for n, sides in self.num_components.items() for s, k in sides.items()
+                 if k < self.k_requested]
+        if not short:
+            return None
+        limit = "N - 1 for the flat basis" if self.method == "flat" else "min(N x r, d) for the rank basis"
+        return (f"k={self.k_requested} is more than the data allows ({limit}) in {len(short)} layer sides; "
+                f"clipped there: {', '.join(short[:4])}{' ...' if len(short) > 4 else ''}")
+
+    def num_parameters(self) -> dict[str, int]:
+        """Stored numbers: the shared basis, and the loadings of one task."""
+        shared = sum(b.components.numel() + (0 if b.mean is None else b.mean.numel())
+                     for sides in self.bases.values() for b in sides.values())
+        task = next(iter(self.tasks.values()), None)
+        per_task = 0 if task is None else sum(t.numel() for sides in task.loadings.values() for t in sides.values())
+        return {"basis": shared, "per_task": per_task}
+
+    # ---- reconstruction ---------------------------------------------------------------------------
+    def task_factors(self, task_id: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Canonical factors of one task: layer -> (F_A (d_in, r), F_B (d_out, r)), scaling folded in."""
+        task = self.task(task_id)
+        return {name: tuple(F[0] for F in self.stacked_factors(name, [task])) for name in self.shapes}
+
+    def stacked_factors(self, name: str, tasks: list[Task] | None = None) -> Factors:
+        """F_A (N, d_in, r), F_B (N, d_out, r) of the given tasks (default: all) at one layer."""
+        tasks = list(self.tasks.values()) if tasks is None else tasks
+        rule, shape = _method(self.method), self.shapes[name]
+        out = []
+        for side in SIDES:
+            basis = self.bases[name][side]
+            loadings = torch.stack([t.loadings[name][side] for t in tasks])  # (N, g, k)
+            out.append(rule.from_vectors(bases.reconstruct(basis, loadings), shape.dim(side), shape.rank))
+        return tuple(out)
+
+    def to_adapter(self, task_id: str, *, alpha: float | None = None, base_model: str | None = None,
+                   target_modules: list[str] | None = None) -> LoRAAdapter:
+        """The task as PEFT factors under its own config (or overrides); ΔW is the same for any alpha."""
+        task = self.task(task_id)
+        config = export_config(task.config, alpha, base_model, target_modules, list(self.shapes))
+        dtype = getattr(torch, task.dtype)
+        layers = {}
+        for name, (F_A, F_B) in self.task_factors(task_id).items():
+            scaling = lora_scaling(config, name, self.shapes[name].rank)
+            root = math.sqrt(scaling)
+            layers[name] = LoRALayer(A=(F_A.T / root).to(dtype), B=(F_B / root).to(dtype), scaling=scaling)
+        return LoRAAdapter(task_id, config, layers, dict(task.extras), source=f"task {task_id!r}")
+
+    # ---- tasks ------------------------------------------------------------------------------------
+    def task(self, task_id: str) -> Task:
+        if task_id not in self.tasks:
+            known = ", ".join(repr(t) for t in self.tasks) or "none"
+            raise TaskError(f"unknown task {task_id!r}; this store holds: {known}.")
+        return self.tasks[task_id]
+
+    def project(self, adapter: LoRAAdapter, task_id: str | None = None) -> Task:
+        """Loadings of a new adapter on the current basis (the basis does not change)."""
+        task_id = check_task_id(task_id or adapter.name)
+        self.check_adapter(adapter)
+        rule = _method(self.method)
+        task = Task(task_id, {}, adapter.config, adapter.extras, adapter.source, _dtype_name(adapter))
+        for name in self.shapes:
+            for side, F in zip(SIDES, adapter_factors([adapter], name)):
+                task.loadings.setdefault(name, {})[side] = bases.project(self.bases[name][side], rule.to_vectors(F))[0]
+        return task
+
+    def add_task(self, task: Task) -> None:
+        if task.id in self.tasks:
+            raise TaskError(f"task id {task.id!r} is already in this store; choose another id (--task-id).")
+        self.tasks[task.id] = task
+
+    def add(self, adapter: LoRAAdapter, task_id: str | None = None, *, incremental: bool = False) -> Task:
+        """Add an adapter: projected on the fixed basis, or (incremental) growing the basis to hold it exactly."""
+        task = self.project(adapter, task_id)
+        if task.id in self.tasks:
+            self.add_task(task)  # raises the duplicate error before anything changes
+        if incremental:
+            self._extend(adapter, task)
+        self.add_task(task)
+        self._measure_task(task, adapter)
+        return task
+
+    def absorb(self, adapter: LoRAAdapter, task_id: str | None = None) -> None:
+        """Rebuild the basis from every stored task plus the new adapter, keeping each layer side's k."""
+        task = self.project(adapter, task_id)  # validates id and shapes
+        if task.id in self.tasks:
+            self.add_task(task)
+        ks = self.num_components
+        new_factors = {name: adapter_factors([adapter], name) for name in self.shapes}
+        factors = {name: tuple(torch.cat([old, new]) for old, new in zip(self.stacked_factors(name), new_factors[name]))
+                   for name in self.shapes}
+        tasks = {i: _bare(t) for i, t in self.tasks.items()} | {task.id: _bare(task)}
+        full = SharedSubspace.fit(self.method, self.shapes, factors, tasks)
+        rebuilt = full.truncated_per_side(ks)
+        rebuilt.measure_against(full)
+        self.bases, self.tasks = rebuilt.bases, rebuilt.tasks
+
+    def truncated_per_side(self, ks: dict[str, dict[str, int]]) -> SharedSubspace:
+        new_bases = {n: {s: b.truncate(ks[n][s]) for s, b in sides.items()} for n, sides in self.bases.items()}
+        tasks = {i: _slice_task(t, ks) for i, t in self.tasks.items()}
+        return SharedSubspace(self.method, self.shapes, new_bases, tasks, self.k_requested)
+
+    def _extend(self, adapter: LoRAAdapter, task: Task) -> None:
+        rule = _method(self.method)
+        order = list(self.tasks.values())
+        for name in self.shapes:
+            for side, F in zip(SIDES, adapter_factors([adapter], name)):
+                old = torch.stack([t.loadings[name][side] for t in order])
+                basis, loadings = bases.extend(self.bases[name][side], old, rule.to_vectors(F)[0])
+                self.bases[name][side] = basis
+                for t, rows in zip([*order, task], loadings):
+                    t.loadings[name][side] = rows
+
+    # ---- quality ----------------------------------------------------------------------------------
+    def measure_against(self, reference: SharedSubspace) -> None:
+        """Record each task's ΔW error against ``reference`` (the untruncated decomposition)."""
+        from .quality import delta_w_errors
+
+        for name in self.shapes:
+            err, norm = delta_w_errors(reference.stacked_factors(name), self.stacked_factors(name))
+            for task, e, n in zip(self.tasks.values(), err.tolist(), norm.tolist()):
+                task.quality[name] = (e, n)
+
+    def _measure_task(self, task: Task, adapter: LoRAAdapter) -> None:
+        from .quality import delta_w_errors
+
+        for name in self.shapes:
+            err, norm = delta_w_errors(adapter_factors([adapter], name), self.stacked_factors(name, [task]))
+            task.quality[name] = (err.item(), norm.item())
+
+    # ---- files ------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        from .io.store_files import save_store
+
+        return save_store(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SharedSubspace:
+        from .io.store_files import load_store
+
+        return load_store(path)
+
+    def __repr__(self) -> str:
+        ks = sorted({k for sides in self.num_components.values() for k in sides.values()})
+        return (f"SharedSubspace(method={self.method!r}, tasks={len(self.tasks)}, layers={len(self.shapes)}, "
+                f"k={ks[0] if len(ks) == 1 else ks})")
+
+
+# ---- helpers shared by building and adding --------------------------------------------------------
+def adapter_factors(adapters: list[LoRAAdapter], name: str) -> Factors:
+    """Canonical factors of one layer for several adapters, batched."""
+    A = torch.stack([a.layers[name].A.float() for a in adapters])
+    B = torch.stack([a.layers[name].B.float() for a in adapters])
+    scaling = torch.tensor([a.layers[name].scaling for a in adapters])
+    return canonical_factors(A, B, scaling)
+
+
+def resolve_task_ids(adapters: list[LoRAAdapter], task_ids: list[str] | None) -> list[str]:
+    if len(adapters) < 2:
+        raise VLoRAError(
+            f"a shared subspace needs at least 2 adapters, got {len(adapters)}; "
+            "pass more adapter folders (or add this one to an existing store with `vlora add`)."
+        )
+    ids = [a.name for a in adapters] if task_ids is None else list(task_ids)
+    if len(ids) != len(adapters):
+        raise TaskError(f"{len(ids)} task ids for {len(adapters)} adapters; give one id per adapter.")
+    seen = {}
+    for task_id, adapter in zip(ids, adapters):
+        check_task_id(task_id)
+        if task_id in seen:
+            raise TaskError(
+                f"task id {task_id!r} is used twice ({seen[task_id]} and {adapter.describe()}); "
+                "task ids must be unique — rename a folder or pass task_ids."
+            )
+        seen[task_id] = adapter.describe()
+    return ids
+
+
+def check_task_id(task_id: object) -> str:
+    if not isinstance(task_id, str) or not task_id.strip():
+        raise TaskError(f"task id {task_id!r} is empty; give each task a short name.")
+    if len(task_id) > 200 or any(ord(c) < 32 for c in task_id):
+        raise TaskError(f"task id {task_id[:40]!r}... must be at most 200 printable characters.")
+    return task_id
+
+
+def check_compatible(adapters: list[LoRAAdapter]) -> dict[str, LayerShape]:
+    """All adapters must target the same layers with the same shapes and ranks."""
+    first = adapters[0]
+    shapes = {n: LayerShape(l.A.shape[1], l.B.shape[0], l.rank) for n, l in first.layers.items()}
+    for other in adapters[1:]:
+        check_layers(shapes, other, f"{first.describe()}")
+    return shapes
+
+
+def check_layers(shapes: dict[str, LayerShape], adapter: LoRAAdapter, reference: str) -> None:
+    missing, extra = sorted(set(shapes) - set(adapter.layers)), sorted(set(adapter.layers) - set(shapes))
+    if missing or extra:
+        raise CompatibilityError(
+            f"{adapter.describe()}: targets different modules than {reference}; "
+            f"missing: {_names(missing)}; extra: {_names(extra)}. "
+            "A subspace needs the same target modules in every adapter — compress them in separate subspaces."
+        )
+    for name, shape in shapes.items():
+        layer = adapter.layers[name]
+        if layer.rank != shape.rank:
+            raise CompatibilityError(
+                f"{adapter.describe()}: rank {layer.rank} differs from rank {shape.rank} ({reference}) at {name}; "
+                "all adapters in a subspace must share a rank — compress them in separate subspaces."
+            )
+        if (layer.A.shape[1], layer.B.shape[0]) != (shape.d_in, shape.d_out):
+            raise CompatibilityError(
+                f"{adapter.describe()}: {name} is {layer.B.shape[0]}x{layer.A.shape[1]} (d_out x d_in) but "
+                f"{shape.d_out}x{shape.d_in} in {reference}; these adapters are for different base models."
+            )
+
+
+def export_config(config: dict, alpha: float | None, base_model: str | None,
+                  target_modules: list[str] | None, layers: list[str]) -> dict:
+    """The task's own adapter_config.json, with the overrides the user asked for."""
+    config = dict(config)
+    if alpha is not None:
+        if alpha <= 0:
+            raise VLoRAError(f"--alpha must be positive, got {alpha}.")
+        config["lora_alpha"], config["alpha_pattern"] = alpha, {}
+    if base_model is not None:
+        config["base_model_name_or_path"] = base_model
+    if target_modules is not None:
+        unmatched = [n for n in layers if not any(n == t or n.endswith("." + t) for t in target_modules)]
+        if unmatched:
+            raise VLoRAError(
+                f"--target-modules {' '.join(target_modules)} does not cover stored layers: {_names(unmatched)}; "
+                "list every module the adapter trains (for example q_proj v_proj)."
+            )
+        config["target_modules"] = list(target_modules)
+    config["inference_mode"] = True
+    return config
+
+
+def _method(name: str) -> bases.Method:
+    if name not in bases.METHODS:
+        raise VLoRAError(f"unknown method {name!r}; choose one of: {', '.join(bases.METHODS)}.")
+    return bases.METHODS[name]
+
+
+def _slice_task(task: Task, ks: dict[str, dict[str, int]]) -> Task:
+    loadings = {n: {s: t[..., : ks[n][s]].clone() for s, t in sides.items()} for n, sides in task.loadings.items()}
+    return Task(task.id, loadings, task.config, task.extras, task.source, task.dtype, dict(task.quality))
+
+
+def _bare(task: Task) -> Task:
+    return Task(task.id, {}, task.config, task.extras, task.source, task.dtype)
+
+
+def _dtype_name(adapter: LoRAAdapter) -> str:
+    return str(next(iter(adapter.layers.values())).A.dtype).removeprefix("torch.")
+
+
+def _names(names: list[str], limit: int = 6) -> str:
+    if not names:
+        return "none"
+    return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
