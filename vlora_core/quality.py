@@ -86,4 +86,57 @@ def summary(subspace) -> dict:
     }
 
 
-__all__ = ["delta_w_errors", "layer_reports", "task_errors", "summary", "LayerReport", "SIDES"]
+def stored_bytes(subspace, bytes_per_number: int = 4) -> int:
+    """Bytes of the shared basis plus every task's loadings (fp32), extras not counted."""
+    params = subspace.num_parameters()
+    return bytes_per_number * (params["basis"] + params["per_task"] * len(subspace.tasks))
+
+
+@dataclass(frozen=True)
+class KSweep:
+    """ΔW error and storage for every uniform k, computed once from an untruncated decomposition."""
+
+    ks: list[int]
+    errors: torch.Tensor  # (K, L, N) relative ΔW error per k, layer, task
+    norms: torch.Tensor  # (L, N) ‖ΔW‖ per layer and task
+    bytes: list[int]  # stored bytes per k
+    layers: list[str]
+    task_ids: list[str]
+
+    def task_errors(self, k: int) -> torch.Tensor:
+        """(N,) each task's ΔW relative error over all layers, at the nearest swept k not above ``k``."""
+        e = self.errors[self._index(k)]  # (L, N)
+        return ((e * self.norms) ** 2).sum(0).div(self.norms.pow(2).sum(0).clamp(min=1e-30)).sqrt()
+
+    def layer_errors(self, k: int) -> torch.Tensor:
+        """(L,) ΔW relative error per layer over all tasks."""
+        e = self.errors[self._index(k)]
+        return ((e * self.norms) ** 2).sum(1).div(self.norms.pow(2).sum(1).clamp(min=1e-30)).sqrt()
+
+    def _index(self, k: int) -> int:
+        return max([i for i, swept in enumerate(self.ks) if swept <= k] or [0])
+
+
+def sweep_ks(full, ks: list[int] | None = None, progress=None) -> KSweep:
+    """Truncate ``full`` (from SharedSubspace.decompose) at every k and measure: no SVD is recomputed."""
+    ks = ks or k_grid(max(b.k for sides in full.bases.values() for b in sides.values()))
+    layers, tasks = list(full.shapes), list(full.tasks)
+    reference = {name: full.stacked_factors(name) for name in layers}
+    errors, norms, sizes = [], None, []
+    for k in (progress(ks) if progress else ks):
+        view = full.truncated(k)
+        per_layer = [delta_w_errors(reference[n], view.stacked_factors(n)) for n in layers]
+        errors.append(torch.stack([e for e, _ in per_layer]))
+        norms = torch.stack([n for _, n in per_layer])
+        sizes.append(stored_bytes(view))
+    return KSweep(ks, torch.stack(errors), norms, sizes, layers, tasks)
+
+
+def k_grid(k_max: int, dense_up_to: int = 16, points: int = 40) -> list[int]:
+    """Every k up to ``dense_up_to``, then roughly geometric steps to ``k_max``."""
+    dense = list(range(1, min(k_max, dense_up_to) + 1))
+    if k_max <= dense_up_to:
+        return dense
+    ratio = (k_max / dense_up_to) ** (1 / max(1, points - dense_up_to))
+    tail = sorted({min(k_max, round(dense_up_to * ratio ** i)) for i in range(1, points - dense_up_to + 1)})
+    return dense + [k for k in tail if k > dense_up_to] + ([k_max] if k_max not in tail else [])

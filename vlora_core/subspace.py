@@ -319,6 +319,21 @@ def check_compatible(adapters: list[LoRAAdapter]) -> dict[str, LayerShape]:
     return shapes
 
 
+def compatibility_problems(adapters: list[LoRAAdapter]) -> dict[str, str]:
+    """Every adapter that does not fit with the first one, with the message that says why and the fix."""
+    if not adapters:
+        return {}
+    first = adapters[0]
+    shapes = {n: LayerShape(l.A.shape[1], l.B.shape[0], l.rank) for n, l in first.layers.items()}
+    problems = {}
+    for other in adapters[1:]:
+        try:
+            check_layers(shapes, other, first.describe())
+        except CompatibilityError as error:
+            problems[other.describe()] = str(error)
+    return problems
+
+
 def check_layers(shapes: dict[str, LayerShape], adapter: LoRAAdapter, reference: str) -> None:
     missing, extra = sorted(set(shapes) - set(adapter.layers)), sorted(set(adapter.layers) - set(shapes))
     if missing or extra:
