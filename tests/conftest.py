@@ -65,3 +65,34 @@ def adapter_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     names = ["sentiment", "summarization", "translation", "qa"]
     return [write_adapter(root / name, seed) for seed, name in enumerate(names)]
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=128)
+    return GPT2LMHeadModel(config).eval()
+
+
+def write_gpt2_adapter(path, seed: int, r: int = 4):
+    """A real PEFT adapter on GPT-2's Conv1D attention (fan_in_fan_out=True)."""
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["c_attn"], fan_in_fan_out=True,
+                        init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(tiny_gpt2(0), config)
+    torch.manual_seed(2000 + seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.3)
+    peft_model.save_pretrained(str(path))
+    return path
+
+
+def delta_weights(adapter) -> dict:
+    """layer -> dense ΔW of a LoRAAdapter (for checks on tiny models only)."""
+    return {name: layer.delta_weight() for name, layer in adapter.layers.items()}
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()

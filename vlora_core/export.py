@@ -16,13 +16,20 @@ def export_task(subspace: SharedSubspace, task_id: str, out: str | Path, *, alph
 
 
 def export_all(subspace: SharedSubspace, out: str | Path, **overrides) -> dict[str, Path]:
-    """Every task, each in ``out/<index>-<safe name>`` (ids are not trusted as file names)."""
-    out = Path(out)
-    return {task_id: export_task(subspace, task_id, out / folder_name(i, task_id), **overrides)
-            for i, task_id in enumerate(subspace.task_ids)}
+    """Every task in its own folder under ``out`` (ids are not trusted as file names)."""
+    names = folder_names(subspace.task_ids)
+    return {task_id: export_task(subspace, task_id, Path(out) / names[task_id], **overrides)
+            for task_id in subspace.task_ids}
 
 
-def folder_name(index: int, task_id: str) -> str:
-    """A folder name made from a task id: readable where the id is plain, never a path."""
-    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in task_id)[:60].strip("_")
-    return safe if safe and safe == task_id else f"{index:03d}-{safe or 'task'}"
+def folder_names(task_ids: list[str]) -> dict[str, str]:
+    """A distinct folder name per task id: the id itself where it is plain, else a numbered safe form."""
+    names, taken = {}, set()
+    for index, task_id in enumerate(task_ids):
+        safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in task_id)[:60].strip("_")
+        name = safe if safe == task_id else f"{index:03d}-{safe or 'task'}"
+        while name in taken:
+            name = f"{index:03d}-{name}"
+        names[task_id] = name
+        taken.add(name)
+    return names

@@ -179,6 +179,16 @@ class SharedSubspace:
             raise TaskError(f"unknown task {task_id!r}; this store holds: {known}.")
         return self.tasks[task_id]
 
+    def check_adapter(self, adapter: LoRAAdapter) -> None:
+        """The adapter must target this store's layers with the same shapes and ranks."""
+        check_layers(self.shapes, adapter, "this store")
+
+    def check_new_id(self, task_id: str | None, adapter: LoRAAdapter) -> str:
+        task_id = check_task_id(task_id or adapter.name)
+        if task_id in self.tasks:
+            raise TaskError(f"task id {task_id!r} is already in this store; choose another id (--task-id).")
+        return task_id
+
     def project(self, adapter: LoRAAdapter, task_id: str | None = None) -> Task:
         """Loadings of a new adapter on the current basis (the basis does not change)."""
         task_id = check_task_id(task_id or adapter.name)
@@ -191,15 +201,12 @@ class SharedSubspace:
         return task
 
     def add_task(self, task: Task) -> None:
-        if task.id in self.tasks:
-            raise TaskError(f"task id {task.id!r} is already in this store; choose another id (--task-id).")
+        self.check_new_id(task.id, None)
         self.tasks[task.id] = task
 
     def add(self, adapter: LoRAAdapter, task_id: str | None = None, *, incremental: bool = False) -> Task:
         """Add an adapter: projected on the fixed basis, or (incremental) growing the basis to hold it exactly."""
-        task = self.project(adapter, task_id)
-        if task.id in self.tasks:
-            self.add_task(task)  # raises the duplicate error before anything changes
+        task = self.project(adapter, self.check_new_id(task_id, adapter))
         if incremental:
             self._extend(adapter, task)
         self.add_task(task)
@@ -208,9 +215,7 @@ class SharedSubspace:
 
     def absorb(self, adapter: LoRAAdapter, task_id: str | None = None) -> None:
         """Rebuild the basis from every stored task plus the new adapter, keeping each layer side's k."""
-        task = self.project(adapter, task_id)  # validates id and shapes
-        if task.id in self.tasks:
-            self.add_task(task)
+        task = self.project(adapter, self.check_new_id(task_id, adapter))  # validates id and shapes
         ks = self.num_components
         new_factors = {name: adapter_factors([adapter], name) for name in self.shapes}
         factors = {name: tuple(torch.cat([old, new]) for old, new in zip(self.stacked_factors(name), new_factors[name]))

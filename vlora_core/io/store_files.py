@@ -27,7 +27,8 @@ from ..subspace import LayerShape, SharedSubspace, Task
 from .atomic import fsync_path, write_bytes_atomic, write_json_atomic
 
 _DATA_PREFIXES = ("basis-", "task-")
-_METADATA = {"format": "pt", "producer": STORE_FORMAT, "format_version": str(STORE_FORMAT_VERSION)}
+# One key only: safetensors writes metadata in hash-map order, and a store file's name is its content hash.
+_METADATA = {"producer": f"{STORE_FORMAT}/{STORE_FORMAT_VERSION}"}
 
 
 def save_store(subspace: SharedSubspace, path: str | Path) -> Path:

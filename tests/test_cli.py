@@ -1,0 +1,97 @@
+"""The `vlora` command: the spec's commands verbatim, exit codes, and stores left untouched on failure."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import peft_logits, write_adapter
+
+from vlora import SharedSubspace
+
+
+def vlora(*args, cwd=None):
+    """Run the installed command line exactly as a user would."""
+    return subprocess.run([sys.executable, "-m", "vlora_core.cli", *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def store(adapter_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "store"
+    result = vlora("compress", *adapter_dirs, "-o", out, "-k", "2", "--method", "rank")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_compress_reports_what_it_stored(store, adapter_dirs):
+    result = vlora("compress", *adapter_dirs, "-o", store.parent / "flat", "-k", "9")
+    assert result.returncode == 0
+    assert "stored 4 tasks" in result.stdout and "k=3" in result.stdout
+    assert "k=9 is more than the data allows" in result.stderr
+
+
+def test_info_table_and_json_agree(store):
+    table = vlora("info", store)
+    data = json.loads(vlora("info", store, "--json").stdout)
+    assert table.returncode == 0
+    assert data["summary"]["tasks"] == 4 and data["summary"]["method"] == "rank"
+    assert len(data["layers"]) == 4 and all(row["k_a"] == 2 for row in data["layers"])
+    first = data["layers"][0]
+    assert f"{first['variance_a']:.2%}" in table.stdout
+    for task_id, error in data["summary"]["task_errors"].items():
+        assert f"{task_id}: ΔW relative error {error:.4f}" in table.stdout
+
+
+def test_export_all_and_add(store, adapter_dirs, tmp_path, input_ids):
+    result = vlora("export", store, "-o", tmp_path / "all", "--all")
+    assert result.returncode == 0 and sorted(p.name for p in (tmp_path / "all").iterdir()) == sorted(
+        d.name for d in adapter_dirs)
+    copy = tmp_path / "store"
+    copy.mkdir()
+    for f in store.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    new = write_adapter(tmp_path / "new_task", 42)
+    assert vlora("add", copy, new, "--task-id", "new_task", "--incremental").returncode == 0
+    assert vlora("export", copy, "new_task", "-o", tmp_path / "new_out").returncode == 0
+    assert (peft_logits(tmp_path / "new_out", input_ids) - peft_logits(new, input_ids)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["info", "{tmp}/nowhere"], "no such folder"),
+    (["info", "{tmp}"], "not a vlora store"),
+    (["export", "{store}", "nope", "-o", "{tmp}/x"], "unknown task 'nope'"),
+    (["export", "{store}", "-o", "{tmp}/x"], "give either a TASK or --all"),
+    (["add", "{store}", "{adapter}", "--task-id", "qa"], "already in this store"),
+    (["add", "{store}", "{rank8}", "--task-id", "r8"], "rank 8 differs from rank 4"),
+    (["add", "{store}", "{tmp}/empty"], "no adapter_config.json"),
+    (["compress", "{adapter}", "-o", "{tmp}/single"], "at least 2 adapters"),
+    (["compress", "{adapter}", "{adapter}", "-o", "{store}"], "used twice"),
+    (["compress", "{adapter}", "{rank8}", "-o", "{store}"], "must share a rank"),
+    (["compress", "{adapter}", "{other}", "-o", "{store}", "-k", "0"], "at least 1"),
+])
+def test_failures_exit_1_name_the_problem_and_keep_the_store(store, adapter_dirs, tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    rank8 = write_adapter(tmp_path / "rank8", 9, r=8)
+    values = dict(tmp=tmp_path, store=store, adapter=adapter_dirs[3], other=adapter_dirs[1], rank8=rank8)
+    before = _snapshot(store)
+    result = vlora(*[a.format(**values) for a in args])
+    assert result.returncode == 1, result.stdout
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert _snapshot(store) == before
+
+
+def test_usage_errors_exit_2(store):
+    assert vlora("compress").returncode == 2
+    assert vlora("export", store, "qa", "-o", "x", "--alpha", "lots").returncode == 2
+    assert vlora("compress", "a", "b", "-o", "c", "--method", "pca").returncode == 2
+
+
+@pytest.mark.parametrize("command", ["compress", "info", "export", "add"])
+def test_every_command_has_help(command):
+    result = vlora(command, "--help")
+    assert result.returncode == 0 and f"usage: vlora {command}" in result.stdout
