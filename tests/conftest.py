@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -96,3 +101,28 @@ def delta_weights(adapter) -> dict:
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args, subprocess_: bool = False) -> CliResult:
+    """`vlora ARGS` in this process (fast; the same main() the console script calls), or in a new one."""
+    args = [str(a) for a in args]
+    if subprocess_:
+        done = subprocess.run([sys.executable, "-m", "vlora_core.cli", *args], capture_output=True, text=True,
+                              timeout=300)
+        return CliResult(done.returncode, done.stdout, done.stderr)
+    from vlora_core.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(args)
+        except SystemExit as exit_:  # argparse usage errors and --help
+            code = exit_.code
+    return CliResult(code, out.getvalue(), err.getvalue())

@@ -1,19 +1,12 @@
 """The `vlora` command: the spec's commands verbatim, exit codes, and stores left untouched on failure."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from conftest import peft_logits, write_adapter
+from conftest import run_cli as vlora
 
 from vlora import SharedSubspace
-
-
-def vlora(*args, cwd=None):
-    """Run the installed command line exactly as a user would."""
-    return subprocess.run([sys.executable, "-m", "vlora_core.cli", *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 def _snapshot(folder):
@@ -83,6 +76,14 @@ def test_failures_exit_1_name_the_problem_and_keep_the_store(store, adapter_dirs
     assert result.returncode == 1, result.stdout
     assert message in result.stderr and "Traceback" not in result.stderr
     assert _snapshot(store) == before
+
+
+def test_the_installed_command_exits_with_the_documented_codes(store, tmp_path):
+    ok = vlora("info", store, subprocess_=True)
+    failed = vlora("info", tmp_path, subprocess_=True)
+    usage = vlora("compress", subprocess_=True)
+    assert (ok.returncode, failed.returncode, usage.returncode) == (0, 1, 2)
+    assert "not a vlora store" in failed.stderr and "Traceback" not in failed.stderr
 
 
 def test_usage_errors_exit_2(store):

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="vlora: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="vlora: %(message)s", force=True)
     try:
         args.run(args)
     except VLoRAError as error:

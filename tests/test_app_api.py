@@ -1,0 +1,346 @@
+"""The workbench through its API: gradio_client against the app launched in-process, every endpoint.
+
+Adapters are real PEFT folders written by peft; the A/B base model is a tiny Llama built from a config with
+a byte-level tokenizer built offline, saved to a folder the app loads like any local model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+gr = pytest.importorskip("gradio")
+import torch  # noqa: E402
+from conftest import tiny_llama_config, write_adapter  # noqa: E402
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from ui.layout import build_app, launch_options  # noqa: E402
+from ui.session import Sessions  # noqa: E402
+from ui.settings import AppSettings  # noqa: E402
+from vlora import CompressConfig, SharedSubspace, VLoRAModel, load_adapter  # noqa: E402
+from vlora_core import quality  # noqa: E402
+from vlora_core.base_model import chat_prompt, generate_text, get_base_model  # noqa: E402
+from vlora_core.layer import SubspaceLayer  # noqa: E402
+
+TASKS = ["sentiment", "summarization", "translation", "qa"]
+
+
+# ---- fixtures shared with test_browser.py ---------------------------------------------------------
+def make_tiny_model(folder: Path) -> Path:
+    """A tiny Llama (hidden 32, 2 layers, as in conftest) with a byte-level BPE tokenizer, all offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
+    config = tiny_llama_config()
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def zip_tree(root: Path, out: Path, folders: list[str] | None = None) -> Path:
+    """Zip the given sub-folders of ``root`` (default: all), paths relative to ``root``."""
+    with zipfile.ZipFile(out, "w") as zf:
+        for file in sorted(root.rglob("*")):
+            rel = file.relative_to(root)
+            if file.is_file() and (folders is None or rel.parts[0] in folders):
+                zf.write(file, rel.as_posix())
+    return out
+
+
+def launch(settings: AppSettings):
+    demo = build_app(settings)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **launch_options(settings))
+    return demo
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def adapters_zip(adapter_dirs, tmp_path_factory):
+    return zip_tree(adapter_dirs[0].parent, tmp_path_factory.mktemp("zips") / "adapters.zip")
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("sessions")
+    settings = AppSettings(model_source=str(tiny_model_dir), session_root=root, allow_server_paths=True)
+    demo = launch(settings)
+    yield SimpleNamespace(url=demo.local_url, root=root, settings=settings)
+    demo.close()
+
+
+@pytest.fixture
+def client(app, tmp_path):
+    return Client(app.url, verbose=False, download_files=str(tmp_path / "downloads"))
+
+
+def _numbers(client, method="flat", k=2, adaptive=False, threshold=0.9):
+    *_, numbers, status = client.predict(method, k, adaptive, threshold, api_name="/compress")
+    return numbers, status
+
+
+# ---- 1. bringing adapters -------------------------------------------------------------------------
+def test_load_adapters_lists_each_adapter(client, adapters_zip):
+    table, status = client.predict(handle_file(adapters_zip), api_name="/load_adapters")
+    assert table["headers"] == ["task id", "rank", "alpha", "target modules", "layers", "size", "problem"]
+    rows = {row[0]: row for row in table["data"]}
+    assert sorted(rows) == sorted(TASKS)
+    assert rows["qa"][1:5] == ["4", "8", "q_proj, v_proj", 4] and rows["qa"][6] == "—"
+    assert "loaded 4 adapters from adapters.zip" in status
+
+
+def test_load_folder_path_demo_and_remove(client, adapter_dirs, tmp_path):
+    files = [handle_file(f) for f in sorted(adapter_dirs[0].iterdir())]
+    (tmp_path / "README.md").write_text("not part of the adapter")
+    table, status = client.predict(files + [handle_file(tmp_path / "README.md")], "mine", api_name="/load_folder")
+    assert [row[0] for row in table["data"]] == ["mine"]
+    table, status = client.predict(str(adapter_dirs[0].parent), api_name="/load_path")
+    assert [row[0] for row in table["data"]] == ["mine", "qa", "sentiment", "summarization", "translation"]
+    table, status = client.predict(["mine", "qa"], api_name="/remove_adapters")
+    assert [row[0] for row in table["data"]] == ["sentiment", "summarization", "translation"]
+    assert "removed 2 adapters; 3 left" in status
+    demo = Path(__file__).resolve().parent.parent / "assets" / "demo_adapters"
+    if not demo.is_dir():
+        with pytest.raises(AppError, match="demo adapters are missing"):
+            client.predict(api_name="/load_demo")
+
+
+# ---- 2. tuning k ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("method, k, adaptive, threshold", [
+    ("flat", 2, False, 0.9), ("rank", 3, False, 0.9), ("rank", 7, False, 0.9), ("flat", 1, True, 0.6),
+])
+def test_compress_matches_the_core(client, adapters_zip, adapter_dirs, method, k, adaptive, threshold):
+    client.predict(handle_file(adapters_zip), api_name="/load_adapters")
+    summary, variance, errors, storage, size, numbers, status = client.predict(
+        method, k, adaptive, threshold, api_name="/compress")
+    adapters = [load_adapter(d) for d in sorted(adapter_dirs)]
+    config = CompressConfig(k, method, adaptive, threshold)
+    full = SharedSubspace.decompose(adapters, method=method)
+    view = full.truncated(config)
+    view.measure_against(full)
+    assert numbers["stored_bytes"] == quality.stored_bytes(view)
+    assert numbers["original_bytes"] == sum(a.num_bytes for a in adapters)
+    expected = quality.task_errors(view)
+    assert numbers["task_errors"] == pytest.approx(expected, abs=1e-5)
+    assert [(r["k_a"], r["k_b"]) for r in numbers["layers"]] == [
+        (v["A"], v["B"]) for v in view.num_components.values()]
+    for plot in (variance, errors, storage, size):
+        assert plot["type"] == "plotly" and json.loads(plot["plot"])["data"]
+    stars = [t for t in json.loads(storage["plot"])["data"] if t.get("marker", {}).get("symbol") == "star"]
+    assert stars[0]["x"] == [numbers["stored_bytes"]]
+    assert f"×{numbers['ratio']:.1f} smaller" in status
+
+
+def test_compress_errors_fall_to_zero_at_full_k(client, adapters_zip):
+    client.predict(handle_file(adapters_zip), api_name="/load_adapters")
+    low, _ = _numbers(client, k=1)
+    full, _ = _numbers(client, k=3)  # flat: N - 1 = 3 directions hold everything
+    assert min(low["task_errors"].values()) > 0.05
+    assert max(full["task_errors"].values()) < 1e-5
+    assert full["stored_bytes"] > low["stored_bytes"] and full["k_max"] == 3
+
+
+# ---- 3. A/B test ----------------------------------------------------------------------------------
+def test_ab_test_switches_tasks_on_the_shared_model(client, adapters_zip, adapter_dirs, tiny_model_dir):
+    client.predict(handle_file(adapters_zip), api_name="/load_adapters")
+    _numbers(client, k=1)
+    prompt = "Tell me about the moon."
+    text_a, stats_a, text_b, stats_b, numbers, status = client.predict(
+        "", prompt, "compressed: qa", "original: qa", 16, api_name="/ab_test")
+    assert [n["choice"] for n in numbers] == ["compressed: qa", "original: qa"]
+    assert all(n["tokens_per_s"] > 0 and n["switch_ms"] >= 0 and n["new_tokens"] > 0 for n in numbers)
+    assert "tokens/s" in stats_a and "switch" in stats_b
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, tokenizer = get_base_model(str(tiny_model_dir))  # the app's shared model (same process)
+    assert not any(isinstance(m, SubspaceLayer) for m in base.modules())  # its own layers are back
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                           str(adapter_dirs[TASKS.index("qa")]))
+    assert text_b == generate_text(peft_model.eval(), tokenizer, chat_prompt(tokenizer, prompt), 16)
+
+    _numbers(client, k=3)  # every direction: compressed is the original again
+    text_a, _, text_b, _, _, _ = client.predict("", prompt, "compressed: qa", "base model", 16, api_name="/ab_test")
+    assert text_a == generate_text(peft_model, tokenizer, chat_prompt(tokenizer, prompt), 16)
+    assert text_b == generate_text(base, tokenizer, chat_prompt(tokenizer, prompt), 16)
+
+
+def test_ab_test_refuses_unknown_choices_and_models(client, adapters_zip):
+    client.predict(handle_file(adapters_zip), api_name="/load_adapters")
+    with pytest.raises(AppError, match="unknown task 'nope'"):
+        client.predict("", "hi", "compressed: nope", "base model", 8, api_name="/ab_test")
+    with pytest.raises(AppError, match="no such folder"):
+        client.predict("./no/such/model", "hi", "base model", "base model", 8, api_name="/load_model")
+
+
+# ---- 4. export ------------------------------------------------------------------------------------
+def test_export_gives_peft_folders_and_the_store(client, adapters_zip, tmp_path, input_ids):
+    from peft import PeftModel
+
+    from conftest import tiny_llama
+
+    client.predict(handle_file(adapters_zip), api_name="/load_adapters")
+    _numbers(client, method="rank", k=5)
+    adapters_zip_out, store_zip_out, status = client.predict(["qa", "sentiment"], None, "tiny/llama",
+                                                             api_name="/export")
+    assert "exported 2 tasks" in status
+    with zipfile.ZipFile(adapters_zip_out) as zf:
+        zf.extractall(tmp_path / "adapters")
+    with zipfile.ZipFile(store_zip_out) as zf:
+        zf.extractall(tmp_path)
+    store = SharedSubspace.load(tmp_path / "store")
+    assert store.method == "rank" and sorted(store.task_ids) == sorted(TASKS)
+    assert {k for sides in store.num_components.values() for k in sides.values()} == {5}
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["qa", "sentiment"]
+    for task_id in ("qa", "sentiment"):
+        folder = tmp_path / "adapters" / task_id
+        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny/llama"
+        exported = PeftModel.from_pretrained(tiny_llama(0), str(folder)).eval()
+        served = VLoRAModel(tiny_llama(0), store)
+        served.set_task(task_id)
+        with torch.no_grad():
+            assert torch.allclose(exported(input_ids).logits, served(input_ids).logits, atol=1e-5)
+
+
+# ---- untrusted uploads ----------------------------------------------------------------------------
+def _evil_zip(path: Path, kind: str, adapter_dir: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for file in adapter_dir.iterdir():
+            zf.write(file, f"good/{file.name}")
+        if kind == "dotdot":
+            zf.writestr("../../escaped.txt", "outside")
+        elif kind == "absolute":
+            zf.writestr("/tmp/escaped.txt", "outside")
+        elif kind == "symlink":
+            info = zipfile.ZipInfo("good/link")
+            info.external_attr = (0o120777 << 16)
+            zf.writestr(info, "/etc/passwd")
+    return path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("dotdot", "climbs out of the archive"), ("absolute", "absolute path"), ("symlink", "symbolic link"),
+])
+def test_unsafe_zip_is_refused_and_leaves_nothing(client, app, adapter_dirs, tmp_path, kind, message):
+    evil = _evil_zip(tmp_path / f"{kind}.zip", kind, adapter_dirs[0])
+    before = _files(app.root.parent)
+    with pytest.raises(AppError, match=message):
+        client.predict(handle_file(evil), api_name="/load_adapters")
+    assert _files(app.root.parent) == before  # nothing new anywhere under the test's temp tree
+    assert not Path("/tmp/escaped.txt").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"notes/readme.txt": "hello"}, "holds no PEFT adapter folder"),
+    ({"broken/adapter_config.json": '{"r": 4, "lora_alpha": 8, "peft_type": "LORA"}'}, "no adapter_model.safetensors"),
+    (b"this is not a zip", "not a readable zip archive"),
+])
+def test_non_adapter_uploads_are_refused(client, app, tmp_path, content, message):
+    path = tmp_path / "upload.zip"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, text in content.items():
+                zf.writestr(name, text)
+    before = _files(app.root.parent)
+    with pytest.raises(AppError, match=message):
+        client.predict(handle_file(path), api_name="/load_adapters")
+    assert _files(app.root.parent) == before
+
+
+def _files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+def test_mismatched_ranks_are_listed_then_refused(client, adapter_dirs, tmp_path):
+    root = tmp_path / "mixed"
+    write_adapter(root / "wide", seed=9, r=8)
+    mixed = zip_tree(adapter_dirs[0].parent, tmp_path / "two.zip", folders=[d.name for d in adapter_dirs[:2]])
+    client.predict(handle_file(mixed), api_name="/load_adapters")
+    table, status = client.predict(handle_file(zip_tree(root, tmp_path / "wide.zip")), api_name="/load_adapters")
+    problems = {row[0]: row[6] for row in table["data"]}
+    assert "rank 8 differs from rank 4" in problems["wide"] and "compress them in separate subspaces" in problems["wide"]
+    assert "do not fit" in status
+    with pytest.raises(AppError, match="rank 8 differs from rank 4"):
+        _numbers(client)
+
+
+def test_zip_limits(tmp_path, adapter_dirs):
+    from vlora_core.io.archive import ArchiveError
+    from vlora_core.workbench import Limits, Workbench
+
+    big = zip_tree(adapter_dirs[0].parent, tmp_path / "all.zip")
+    with pytest.raises(ArchiveError, match="more than the limit of 3"):
+        Workbench(tmp_path / "a", Limits(max_files=3)).add_archive(big)
+    with pytest.raises(ArchiveError, match="more than the limit of 1,000"):
+        Workbench(tmp_path / "b", Limits(max_total_bytes=1000)).add_archive(big)
+    with pytest.raises(Exception, match="limit of 2 per session"):
+        Workbench(tmp_path / "c", Limits(max_adapters=2)).add_archive(big)
+
+
+# ---- sessions -------------------------------------------------------------------------------------
+def test_sessions_are_isolated(app, adapters_zip, tmp_path):
+    first, second = (Client(app.url, verbose=False, download_files=str(tmp_path)) for _ in range(2))
+    first.predict(handle_file(adapters_zip), api_name="/load_adapters")
+    _numbers(first)
+    with pytest.raises(AppError, match="no adapters loaded yet"):
+        _numbers(second)
+    assert len([p for p in app.root.iterdir() if p.is_dir()]) >= 2
+
+
+def test_session_folder_goes_when_the_session_ends(tmp_path, adapters_zip):
+    sessions = Sessions(tmp_path / "root", idle_s=3600)
+    one, two = SimpleNamespace(session_hash="one"), SimpleNamespace(session_hash="../../two")
+    with sessions.open(one) as bench:
+        bench.add_archive(adapters_zip)
+        bench.export()
+        folder = bench.folder
+    with sessions.open(two) as other:
+        assert other.folder.parent == tmp_path / "root" and other is not bench  # the hash is never a path
+    assert any(folder.rglob("*.zip"))
+    sessions.close(one)
+    assert not folder.exists() and len(sessions) == 1
+    sessions._idle_s = -1
+    sessions.close_idle()
+    assert len(sessions) == 0 and not any((tmp_path / "root").iterdir())
+
+
+def test_space_settings_switch_server_paths_off(monkeypatch):
+    from ui.callbacks import Callbacks
+
+    monkeypatch.setenv("SPACE_ID", "someone/vlora")
+    settings = AppSettings.from_env(allow_server_paths=True)
+    assert settings.allow_server_paths is False
+    calls = Callbacks(Sessions(), settings)
+    with pytest.raises(gr.Error, match="server paths are switched off"):
+        calls.load_path("/etc", SimpleNamespace(session_hash="x"))
+    with pytest.raises(gr.Error, match="switched off here"):
+        calls.load_model("/etc")
+    assert "max_file_size" in launch_options(settings) and "server_name" not in launch_options(settings)
