@@ -74,17 +74,35 @@ def max_components(num_vectors: int, dim: int, centre: bool) -> int:
     return max(0, min(num_vectors - int(centre), dim))
 
 
-def fit(vectors: torch.Tensor, centre: bool) -> tuple[Basis, torch.Tensor]:
-    """One thin SVD in fp32. Returns the full basis (every direction the data has) and its loadings."""
+def fit(vectors: torch.Tensor, centre: bool, rtol: float = 1e-6) -> tuple[Basis, torch.Tensor]:
+    """Every direction the data has, by one thin SVD. Returns the full basis and its loadings.
+
+    With fewer vectors than dimensions (the usual case) the SVD is taken through the small
+    (N·g) x (N·g) Gram matrix in float64 — never a D x D covariance. Directions whose singular value
+    is below ``rtol`` of the largest carry no data and are not kept; the spectrum keeps every value.
+    """
     N, g, D = vectors.shape
     X = vectors.reshape(N * g, D).float()  # (N·g, D)
     mean = X.mean(dim=0) if centre else None
     if centre:
         X = X - mean
-    U, S, Vh = torch.linalg.svd(X, full_matrices=False)  # (N·g, m), (m,), (m, D)
+    U, S, Vh = _thin_svd(X)  # (N·g, m), (m,), (m, D)
     m = max_components(N * g, D, centre)
-    loadings = (U[:, :m] * S[:m]).reshape(N, g, m)
-    return Basis(components=Vh[:m].contiguous(), spectrum=S[:m].contiguous(), mean=mean), loadings
+    kept = int((S[:m] > rtol * S[0]).sum()) if m and S[0] > 0 else 0
+    loadings = (U[:, :kept] * S[:kept]).reshape(N, g, kept)
+    return Basis(components=Vh[:kept].contiguous(), spectrum=S[:m].contiguous(), mean=mean), loadings
+
+
+def _thin_svd(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, dim = X.shape
+    if rows > dim:
+        return torch.linalg.svd(X, full_matrices=False)
+    X64 = X.double()
+    lam, U = torch.linalg.eigh(X64 @ X64.T)  # ascending
+    lam, U = lam.flip(0).clamp(min=0), U.flip(1)
+    S = lam.sqrt()
+    Vh = (U.T @ X64) / S.clamp(min=1e-300)[:, None]
+    return U.float(), S.float(), Vh.float()
 
 
 def project(basis: Basis, vectors: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,11 @@
 """How good a subspace is: variance explained per layer side, and ΔW error per task and layer.
 
-ΔW errors are computed from r x r Gram matrices, never from d_out x d_in products, in float64 so that
-tiny errors (1e-6 and below) are not lost to cancellation:
-    ‖F_B F_Aᵀ − G_B G_Aᵀ‖² = tr(F_BᵀF_B · F_AᵀF_A) − 2 tr(F_BᵀG_B · (F_AᵀG_A)ᵀ) + tr(G_BᵀG_B · G_AᵀG_A)
+ΔW errors come from r x r Gram matrices, never from d_out x d_in products. With the residuals
+E = F − G of the approximation G, the error is written so that every term is small when E is small
+(no cancellation of large numbers, so fp32 is enough):
+    F_B F_Aᵀ − G_B G_Aᵀ = E_B G_Aᵀ + F_B E_Aᵀ
+    ‖·‖² = ⟨E_BᵀE_B, G_AᵀG_A⟩ + ⟨F_BᵀF_B, E_AᵀE_A⟩ + 2 ⟨E_BᵀF_B, G_AᵀE_A⟩
+where ⟨X, Y⟩ = Σ X ∘ Y and ‖XYᵀ‖² = ⟨XᵀX, YᵀY⟩.
 """
 
 from __future__ import annotations
@@ -11,27 +14,24 @@ from dataclasses import dataclass
 
 import torch
 
-from .constants import SIDES
-
 
 def delta_w_errors(reference: tuple[torch.Tensor, torch.Tensor], approx: tuple[torch.Tensor, torch.Tensor]):
     """Relative ΔW error and ‖ΔW‖ per task: factors F_A (N, d_in, r), F_B (N, d_out, r) -> (N,), (N,)."""
-    F_A, F_B = (F.double() for F in reference)
-    G_A, G_B = (G.double() for G in approx)
+    (F_A, F_B), (G_A, G_B) = reference, approx
+    E_A, E_B = F_A - G_A, F_B - G_B
 
-    def gram(X, Y):  # (N, d, r), (N, d, r') -> (N, r, r')
+    def gram(X, Y):  # (N, d, r), (N, d, r) -> (N, r, r)
         return X.transpose(1, 2) @ Y
 
-    def trace_of_product(X, Y):  # tr(X·Yᵀ)... for batches of r x r: sum of elementwise products
+    def inner(X, Y):  # batched Frobenius inner product of r x r matrices
         return (X * Y).sum(dim=(1, 2))
 
-    ref = trace_of_product(gram(F_B, F_B), gram(F_A, F_A))  # ‖ΔW‖², Grams are symmetric
-    cross = trace_of_product(gram(F_B, G_B), gram(F_A, G_A))
-    own = trace_of_product(gram(G_B, G_B), gram(G_A, G_A))
-    err = (ref - 2 * cross + own).clamp(min=0)
-    norm = ref.sqrt()
-    rel = torch.where(norm > 0, err.sqrt() / norm.clamp(min=1e-300), err.sqrt())
-    return rel.float(), norm.float()
+    FbFb = gram(F_B, F_B)
+    err = (inner(gram(E_B, E_B), gram(G_A, G_A)) + inner(FbFb, gram(E_A, E_A))
+           + 2 * inner(gram(E_B, F_B), gram(G_A, E_A)))
+    norm = inner(FbFb, gram(F_A, F_A)).clamp(min=0).sqrt()
+    err = err.clamp(min=0).sqrt()
+    return torch.where(norm > 0, err / norm.clamp(min=1e-30), err), norm
 
 
 @dataclass(frozen=True)

@@ -65,9 +65,9 @@ class SharedSubspace:
                       progress: bool = False) -> SharedSubspace:
         """Compress adapters into a shared subspace with k (or adaptive k) directions per layer and side."""
         config = CompressConfig(num_components, method, adaptive_k, variance_threshold)
-        full = cls.decompose(adapters, task_ids, method=config.method, progress=progress)
+        full, factors = cls._decompose(adapters, task_ids, config.method, progress)
         subspace = full.truncated(config)
-        subspace.measure_against(full)
+        subspace.measure(factors)
         note = subspace.clipping_note()
         if note:
             log.warning(note)
@@ -77,13 +77,17 @@ class SharedSubspace:
     def decompose(cls, adapters: list[LoRAAdapter], task_ids: list[str] | None = None, *,
                   method: str = "flat", progress: bool = False) -> SharedSubspace:
         """Every direction the data has (no truncation): ``truncated(k)`` then costs no SVD."""
+        return cls._decompose(adapters, task_ids, method, progress)[0]
+
+    @classmethod
+    def _decompose(cls, adapters, task_ids, method, progress) -> tuple[SharedSubspace, dict[str, Factors]]:
         ids = resolve_task_ids(adapters, task_ids)
         shapes = check_compatible(adapters)
         factors = {}
         for name in tqdm(shapes, desc="canonical gauge", disable=not progress, leave=False):
             factors[name] = adapter_factors(adapters, name)
         tasks = {i: Task(i, {}, a.config, a.extras, a.source, _dtype_name(a)) for i, a in zip(ids, adapters)}
-        return cls.fit(method, shapes, factors, tasks, progress=progress)
+        return cls.fit(method, shapes, factors, tasks, progress=progress), factors
 
     @classmethod
     def fit(cls, method: str, shapes: dict[str, LayerShape], factors: dict[str, Factors],
@@ -243,14 +247,18 @@ class SharedSubspace:
                     t.loadings[name][side] = rows
 
     # ---- quality ----------------------------------------------------------------------------------
-    def measure_against(self, reference: SharedSubspace) -> None:
-        """Record each task's ΔW error against ``reference`` (the untruncated decomposition)."""
+    def measure(self, reference: dict[str, Factors]) -> None:
+        """Record each task's ΔW error against reference factors (all tasks, in order) per layer."""
         from .quality import delta_w_errors
 
         for name in self.shapes:
-            err, norm = delta_w_errors(reference.stacked_factors(name), self.stacked_factors(name))
+            err, norm = delta_w_errors(reference[name], self.stacked_factors(name))
             for task, e, n in zip(self.tasks.values(), err.tolist(), norm.tolist()):
                 task.quality[name] = (e, n)
+
+    def measure_against(self, reference: SharedSubspace) -> None:
+        """Record each task's ΔW error against ``reference`` (the untruncated decomposition)."""
+        self.measure({name: reference.stacked_factors(name) for name in self.shapes})
 
     def _measure_task(self, task: Task, adapter: LoRAAdapter) -> None:
         from .quality import delta_w_errors
