@@ -28,6 +28,12 @@ def test_compress_reports_what_it_stored(store, adapter_dirs):
     assert "k=9 is more than the data allows" in result.stderr
 
 
+def test_streaming_compress_from_the_command_line(adapter_dirs, tmp_path):
+    result = vlora("compress", *adapter_dirs, "-o", tmp_path / "streamed", "-k", "2", "--stream", "2")
+    assert result.returncode == 0, result.stderr
+    assert SharedSubspace.load(tmp_path / "streamed").task_ids == [d.name for d in adapter_dirs]
+
+
 def test_info_table_and_json_agree(store):
     table = vlora("info", store)
     data = json.loads(vlora("info", store, "--json").stdout)

@@ -195,3 +195,18 @@ def test_module_mismatch_lists_the_modules(tmp_path, adapters):
 def test_unknown_method_lists_the_choices(adapters):
     with pytest.raises(VLoRAError, match="choose one of: flat, rank"):
         SharedSubspace.from_adapters(adapters, method="pca")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_streaming_compress_is_close_to_one_pass(adapter_dirs, tmp_path, method):
+    from vlora_core.streaming import stream_compress
+
+    dirs = adapter_dirs + [write_adapter(tmp_path / f"more{i}", 50 + i) for i in range(3)]
+    one_pass = SharedSubspace.from_adapters([load_adapter(d) for d in dirs], num_components=3, method=method)
+    streamed = stream_compress(dirs, num_components=3, method=method, chunk=2)
+    assert streamed.task_ids == one_pass.task_ids and streamed.num_components == one_pass.num_components
+    stream_err, pass_err = quality.task_errors(streamed), quality.task_errors(one_pass)
+    mean = lambda e: sum(e.values()) / len(e)  # noqa: E731
+    assert mean(pass_err) - 1e-6 <= mean(stream_err) <= mean(pass_err) * 1.15
+    full = stream_compress(dirs, num_components=64, method=method, chunk=2)  # nothing dropped: exact
+    assert max(quality.task_errors(full).values()) < 1e-4

@@ -130,36 +130,40 @@ def choose_k(spectrum: torch.Tensor, threshold: float) -> int:
     return min(max(k, 1), len(spectrum))
 
 
-def extend(basis: Basis, loadings: torch.Tensor, vectors: torch.Tensor, rtol: float = 1e-5) -> tuple[Basis, torch.Tensor]:
-    """Add one task's vectors (g, D) without the original data.
+def extend(basis: Basis, loadings: torch.Tensor, vectors: torch.Tensor, rtol: float = 1e-5,
+           max_k: int | None = None) -> tuple[Basis, torch.Tensor]:
+    """Add tasks' vectors (c, g, D) without the original data of the tasks already stored.
 
     The basis grows by the directions of the new vectors it lacks (residual above ``rtol``), then is
-    rotated (and re-centred) to principal axes of all stored data. Nothing is truncated, so every task
-    already stored reconstructs exactly as before; its loadings are re-expressed, not padded.
-    Returns the new basis and the loadings of all tasks, the new one last: (N + 1, g, k').
+    rotated (and re-centred) to principal axes of all stored data. Without ``max_k`` nothing is
+    truncated, so every task already stored reconstructs exactly as before: its loadings are
+    re-expressed, not padded. With ``max_k`` (streaming) the weakest directions beyond it are dropped.
+    Returns the new basis and the loadings of all tasks, the new ones last: (N + c, g, k').
     """
     N, g, k = loadings.shape
+    c = vectors.shape[0]
     P = basis.components  # (k, D)
-    x = vectors.float() - (0 if basis.mean is None else basis.mean)  # (g, D)
+    x = vectors.reshape(c * g, -1).float() - (0 if basis.mean is None else basis.mean)  # (c·g, D)
     coords, resid = _split(x, P)
-    _, S_r, Vh_r = torch.linalg.svd(resid, full_matrices=False)  # (g,), (g, D)
+    _, S_r, Vh_r = _thin_svd(resid)  # (c·g,), (c·g, D)
     scale = max(x.norm().item(), torch.finfo(torch.float32).tiny)
     Q = Vh_r[S_r > rtol * scale]  # (m, D) new directions
     Q = _split(Q, P)[1]  # one more Gram-Schmidt pass against P for orthogonality
     Q = torch.linalg.qr(Q.T)[0].T if len(Q) else Q
     extended = torch.cat([P, Q])  # (k + m, D)
     old = torch.cat([loadings.reshape(N * g, k), loadings.new_zeros(N * g, len(Q))], dim=1)
-    new = torch.cat([coords, resid @ Q.T], dim=1)  # (g, k + m)
-    Z = torch.cat([old, new])  # ((N + 1)·g, k + m): every task in the extended coordinates
+    new = torch.cat([coords, resid @ Q.T], dim=1)  # (c·g, k + m)
+    Z = torch.cat([old, new])  # ((N + c)·g, k + m): every task in the extended coordinates
     mean = basis.mean
     if mean is not None:
-        shift = Z.mean(dim=0)  # re-centre on all N + 1 tasks
+        shift = Z.mean(dim=0)  # re-centre on all N + c tasks
         mean, Z = mean + shift @ extended, Z - shift
     _, S, Hh = torch.linalg.svd(Z, full_matrices=False)  # rotate to principal axes
-    components = Hh @ extended
-    tail = basis.spectrum[k:]  # energy the stored basis had already dropped stays unexplained
-    spectrum = torch.cat([S, tail]).sort(descending=True).values
-    return Basis(components=components, spectrum=spectrum, mean=mean), (Z @ Hh.T).reshape(N + 1, g, -1)
+    keep = len(S) if max_k is None else min(max_k, len(S))
+    components = Hh[:keep] @ extended
+    tail = torch.cat([S[keep:], basis.spectrum[k:]])  # energy no longer (or never) kept stays unexplained
+    spectrum = torch.cat([S[:keep], tail.sort(descending=True).values])
+    return Basis(components=components, spectrum=spectrum, mean=mean), (Z @ Hh[:keep].T).reshape(N + c, g, keep)
 
 
 def _split(x: torch.Tensor, P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,17 +16,24 @@ from .basis import METHODS
 from .errors import VLoRAError
 from .export import export_all, export_task
 from .io.peft_files import load_adapter
+from .streaming import DEFAULT_CHUNK, stream_compress
 from .subspace import SharedSubspace
 
 
 def compress(args) -> None:
-    adapters = [load_adapter(path) for path in _progress(args.adapters, "reading adapters")]
-    subspace = SharedSubspace.from_adapters(
-        adapters, task_ids=args.task_ids, num_components=args.k, method=args.method,
-        adaptive_k=args.adaptive_k, variance_threshold=args.threshold, progress=True,
-    )
+    if args.stream:
+        if args.adaptive_k:
+            raise VLoRAError("--stream keeps a fixed k; drop --adaptive-k or --stream.")
+        subspace = stream_compress(args.adapters, args.task_ids, args.k, method=args.method, chunk=args.stream,
+                                   progress=True)
+    else:
+        adapters = [load_adapter(path) for path in _progress(args.adapters, "reading adapters")]
+        subspace = SharedSubspace.from_adapters(
+            adapters, task_ids=args.task_ids, num_components=args.k, method=args.method,
+            adaptive_k=args.adaptive_k, variance_threshold=args.threshold, progress=True,
+        )
     subspace.save(args.output)
-    print(f"stored {len(adapters)} tasks in {args.output} ({subspace!r})")
+    print(f"stored {len(subspace.tasks)} tasks in {args.output} ({subspace!r})")
     _print_summary(subspace)
 
 
@@ -94,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD,
                    help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
     p.add_argument("--task-ids", nargs="+", help="one id per adapter, in order")
+    p.add_argument("--stream", type=int, metavar="CHUNK", nargs="?", const=DEFAULT_CHUNK,
+                   help=f"read adapters CHUNK at a time (default {DEFAULT_CHUNK}): memory does not grow with "
+                        "their number (incremental PCA; close to, not equal to, the one-pass basis)")
     p.set_defaults(run=compress)
 
     p = commands.add_parser("info", help="variance explained and ΔW error per layer and task")

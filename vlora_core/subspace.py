@@ -212,7 +212,7 @@ class SharedSubspace:
         """Add an adapter: projected on the fixed basis, or (incremental) growing the basis to hold it exactly."""
         task = self.project(adapter, self.check_new_id(task_id, adapter))
         if incremental:
-            self._extend(adapter, task)
+            self.extend([adapter], [task])
         self.add_task(task)
         self._measure_task(task, adapter)
         return task
@@ -235,15 +235,19 @@ class SharedSubspace:
         tasks = {i: _slice_task(t, ks) for i, t in self.tasks.items()}
         return SharedSubspace(self.method, self.shapes, new_bases, tasks, self.k_requested)
 
-    def _extend(self, adapter: LoRAAdapter, task: Task) -> None:
+    def extend(self, adapters: list[LoRAAdapter], new_tasks: list[Task], max_k: int | None = None) -> None:
+        """Grow each basis by what ``adapters`` need and give every task (old and new) its loadings.
+
+        Exact for stored tasks unless ``max_k`` caps the basis (streaming). ``new_tasks`` are not added.
+        """
         rule = _method(self.method)
-        order = list(self.tasks.values())
+        order = list(self.tasks.values()) + list(new_tasks)
         for name in self.shapes:
-            for side, F in zip(SIDES, adapter_factors([adapter], name)):
-                old = torch.stack([t.loadings[name][side] for t in order])
-                basis, loadings = bases.extend(self.bases[name][side], old, rule.to_vectors(F)[0])
+            for side, F in zip(SIDES, adapter_factors(adapters, name)):
+                old = torch.stack([t.loadings[name][side] for t in order[: len(self.tasks)]])
+                basis, loadings = bases.extend(self.bases[name][side], old, rule.to_vectors(F), max_k=max_k)
                 self.bases[name][side] = basis
-                for t, rows in zip([*order, task], loadings):
+                for t, rows in zip(order, loadings):
                     t.loadings[name][side] = rows
 
     # ---- quality ----------------------------------------------------------------------------------
