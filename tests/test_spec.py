@@ -85,9 +85,15 @@ def test_training_snippet_runs_verbatim(workdir):
     from vlora import SharedSubspace, VLoRAModel
 
     torch.manual_seed(0)
-    batches = [torch.randint(0, 128, (4, 10)) for _ in range(3)]
+    batches = [torch.randint(0, 128, (4, 10))] * 3  # one batch, three steps
     losses = []
-    model = VLoRAModel(tiny_llama(0), SharedSubspace.load("shared_subspace/"))
+    store = SharedSubspace.load("shared_subspace/")
+    model = VLoRAModel(tiny_llama(0), store)  # built before the task exists, as a serving model would be
+
+    class LoadedOnce(SharedSubspace):  # the snippet's SharedSubspace.load(...) gets the store the model serves
+        @classmethod
+        def load(cls, path):
+            return store
 
     def compute_loss(model, batch):
         if model.active_task != "new_task" and "new_task" in model.available_tasks:
@@ -96,7 +102,8 @@ def test_training_snippet_runs_verbatim(workdir):
         losses.append(loss.item())
         return loss
 
-    scope = {"SharedSubspace": SharedSubspace, "model": model, "dataloader": batches, "compute_loss": compute_loss}
+    scope = {"SharedSubspace": LoadedOnce, "model": model, "dataloader": batches, "compute_loss": compute_loss}
     exec(compile(code, str(SPEC), "exec"), scope)
     assert scope["trainer"].num_trainable_params > 0 and len(losses) == 3
+    assert losses[2] < losses[1] < losses[0]  # the loadings really trained
     assert "new_task" in SharedSubspace.load("shared_subspace/").task_ids

@@ -5,9 +5,12 @@ from .config import CompressConfig
 from .errors import AdapterError, CompatibilityError, StoreError, TaskError, VLoRAError
 from .export import export_all, export_task
 from .io.peft_files import load_adapter, save_adapter
+from .model import VLoRAModel
 from .subspace import SharedSubspace, Task
+from .training import SubspaceTrainer, orthogonal_init
 
 __all__ = [
     "AdapterError", "CompatibilityError", "CompressConfig", "LoRAAdapter", "LoRALayer", "SharedSubspace",
-    "StoreError", "Task", "TaskError", "VLoRAError", "export_all", "export_task", "load_adapter", "save_adapter",
+    "StoreError", "SubspaceTrainer", "Task", "TaskError", "VLoRAError", "VLoRAModel", "export_all", "export_task",
+    "load_adapter", "orthogonal_init", "save_adapter",
 ]

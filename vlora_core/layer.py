@@ -1,0 +1,216 @@
+"""SubspaceLayer: the module VLoRAModel puts on each targeted linear layer.
+
+It adds a task's low-rank update to the frozen layer without ever forming ΔW (d_out x d_in). Each side
+keeps its shared basis as one matrix P (a, d) whose rows are (direction, rank column) pairs, and a task's
+loadings L (g, k) expand to a small E (r, a):
+
+    F_Aᵀ = E_A · P_A  (r, d_in)      F_Bᵀ = E_B · P_B  (r, d_out)      ΔW = F_B · F_Aᵀ
+
+    rank  a = k,        g = r   P = components                                  E = L
+    flat  a = (1+k)·r,  g = 1   P = [mean; components], each cut into r rows    E = [1, L] ⊗ I_r
+
+The update x·ΔWᵀ = x · P_Aᵀ · E_Aᵀ · E_B · P_B is a matrix chain, multiplied in the cheaper of two
+orders, chosen on every call from the shapes (flop counts in ``basis_first_is_cheaper``):
+
+    basis first    h = x·P_Aᵀ once for the whole batch, then each row's E_A, E_B, then ·P_B
+                   (few tokens: decoding one token at a time, mixed batches of short rows)
+    factors first  F_Aᵀ, F_Bᵀ once per task from its loadings, then x·F_A·F_Bᵀ (many tokens: prefill)
+
+Both read the loadings on every call, so switching tasks only moves pointers and gradients reach the
+loadings. Glossary as in ``adapter``; x is (B, T, d_in); a_A, a_B are the two sides' basis rows.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .basis import Basis
+from .errors import VLoRAError
+from .subspace import LayerShape
+
+
+# ---- the math: one table entry per basis method --------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    projection: Callable[[Basis, int, int], torch.Tensor]  # basis, d, r -> P (a, d)
+    expand: Callable[[torch.Tensor, int], torch.Tensor]  # L (..., g, k), r -> E (..., r, a)
+    factor: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # L (..., g, k), P (a, d), r -> Fᵀ (..., r, d)
+
+
+def _flat_projection(basis: Basis, d: int, r: int) -> torch.Tensor:
+    V = torch.cat([basis.mean[None], basis.components])  # (1+k, d·r), each row a flattened (d, r) factor
+    return V.reshape(-1, d, r).transpose(1, 2).reshape(-1, d)  # ((1+k)·r, d): row j·r+s = column s of V_j
+
+
+def _flat_expand(L: torch.Tensor, r: int) -> torch.Tensor:
+    c = F.pad(L[..., 0, :], (1, 0), value=1.0)  # (..., 1+k): the 1 weighs the mean
+    eye = torch.eye(r, dtype=L.dtype, device=L.device)
+    return (c[..., None, :, None] * eye[:, None, :]).flatten(-2)  # (..., r, 1+k, r) -> (..., r, (1+k)·r)
+
+
+def _flat_factor(L: torch.Tensor, P: torch.Tensor, r: int) -> torch.Tensor:
+    c = F.pad(L[..., 0, :], (1, 0), value=1.0)  # (..., 1+k)
+    return (c @ P.view(c.shape[-1], -1)).unflatten(-1, (r, -1))  # (..., r·d) -> (..., r, d)
+
+
+LAYOUTS: dict[str, Layout] = {
+    "flat": Layout(_flat_projection, _flat_expand, _flat_factor),
+    "rank": Layout(lambda basis, d, r: basis.components, lambda L, r: L, lambda L, P, r: L @ P),
+}
+
+
+def basis_first_is_cheaper(tokens: int, tasks: int, g: int, r: int, P_A: torch.Tensor, P_B: torch.Tensor) -> bool:
+    """Multiply-adds of the two orders: ``tokens`` rows of x, ``tasks`` distinct loadings of g rows each."""
+    (a_A, d_in), (a_B, d_out) = P_A.shape, P_B.shape
+    basis_first = tokens * (a_A * d_in + a_A * r + r * a_B + a_B * d_out)
+    factors_first = tasks * g * (a_A * d_in + a_B * d_out) + tokens * r * (d_in + d_out)
+    return basis_first < factors_first
+
+
+def dense_delta(FA_T: torch.Tensor, FB_T: torch.Tensor) -> torch.Tensor:
+    """ΔW (d_out, d_in) = F_B · F_Aᵀ in fp32; only merging needs it."""
+    return FB_T.float().T @ FA_T.float()
+
+
+# ---- which base layers we can carry: (d_in, d_out) and how ΔW sits in their weight ----------------
+@dataclass(frozen=True)
+class Kind:
+    features: Callable[[nn.Module], tuple[int, int]]  # -> (d_in, d_out)
+    transposed: bool  # weight is (d_in, d_out) (GPT-2's Conv1D) instead of (d_out, d_in)
+
+
+@functools.cache
+def kinds() -> dict[type, Kind]:
+    from transformers.pytorch_utils import Conv1D  # imported when a model is wrapped, not with vlora
+
+    return {
+        nn.Linear: Kind(lambda m: (m.in_features, m.out_features), transposed=False),
+        Conv1D: Kind(lambda m: (m.weight.shape[0], m.weight.shape[1]), transposed=True),
+    }
+
+
+def layer_kind(module: nn.Module) -> Kind | None:
+    return next((kind for cls, kind in kinds().items() if isinstance(module, cls)), None)
+
+
+# ---- the module --------------------------------------------------------------------------------
+@dataclass
+class Rows:
+    """A mixed batch at one layer: n distinct tasks, and which of them each row uses."""
+    L_A: torch.Tensor  # (n, g, k_A)
+    L_B: torch.Tensor  # (n, g, k_B)
+    gain: torch.Tensor  # (n, 1, 1); 0 for rows that run the bare base model
+    index: torch.Tensor  # (B,) long, into the n tasks
+
+
+class SubspaceLayer(nn.Module):
+    """A frozen linear (or Conv1D) layer plus the active task's update from a shared basis."""
+
+    def __init__(self, base: nn.Module, shape: LayerShape, method: str):
+        super().__init__()
+        self.base = base
+        self.shape = shape
+        self.layout = LAYOUTS[method]
+        self.kind = layer_kind(base)
+        self.register_buffer("P_A", None, persistent=False)  # (a_A, d_in)
+        self.register_buffer("P_B", None, persistent=False)  # (a_B, d_out)
+        self.source: tuple[Basis, Basis] | None = None  # the basis objects P_A and P_B were cut from
+        self.loadings: tuple[torch.Tensor, torch.Tensor] | None = None  # active task: L_A (g, k_A), L_B (g, k_B)
+        self.gain = 1.0  # extra scaling of the active task (a lora_alpha override)
+        self.rows: Rows | None = None  # set only while a mixed batch runs
+        self.merged: tuple[torch.Tensor, torch.Tensor] | None = None  # F_Aᵀ, F_Bᵀ added into the weight
+
+    @property
+    def weight(self) -> torch.Tensor:  # for code that reads layer.weight (dtype, device, tying checks)
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    # ---- state ---------------------------------------------------------------------------------
+    def use_bases(self, A: Basis, B: Basis) -> None:
+        """Cut the shared projections from the bases, on this layer's device and dtype."""
+        weight, shape = self.base.weight, self.shape
+        self.P_A = self.layout.projection(A, shape.d_in, shape.rank).to(weight.device, weight.dtype).contiguous()
+        self.P_B = self.layout.projection(B, shape.d_out, shape.rank).to(weight.device, weight.dtype).contiguous()
+        self.source = (A, B)
+
+    def cut_from(self, A: Basis, B: Basis) -> bool:
+        """Whether the projections come from exactly these basis objects (identity, not values)."""
+        return self.source is not None and self.source[0] is A and self.source[1] is B
+
+    def point(self, L_A: torch.Tensor | None, L_B: torch.Tensor | None, gain: float = 1.0) -> None:
+        """Make a task active (or none): pointers only, nothing is computed or copied."""
+        self.loadings = None if L_A is None else (L_A, L_B)
+        self.gain = gain
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base(x, *args, **kwargs)
+        if self.rows is not None:
+            rows = self.rows
+            return out + self.update(x, rows.L_A, rows.L_B, rows.gain, self._row_index(x)).to(out.dtype)
+        if self.loadings is not None and self.merged is None:
+            return out + self.update(x, *self.loadings, self.gain).to(out.dtype)
+        return out
+
+    def update(self, x: torch.Tensor, L_A: torch.Tensor, L_B: torch.Tensor, gain, index=None) -> torch.Tensor:
+        """x (B, T, d_in) -> (B, T, d_out). One task: L (g, k), gain a float; rows: L (n, g, k), index (B,)."""
+        P_A, P_B, r = self.P_A, self.P_B, self.shape.rank
+        L_A, L_B = L_A.to(P_A.device, P_A.dtype), L_B.to(P_B.device, P_B.dtype)
+        tasks = 1 if index is None else L_A.shape[0]
+        if basis_first_is_cheaper(x.numel() // x.shape[-1], tasks, L_A.shape[-2], r, P_A, P_B):
+            E_A, E_B = self.layout.expand(L_A, r), _scaled(self.layout.expand(L_B, r), gain)  # (..., r, a)
+            E_A, E_B = (E_A, E_B) if index is None else (E_A[index], E_B[index])  # (B, r, a) per row
+            h = F.linear(x, P_A)  # (B, T, a_A): the shared basis, once for the whole batch
+            return (h @ E_A.transpose(-1, -2)) @ E_B @ P_B  # (B, T, r) -> (B, T, a_B) -> (B, T, d_out)
+        FA_T, FB_T = self.factors(L_A, L_B, gain)  # (..., r, d_in), (..., r, d_out)
+        FA_T, FB_T = (FA_T, FB_T) if index is None else (FA_T[index], FB_T[index])
+        return (x @ FA_T.transpose(-1, -2)) @ FB_T  # (B, T, r) -> (B, T, d_out)
+
+    def factors(self, L_A: torch.Tensor, L_B: torch.Tensor, gain=1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """F_Aᵀ (..., r, d_in) and F_Bᵀ (..., r, d_out), the scaling folded into F_B."""
+        P_A, P_B, r = self.P_A, self.P_B, self.shape.rank
+        L_A, L_B = L_A.to(P_A.device, P_A.dtype), L_B.to(P_B.device, P_B.dtype)
+        return self.layout.factor(L_A, P_A, r), _scaled(self.layout.factor(L_B, P_B, r), gain)
+
+    def _row_index(self, x: torch.Tensor) -> torch.Tensor:
+        index = self.rows.index
+        batch = x.shape[0] if x.dim() == 3 else 0
+        if batch == 0 or batch % len(index):
+            raise VLoRAError(
+                f"a mixed batch of {len(index)} task ids reached a layer with input of shape {tuple(x.shape)}; "
+                "pass one task id per row of input_ids (beam search may multiply rows by a whole number)."
+            )
+        return index.to(x.device).repeat_interleave(batch // len(index))  # generate() may expand each row
+
+    # ---- merging -------------------------------------------------------------------------------
+    def merge(self) -> None:
+        """Add the active task's ΔW into the base weight; its factors are kept for an exact undo."""
+        with torch.no_grad():
+            self.merged = tuple(F_.detach().float() for F_ in self.factors(*self.loadings, self.gain))
+            self._add_to_weight(dense_delta(*self.merged), sign=1.0)
+
+    def unmerge(self) -> None:
+        with torch.no_grad():
+            self._add_to_weight(dense_delta(*self.merged), sign=-1.0)
+        self.merged = None
+
+    def _add_to_weight(self, delta: torch.Tensor, sign: float) -> None:
+        weight = self.base.weight  # (d_out, d_in), or (d_in, d_out) for Conv1D
+        delta = delta.T if self.kind.transposed else delta
+        weight.copy_((weight.float() + sign * delta.to(weight.device)).to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.shape.d_in}, d_out={self.shape.d_out}, r={self.shape.rank}"
+
+
+def _scaled(t: torch.Tensor, gain) -> torch.Tensor:
+    return t if isinstance(gain, float) and gain == 1.0 else t * gain
