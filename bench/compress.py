@@ -1,0 +1,113 @@
+"""Item 1: compress time for N synthetic adapters against the floor (bare safetensors load of the same files).
+
+    python bench/compress.py --n 8 32 128 --kinds mixture column --runs 5
+
+Cases, interleaved run by run so machine noise hits all alike:
+    floor        safetensors.load_file of every adapter file (nothing else)
+    vlora flat   load_adapter + SharedSubspace.from_adapters(k, method="flat")   (in process)
+    vlora rank   the same with method="rank"
+    vlora cli    `vlora compress ... -k K` end to end in a fresh process (imports, load, fit, save)
+    peers        bench/peer_driver.py in bench/.venv-peers (each times its own load + compress)
+Results: bench/results/compress.json (min / median / max per case, ratios to the floor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from common import HERE, PEERS_PYTHON, RESULTS, spread, timed, write_result
+from synthetic import adapter_dirs
+from vlora import SharedSubspace, load_adapter
+
+VLORA_CLI = Path(sys.executable).parent / "vlora"
+
+
+def floor(dirs):
+    return [load_file(d / "adapter_model.safetensors") for d in dirs]
+
+
+def vlora_inprocess(method: str, k: int):
+    return lambda dirs: SharedSubspace.from_adapters([load_adapter(d) for d in dirs], num_components=k, method=method)
+
+
+def vlora_cli(k: int):
+    def run(dirs):
+        with tempfile.TemporaryDirectory() as out:
+            subprocess.run([str(VLORA_CLI), "compress", *map(str, dirs), "-o", f"{out}/store", "-k", str(k)],
+                           check=True, capture_output=True)
+    return run
+
+
+def peer(tool: str, k: int):
+    """Runs the peer driver once; returns the seconds the peer reports for its own load + compress."""
+    def run(dirs):
+        with tempfile.TemporaryDirectory() as out:
+            proc = subprocess.run([str(PEERS_PYTHON), str(HERE / "peer_driver.py"), tool, "compress", "--k", str(k),
+                                   "--out", out, *map(str, dirs)], capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"{tool}: {proc.stderr[-2000:]}")
+            return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+    return run
+
+
+def cases(k: int, peers: list[str]) -> dict:
+    table = {"floor": floor, "vlora flat": vlora_inprocess("flat", k), "vlora rank": vlora_inprocess("rank", k),
+             "vlora cli": vlora_cli(k)}
+    return table | {name: peer(name, k) for name in peers}
+
+
+def measure(dirs, table: dict, runs: int, peer_runs: dict[str, int]) -> dict:
+    times = {name: [] for name in table}
+    for run in range(runs):
+        for name, fn in table.items():
+            if run >= peer_runs.get(name, runs):
+                continue  # slow peers: fewer runs (the run count is in the results)
+            seconds, out = timed(fn, dirs)
+            times[name].append(out if isinstance(out, float) else seconds)
+            print(f"  run {run} {name:<12} {times[name][-1]:8.3f} s", flush=True)
+    return {name: spread(t) for name, t in times.items() if t}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--kinds", nargs="+", default=["mixture", "column"])
+    parser.add_argument("--k", type=int, default=8, help="num_components for every tool")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--peers", nargs="*", default=["vlora-dev", "lorashare"])
+    parser.add_argument("--peer-runs", nargs="*", default=["vlora-dev=3", "lorashare=1"],
+                        help="TOOL=RUNS: fewer runs for slow peers")
+    args = parser.parse_args(argv)
+    peers = args.peers if PEERS_PYTHON.exists() else []
+    previous = RESULTS / "compress.json"  # keep rows of earlier invocations (other N / kinds)
+    results = json.loads(previous.read_text())["results"] if previous.is_file() else {}
+    for kind in args.kinds:
+        for n in args.n:
+            print(f"{kind} N={n}", flush=True)
+            row = measure(adapter_dirs(kind, n), cases(args.k, peers), args.runs,
+                          {t: int(r) for t, r in (p.split("=") for p in args.peer_runs)})
+            base = row["floor"]["median"]
+            results[f"{kind}/{n}"] = {"kind": kind, "n": n, "cases": row,
+                                      "ratio_to_floor": {c: v["median"] / base for c, v in row.items()}}
+            write_result("compress", {"k": args.k, "results": results})
+    print_table(results)
+    return results
+
+
+def print_table(results: dict) -> None:
+    print(f"{'kind/N':<14} {'case':<12} {'median s':>9} {'min':>8} {'max':>8} {'x floor':>8} runs")
+    for key, r in results.items():
+        for case, v in r["cases"].items():
+            print(f"{key:<14} {case:<12} {v['median']:9.3f} {v['min']:8.3f} {v['max']:8.3f} "
+                  f"{r['ratio_to_floor'][case]:8.2f} {v['runs']}")
+
+
+if __name__ == "__main__":
+    main()

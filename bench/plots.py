@@ -1,0 +1,84 @@
+"""PNG figures from bench/results/*.json (matplotlib): compress times, fidelity per byte, streaming memory."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from common import RESULTS  # noqa: E402
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def compress_plot() -> None:
+    data = _load("compress")
+    if not data:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4))
+    keys = list(data["results"])
+    cases = list(data["results"][keys[0]]["cases"])
+    width = 0.8 / len(cases)
+    for j, case in enumerate(cases):
+        vals = [data["results"][k]["cases"].get(case, {}).get("median", float("nan")) for k in keys]
+        ax.bar([i + j * width for i in range(len(keys))], vals, width, label=case)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], keys)
+    ax.set_yscale("log")
+    ax.set_ylabel("median seconds (log)")
+    ax.set_title("Compress time vs the floor (safetensors load), OMP_NUM_THREADS=1")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "compress.png", dpi=110)
+
+
+def fidelity_plot() -> None:
+    data = _load("fidelity")
+    if not data:
+        return
+    sets = data["results"]
+    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
+    for ax, (name, curves) in zip(axes[0], sets.items()):
+        for tool, pts in curves.items():
+            pts = [p for p in pts if "error" in p] if isinstance(pts, list) else []
+            if pts:
+                ax.plot([p["bytes"] / 2**20 for p in pts], [p["error"] for p in pts], "o-", label=tool)
+        ax.axvline(curves["original_bytes"] / 2**20, color="grey", ls=":", label="original files")
+        ax.set_xscale("log")
+        ax.set_xlabel("stored MiB (all tasks, fp32)")
+        ax.set_ylabel("pooled ΔW relative error")
+        ax.set_title(name)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "fidelity.png", dpi=110)
+
+
+def scale_plot() -> None:
+    data = _load("scale")
+    if not data:
+        return
+    rows = data["rows"]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot([r["n"] for r in rows], [r["peak_rss_mib"] for r in rows], "o-", label="peak RSS")
+    ax.plot([r["n"] for r in rows], [r["input_mib"] for r in rows], "s--", label="input files")
+    ax.set_xlabel("N adapters (streamed)")
+    ax.set_ylabel("MiB")
+    ax.set_title("stream_compress: peak memory vs N")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "scale.png", dpi=110)
+
+
+def main() -> None:
+    compress_plot()
+    fidelity_plot()
+    scale_plot()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Markdown tables from bench/results/*.json, for docs/benchmarks.md.
+
+    python bench/report.py
+"""
+
+from __future__ import annotations
+
+import json
+
+from common import RESULTS
+
+
+def _load(name):
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def compress_table(data) -> list[str]:
+    lines = ["| kind / N | case | median s | min | max | runs | × floor |", "|---|---|---:|---:|---:|---:|---:|"]
+    for key, r in data["results"].items():
+        for case, v in r["cases"].items():
+            lines.append(f"| {key} | {case} | {v['median']:.3f} | {v['min']:.3f} | {v['max']:.3f} | {v['runs']} "
+                         f"| {r['ratio_to_floor'][case]:.1f} |")
+    return lines
+
+
+def fidelity_table(data) -> list[str]:
+    lines = ["| set | tool | k | stored MiB | ΔW rel. error |", "|---|---|---:|---:|---:|"]
+    for name, curves in data["results"].items():
+        for tool, pts in curves.items():
+            if not isinstance(pts, list):
+                lines.append(f"| {name} | original files | – | {pts / 2**20:.1f} | 0 |")
+                continue
+            for p in pts:
+                if "error" in p:
+                    lines.append(f"| {name} | {tool} | {p['k']} | {p['bytes'] / 2**20:.2f} | {p['error']:.4f} |")
+                else:
+                    lines.append(f"| {name} | {tool} | {p['k']} | failed | {p.get('failed', '')[-80:]!r} |")
+    return lines
+
+
+def scale_table(data) -> list[str]:
+    lines = ["| N | hidden | input MiB | seconds | RSS after imports MiB | peak RSS MiB |", "|---:|---:|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['n']} | {r['hidden']} | {r['input_mib']:.0f} | {r['seconds']:.1f} | "
+                     f"{r['baseline_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} |")
+    return lines
+
+
+def main() -> None:
+    for name, fn in (("compress", compress_table), ("fidelity", fidelity_table), ("scale", scale_table)):
+        data = _load(name)
+        if data:
+            print(f"### {name}  (load average at the end: {data['machine']['loadavg']})\n")
+            print("\n".join(fn(data)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
