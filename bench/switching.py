@@ -6,8 +6,9 @@
 Three copies of the base model are timed in interleaved rounds (bare, PEFT with every adapter loaded,
 VLoRAModel) so that machine noise hits all of them alike; each figure is the median over the rounds.
 The adapters are random PEFT folders built from a few shared prototypes (as adapters trained from one base
-tend to be). Results go to bench/results/switching.json. The vlora-dev 1.0.0 comparison runs only when a
-venv with it exists at bench/.venv-peers; it is skipped otherwise.
+tend to be). Results go to bench/results/switching.json. vlora-dev 1.0.0 is timed too when its venv exists
+(bench/.venv-peers, made by bench/peers.py): bench/switching_peer.py runs there on the same adapters and
+is compared through each tool's ratio to the bare model of its own process. It is skipped otherwise.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import copy
 import json
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -35,11 +37,14 @@ TARGETS = ("q_proj", "v_proj")
 
 # ---- setup -----------------------------------------------------------------------------------------
 def load_models(copies: int):
-    """The bundled model when the loader exists, else a config-built Llama of the same shape."""
-    try:
-        from vlora_core.base_model import load_base_model
+    """The bundled model when the loader exists, else a config-built Llama of the same shape.
 
-        model, _ = load_base_model()
+    Returns a description, the source a peer process can load (a folder, or "config"), and the copies.
+    """
+    try:
+        from vlora_core.base_model import bundled_cache_folder, load_base_model
+
+        (model, _), source = load_base_model(), str(bundled_cache_folder())
         name = "bundled SmolLM2-135M"
     except (ImportError, OSError, ValueError) as error:
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -47,9 +52,9 @@ def load_models(copies: int):
         print(f"bundled model unavailable ({error}); using a config-built Llama of SmolLM2's shape")
         config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                              num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
-        model, name = LlamaForCausalLM(config), "config-built Llama (SmolLM2 shape)"
+        model, name, source = LlamaForCausalLM(config), "config-built Llama (SmolLM2 shape)", "config"
     model = model.eval().requires_grad_(False)
-    return name, [model] + [copy.deepcopy(model) for _ in range(copies - 1)]
+    return name, source, [model] + [copy.deepcopy(model) for _ in range(copies - 1)]
 
 
 def target_shapes(model) -> dict[str, tuple[int, int]]:
@@ -192,20 +197,35 @@ def ratios(results: dict) -> dict[str, float]:
     }
 
 
-def print_table(results: dict, summary: dict[str, float]) -> None:
+def peer_ratios(results: dict, peer: dict | None) -> dict[str, float]:
+    """Against vlora-dev: its switch time, and each tool's overhead over the bare model of its own process."""
+    if not peer or "error" in peer:
+        return {}
+    f, d, mem = results["forward"], results["decode"], results["memory"]
+    own = lambda times: times["vlora_dev"] / times["bare"]  # noqa: E731
+    return {
+        "switch: vlora / vlora-dev": results["switch"]["vlora"] / peer["switch_ms"],
+        "forward: vlora-dev / bare": own(peer["forward_ms"]),
+        "forward overhead: vlora / vlora-dev": (f["vlora"] / f["bare"]) / own(peer["forward_ms"]),
+        "decode: vlora-dev / bare": own(peer["decode_ms_per_token"]),
+        "decode overhead: vlora / vlora-dev": (d["vlora"] / d["bare"]) / own(peer["decode_ms_per_token"]),
+        "memory: vlora / vlora-dev (stored + active ΔW)":
+            mem["vlora"] / (peer["stored_mb"] + peer["active_task_dense_delta_mb"]),
+    }
+
+
+def print_table(results: dict, summary: dict[str, float], peer: dict | None) -> None:
     print(f"\n{'measure':<12} {'unit':<5} " + " ".join(f"{k:>16}" for k in ("bare", "peft", "vlora")))
     for name, row in results.items():
         cells = " ".join(f"{row[k]:>16.4g}" if k in row else f"{'-':>16}" for k in ("bare", "peft", "vlora"))
         print(f"{name:<12} {row['unit']:<5} {cells}   {row['what']}")
+    if peer is None:
+        print(f"\nvlora-dev 1.0.0: skipped (no venv at {PEERS_VENV.relative_to(HERE.parent)})")
+    else:
+        print(f"\nvlora-dev 1.0.0 (own process, timed against its own bare model): {json.dumps(peer)}")
     print()
     for name, value in summary.items():
-        print(f"{name:<40} {value:8.3f}")
-
-
-def peers_note() -> str:
-    if not PEERS_VENV.is_dir():
-        return f"vlora-dev comparison skipped: no venv at {PEERS_VENV.relative_to(HERE.parent)}"
-    return "vlora-dev venv found, but its comparison is not implemented in this script yet"
+        print(f"{name:<48} {value:8.3f}")
 
 
 def parse_args(argv=None):
@@ -218,24 +238,24 @@ def parse_args(argv=None):
     parser.add_argument("--seq", type=int, default=64, help="tokens per row in forward timings")
     parser.add_argument("--batch", type=int, default=4, help="rows (tasks) in the mixed batch")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated in the decode timing")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 by default: on shared, busy cores more threads wait on each other")
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    name, (bare, for_peft, for_vlora) = load_models(3)
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        dirs = write_adapters(Path(tmp), target_shapes(bare), args.tasks, args.rank)
-        peft = load_peft(for_peft, dirs)
-        peft_load = time.perf_counter() - start
-        start = time.perf_counter()
-        subspace = SharedSubspace.from_adapters([load_adapter(d) for d in dirs], num_components=args.k,
-                                                method=args.method)
-        vlora = VLoRAModel(for_vlora, subspace).eval()
-        vlora_load = time.perf_counter() - start
-    task_ids = [d.name for d in dirs]
-    print(f"setup: PEFT {peft_load:.0f} s, vlora {vlora_load:.0f} s", flush=True)
+def build(dirs: list[Path], for_peft, for_vlora, args) -> tuple:
+    start = time.perf_counter()
+    peft = load_peft(for_peft, dirs)
+    peft_load = time.perf_counter() - start
+    start = time.perf_counter()
+    subspace = SharedSubspace.from_adapters([load_adapter(d) for d in dirs], num_components=args.k, method=args.method)
+    vlora = VLoRAModel(for_vlora, subspace).eval()
+    setup = {"peft_load_adapters": peft_load, "vlora_compress_and_wrap": time.perf_counter() - start}
+    print(f"setup: PEFT {peft_load:.0f} s, vlora {setup['vlora_compress_and_wrap']:.0f} s", flush=True)
+    return peft, vlora, setup
+
+
+def measure_all(bare, peft, vlora, task_ids: list[str], args) -> dict:
     steps = {"switch": lambda: measure_switch(peft, vlora, task_ids, args),
              "forward": lambda: measure_forward(bare, peft, vlora, task_ids, args),
              "decode": lambda: measure_decode(bare, peft, vlora, task_ids, args),
@@ -247,16 +267,47 @@ def main(argv=None) -> dict:
             start = time.perf_counter()
             results[step] = measure()
             print(f"  {step}: {time.perf_counter() - start:.0f} s", flush=True)
-    summary = ratios(results)
+    return results
+
+
+def measure_peer(source: str, dirs: list[Path], args) -> dict | None:
+    """vlora-dev 1.0.0 in its own venv (bench/.venv-peers), on the same adapters; None when absent."""
+    python = PEERS_VENV / "bin" / "python"
+    if not python.exists():
+        return None
+    command = [str(python), str(HERE / "switching_peer.py"), "--model", source, "--k", str(args.k),
+               "--rank", str(args.rank), "--seq", str(args.seq), "--new-tokens", str(args.new_tokens),
+               "--rounds", str(args.rounds), "--threads", str(args.threads), *map(str, dirs)]
+    env = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=3600, cwd=HERE, env=env)
+    print(f"  vlora-dev: {time.perf_counter() - start:.0f} s", flush=True)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    name, source, (bare, for_peft, for_vlora) = load_models(3)
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = write_adapters(Path(tmp), target_shapes(bare), args.tasks, args.rank)
+        peft, vlora, setup = build(dirs, for_peft, for_vlora, args)
+        results = measure_all(bare, peft, vlora, [d.name for d in dirs], args)
+        del peft, for_peft  # free memory before the peer process loads its copies
+        peer = measure_peer(source, dirs, args)
+    summary = ratios(results) | peer_ratios(results, peer)
     report = {"model": name, "tasks": args.tasks, "method": args.method, "k": args.k, "rank": args.rank,
               "targets": list(TARGETS), "threads": torch.get_num_threads(), "rounds": args.rounds,
-              "setup_s": {"peft_write_and_load": peft_load, "vlora_compress_and_wrap": vlora_load},
-              "results": results, "ratios": summary, "peers": peers_note()}
+              "loadavg": os.getloadavg(), "setup_s": setup, "results": results, "ratios": summary,
+              "vlora_dev": peer if peer is not None else f"skipped: no venv at {PEERS_VENV}"}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{name}: {args.tasks} tasks, {args.method} k={args.k}, r={args.rank}, {torch.get_num_threads()} threads")
-    print_table(results, summary)
-    print(f"\n{report['peers']}\nwrote {RESULTS.relative_to(HERE.parent)}")
+    print(f"{name}: {args.tasks} tasks, {args.method} k={args.k}, r={args.rank}, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print_table(results, summary, peer)
+    print(f"\nwrote {RESULTS.relative_to(HERE.parent)}")
     return report
 
 

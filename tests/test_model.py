@@ -71,13 +71,19 @@ def test_gpt2_conv1d_matches_peft_and_merges(method, tmp_path, input_ids):
 def test_lora_alpha_overrides_every_tasks_scaling(case_dirs, tmp_path, input_ids):
     """lora_alpha=a gives what PEFT gives for the same factors with lora_alpha a (and no alpha_pattern)."""
     model = VLoRAModel(tiny_llama(0), full_store(case_dirs, "flat"), lora_alpha=32)
+    expected = {}
     for task_id, folder in zip(model.available_tasks, case_dirs):
         edited = shutil.copytree(folder, tmp_path / task_id)
         config = json.loads((edited / "adapter_config.json").read_text())
         config.update(lora_alpha=32, alpha_pattern={})
         (edited / "adapter_config.json").write_text(json.dumps(config))
+        expected[task_id] = peft_logits(edited, input_ids)
         model.set_task(task_id)
-        torch.testing.assert_close(logits(model, input_ids), peft_logits(edited, input_ids), atol=1e-4, rtol=0)
+        torch.testing.assert_close(logits(model, input_ids), expected[task_id], atol=1e-4, rtol=0)
+    rows = model.available_tasks[1:3]  # a mixed batch applies the override per row too
+    mixed = logits(model, input_ids, task_ids=rows)
+    for i, task_id in enumerate(rows):
+        torch.testing.assert_close(mixed[i], expected[task_id][i], atol=1e-4, rtol=0)
 
 
 # ---- switching ------------------------------------------------------------------------------------

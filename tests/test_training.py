@@ -81,8 +81,8 @@ def test_trained_task_saves_and_exports_to_the_same_peft_outputs(adapter_dirs, t
     subspace = store(adapter_dirs, "flat", k=3)
     model = VLoRAModel(tiny_llama(0), subspace)
     orthogonal_init(subspace, "new_task")
+    model.set_task("new_task")  # pointed before the trainer exists: it still sees the trained tensors
     trainer = SubspaceTrainer(subspace, "new_task", lr=5e-2)
-    model.set_task("new_task")
     for _ in range(5):
         trainer.step(model(input_ids).logits[..., 7].mean())  # push up one token: any loss with a gradient
     assert not torch.equal(logits(model, input_ids), logits(tiny_llama(0), input_ids))

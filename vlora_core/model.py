@@ -97,8 +97,9 @@ class VLoRAModel(nn.Module):
         tasks = [None if t is None else self.subspace.task(t) for t in distinct]
         self._sync_bases()
         index = torch.tensor([distinct.index(t) for t in ids])  # (B,)
+        gains = [{} if t is None else self._gains(t) for t in tasks]
         for name, layer in self.targets.items():
-            layer.rows = self._rows(name, tasks, index)
+            layer.rows = self._rows(name, tasks, gains, index)
         try:
             yield self
         finally:
@@ -152,14 +153,14 @@ class VLoRAModel(nn.Module):
         return {name: lora_scaling(override, name, s.rank) / lora_scaling(task.config, name, s.rank)
                 for name, s in self.subspace.shapes.items()}
 
-    def _rows(self, name: str, tasks: list[Task | None], index: torch.Tensor) -> Rows:
+    def _rows(self, name: str, tasks: list[Task | None], gains: list[dict], index: torch.Tensor) -> Rows:
         P_A, g = self.targets[name].P_A, _vectors_per_factor(self.subspace.method, self.subspace.shapes[name])
 
         def stacked(side: str) -> torch.Tensor:  # (n, g, k); zeros where a row runs the base model
             zero = torch.zeros(g, self.subspace.bases[name][side].k)
             return torch.stack([zero if t is None else t.loadings[name][side] for t in tasks]).to(P_A.device)
 
-        gain = torch.tensor([0.0 if t is None else self._gains(t).get(name, 1.0) for t in tasks]).to(P_A)
+        gain = torch.tensor([0.0 if t is None else own.get(name, 1.0) for t, own in zip(tasks, gains)]).to(P_A)
         return Rows(stacked("A"), stacked("B"), gain[:, None, None], index.to(P_A.device))  # gain (n, 1, 1)
 
     def _refuse_while_merged(self, action: str) -> None:

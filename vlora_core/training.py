@@ -36,6 +36,9 @@ def orthogonal_init(subspace: SharedSubspace, task_id: str, num_new_components: 
         raise TaskError(f"task id {task_id!r} is already in this store; choose another id for the new task.")
     if not subspace.tasks:
         raise VLoRAError("orthogonal_init needs a store with at least one task (its config is the template).")
+    if isinstance(num_new_components, bool) or not isinstance(num_new_components, int) or num_new_components < 0:
+        raise VLoRAError(f"num_new_components must be a whole number >= 0, got {num_new_components!r}; "
+                         f"for example {DEFAULT_NEW_COMPONENTS}.")
     generator = torch.Generator().manual_seed(seed)
     stored = list(subspace.tasks.values())
     loadings = {}

@@ -1,0 +1,93 @@
+"""Per-session workbenches: each browser tab (or gradio_client) gets its own Workbench and folder.
+
+The folder is ``<root>/<sha256(session_hash)[:16]>``: the hash comes from the client, so it is never used
+as a path itself. A session ends when its tab closes (``demo.unload``), or after ``idle_s`` untouched (an
+API client never closes a tab); the whole root goes when the process exits. The base model is not
+per-session: it is shared and read-only (``vlora_core.base_model.get_base_model``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+
+from vlora_core.workbench import Limits, Workbench
+
+
+@dataclass
+class _Session:
+    bench: Workbench
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one event at a time per session
+    used: float = field(default_factory=time.monotonic)
+
+
+class Sessions:
+    def __init__(self, root: str | Path | None = None, limits: Limits = Limits(), idle_s: float = 3600.0):
+        self._root = Path(root) if root else None
+        self._limits, self._idle_s = limits, idle_s
+        self._sessions: dict[str, _Session] = {}
+        self._lock = threading.Lock()  # guards the dict, not the workbenches
+
+    @property
+    def root(self) -> Path:
+        """Made on first use (not at import or build): a fresh temp folder unless a root was given."""
+        with self._lock:
+            if self._root is None:
+                self._root = Path(tempfile.mkdtemp(prefix="vlora-workbench-"))
+                weakref.finalize(self, shutil.rmtree, self._root, True)
+            self._root.mkdir(parents=True, exist_ok=True)
+            return self._root
+
+    @contextmanager
+    def open(self, request: gr.Request):
+        """The session's Workbench, held exclusively for the duration of the ``with`` block."""
+        key = _key(request)
+        self.close_idle()
+        root = self.root
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is None:
+                session = self._sessions[key] = _Session(Workbench(root / _folder(key), self._limits))
+        with session.lock:
+            session.used = time.monotonic()
+            yield session.bench
+            session.used = time.monotonic()
+
+    def close(self, request: gr.Request) -> None:
+        """End one session (``demo.unload``): its folder and everything it held go."""
+        with self._lock:
+            session = self._sessions.pop(_key(request), None)
+        if session is not None:
+            with session.lock:
+                session.bench.close()
+
+    def close_idle(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            idle = [k for k, s in self._sessions.items() if now - s.used > self._idle_s and not s.lock.locked()]
+            ended = [self._sessions.pop(k) for k in idle]
+        for session in ended:
+            session.bench.close()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
+def _key(request: gr.Request | None) -> str:
+    session_hash = getattr(request, "session_hash", None)
+    if not session_hash:
+        raise gr.Error("this call has no session; call the app through its page or gradio_client.")
+    return session_hash
+
+
+def _folder(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -1,0 +1,443 @@
+"""One person's workbench session in plain Python (no Gradio).
+
+It holds the adapters they brought, one untruncated decomposition and one k sweep per basis (so a k change
+costs no SVD), the current view at the chosen k, and runs exports and A/B generations. Each callback in
+``ui/callbacks.py`` calls one method here; a script or the CLI can drive it the same way.
+
+    folder/uploads/<n>/   an extracted zip or staged folder upload, removed once its adapters are read
+    folder/exports/<n>/   adapters/ and store/ with their zips; only the latest export is kept
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import quality
+from .adapter import LoRAAdapter
+from .config import CompressConfig
+from .errors import TaskError, VLoRAError
+from .export import export_task, folder_names
+from .io import archive
+from .io.peft_files import load_adapter
+from .subspace import SharedSubspace, compatibility_problems
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEMO_ADAPTERS = ASSETS / "demo_adapters"
+DEMO_PROMPTS = ASSETS / "demo_prompts.json"
+ADAPTERS_ZIP = "vlora-adapters.zip"
+STORE_ZIP = "vlora-store.zip"
+SWEEP_EVERY_K_UP_TO = 32  # the sweep holds every k up to here (a slider move is a look-up), then k_grid's steps
+BASE_CHOICE = "base model"
+# A/B choices besides the base model: "<kind>: <task id>"; each kind names the subspace the task comes from.
+CHOICE_KINDS = {
+    "compressed": "the task rebuilt from the shared basis at the chosen k",
+    "original": "the task rebuilt from every direction (no truncation): the original adapter's ΔW",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_files: int = archive.MAX_FILES  # entries one uploaded archive may hold
+    max_total_bytes: int = archive.MAX_TOTAL_BYTES  # bytes one uploaded archive may expand to
+    max_adapters: int = 64  # adapters one session may hold
+
+
+@dataclass(frozen=True)
+class Loaded:
+    added: list[str]  # task ids, in order
+    renamed: dict[str, str] = field(default_factory=dict)  # folder name -> task id given to avoid a clash
+    ignored: list[str] = field(default_factory=list)  # uploaded files that are not part of a PEFT folder
+
+
+@dataclass(frozen=True)
+class AdapterRow:
+    task_id: str
+    rank_min: int
+    rank_max: int
+    alpha: float
+    target_modules: str
+    layers: int
+    num_bytes: int
+    problem: str  # "" when the adapter fits with the first one; else the core's message with its fix
+
+
+@dataclass(frozen=True)
+class KReport:
+    """Everything the k panel shows, for one setting; plot makers only reshape it."""
+
+    config: CompressConfig
+    layers: list[str]
+    k_a: list[int]
+    k_b: list[int]
+    variance_a: list[float]  # share of variance the kept directions explain, per layer
+    variance_b: list[float]
+    layer_errors: list[float]  # ΔW relative error per layer over all tasks
+    task_ids: list[str]
+    task_errors: list[float]  # ΔW relative error per task over all layers
+    curve_ks: list[int]  # the k sweep: uniform k, stored bytes, mean and worst task error
+    curve_bytes: list[int]
+    curve_mean_errors: list[float]
+    curve_max_errors: list[float]
+    stored_bytes: int  # the shared basis plus every task's loadings (fp32)
+    basis_bytes: int  # the shared basis alone
+    original_bytes: int  # the adapters as uploaded
+    k_max: int  # the most directions any layer side has: the slider's useful end
+    note: str | None  # where k was clipped
+
+    @property
+    def ratio(self) -> float:
+        return self.original_bytes / max(self.stored_bytes, 1)
+
+    @property
+    def mean_error(self) -> float:
+        return sum(self.task_errors) / max(len(self.task_errors), 1)
+
+
+@dataclass(frozen=True)
+class Exported:
+    adapters_zip: Path  # standard PEFT folders, one per task
+    store_zip: Path  # the vlora store of every task
+    task_ids: list[str]
+    config: CompressConfig
+
+
+@dataclass(frozen=True)
+class Generation:
+    choice: str
+    text: str
+    new_tokens: int  # tokens generated
+    switch_ms: float  # time to make ``choice`` the active task
+    seconds: float  # generation time
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Decomposition:
+    full: SharedSubspace  # every direction: any k is a truncation of it
+    shell: SharedSubspace  # the same bases without tasks: truncating it gives k and variance per side at no cost
+    sweep: quality.KSweep
+    curve_mean: list[float]  # mean and worst task error per swept k
+    curve_max: list[float]
+    original_bytes: int
+
+
+class Workbench:
+    def __init__(self, folder: str | Path, limits: Limits = Limits()):
+        self.folder = Path(folder)
+        self.limits = limits
+        self.adapters: dict[str, LoRAAdapter] = {}
+        self.config: CompressConfig | None = None  # the current setting (None before the first report)
+        self._view: SharedSubspace | None = None  # the subspace at that setting, see ``view``
+        self._decompositions: dict[str, _Decomposition] = {}  # method -> full decomposition and sweep
+        self._measured = False  # the view's per-task quality is filled in
+        self._counter = 0
+
+    # ---- bringing adapters ------------------------------------------------------------------------
+    def add_archive(self, zip_path: str | Path, label: str | None = None) -> Loaded:
+        """Adapters from an uploaded zip; an adapter at the zip's top level is named after the zip."""
+        label = label or Path(zip_path).name
+        with self._upload_folder() as root:
+            folder = root / (Path(label).stem or "adapter")
+            archive.extract_zip(zip_path, folder, max_files=self.limits.max_files,
+                                max_total_bytes=self.limits.max_total_bytes)
+            return self._add_folders(archive.adapter_folders(folder), root, label)
+
+    def add_files(self, files: list[str | Path], task_id: str) -> Loaded:
+        """One adapter from a folder upload (a flat list of files); ``task_id`` names it."""
+        with self._upload_folder() as root:
+            folder, ignored = archive.stage_files(files, root / "adapter")
+            loaded = self._add_folders([folder], root, "folder upload", names=[task_id.strip() or "adapter"])
+        return Loaded(loaded.added, loaded.renamed, ignored)
+
+    def add_path(self, path: str | Path) -> Loaded:
+        """Adapters from a folder on the server: an adapter folder or a folder of them."""
+        root = Path(path).expanduser()
+        if not root.is_dir():
+            raise VLoRAError(f"{path}: no such folder on the server; give a PEFT adapter folder or a folder of them.")
+        return self._add_folders(archive.adapter_folders(root), root.parent, str(root))
+
+    def add_demo(self) -> Loaded:
+        if not DEMO_ADAPTERS.is_dir():
+            raise VLoRAError(f"{DEMO_ADAPTERS}: the demo adapters are missing; make them with "
+                             "`python assets/make_demo_adapters.py`, or upload your own.")
+        return self._add_folders(archive.adapter_folders(DEMO_ADAPTERS), DEMO_ADAPTERS, "demo adapters")
+
+    def remove(self, task_ids: list[str]) -> list[str]:
+        removed = [t for t in task_ids if self.adapters.pop(t, None) is not None]
+        if removed:
+            self._forget()
+        return removed
+
+    def table(self) -> list[AdapterRow]:
+        adapters = list(self.adapters.values())
+        problems = compatibility_problems(adapters)
+        return [_row(task_id, a, problems.get(a.describe(), "")) for task_id, a in self.adapters.items()]
+
+    def _add_folders(self, folders: list[Path], root: Path, label: str, names: list[str] | None = None) -> Loaded:
+        if not folders:
+            raise archive.ArchiveError(f"{label}: holds no PEFT adapter folder (a folder with adapter_config.json "
+                                       "and adapter_model.safetensors); upload a zip of adapter folders.")
+        if len(self.adapters) + len(folders) > self.limits.max_adapters:
+            raise VLoRAError(f"{label}: {len(folders)} more adapters would pass the limit of "
+                             f"{self.limits.max_adapters} per session; remove some first.")
+        loaded = [self._load(f, root) for f in tqdm(folders, desc="reading adapters", leave=False)]
+        added, renamed = [], {}
+        for adapter, name in zip(loaded, names or [a.name for a in loaded]):
+            task_id = self._free_id(name)
+            if task_id != name:
+                renamed[name] = task_id
+            adapter.source = task_id  # compatibility messages name adapters as the table does
+            self.adapters[task_id] = adapter
+            added.append(task_id)
+        self._forget()
+        return Loaded(added, renamed)
+
+    @staticmethod
+    def _load(folder: Path, root: Path) -> LoRAAdapter:
+        """Read one folder; a failure names it relative to the upload, not by its server path."""
+        try:
+            return load_adapter(folder)
+        except VLoRAError as error:
+            raise type(error)(str(error).replace(f"{root}/", "")) from None
+
+    def _free_id(self, name: str) -> str:
+        task_id, n = name, 1
+        while task_id in self.adapters:
+            n += 1
+            task_id = f"{name}-{n}"
+        return task_id
+
+    def _forget(self) -> None:
+        self._decompositions.clear()
+        self._view = self.config = None
+        self._measured = False
+
+    # ---- tuning k ---------------------------------------------------------------------------------
+    def report(self, config: CompressConfig, progress: bool = False) -> KReport:
+        """Everything about the setting ``config``. SVDs run once per basis; after that a uniform k the sweep
+        holds is a look-up (the view itself is cut only when an export or an A/B test needs it)."""
+        found = self._decomposition(config.method, progress)
+        outline = found.shell.truncated(config)  # per-side k (uniform or adaptive), variance, clipping
+        reports, sweep, k = quality.layer_reports(outline), found.sweep, config.num_components
+        if not config.adaptive_k and min(k, sweep.ks[-1]) in sweep.ks:
+            view, stored = None, sweep.bytes[sweep.ks.index(min(k, sweep.ks[-1]))]
+            task_errors, layer_errors = sweep.task_errors(k).tolist(), sweep.layer_errors(k).tolist()
+        else:  # adaptive k, or a k between swept points: cut and measure this view (still no SVD)
+            view = found.full.truncated(config)
+            view.measure_against(found.full)
+            task_errors, stored = list(quality.task_errors(view).values()), quality.stored_bytes(view)
+            layer_errors = [r.error for r in quality.layer_reports(view)]
+        self._view, self.config, self._measured = view, config, view is not None
+        return KReport(
+            config=config, layers=[r.layer for r in reports], k_a=[r.k_a for r in reports],
+            k_b=[r.k_b for r in reports], variance_a=[r.variance_a for r in reports],
+            variance_b=[r.variance_b for r in reports], layer_errors=layer_errors, task_ids=found.full.task_ids,
+            task_errors=task_errors, curve_ks=sweep.ks, curve_bytes=sweep.bytes, curve_mean_errors=found.curve_mean,
+            curve_max_errors=found.curve_max, stored_bytes=stored, basis_bytes=quality.stored_bytes(outline),
+            original_bytes=found.original_bytes, k_max=sweep.ks[-1], note=outline.clipping_note(),
+        )
+
+    @property
+    def view(self) -> SharedSubspace | None:
+        """The subspace at the current setting (None before any); cut from the full decomposition on first use."""
+        if self._view is None and self.config is not None:
+            self._view = self._decompositions[self.config.method].full.truncated(self.config)
+        return self._view
+
+    def k_max(self, method: str) -> int:
+        """The most directions any layer side of this basis has (k above it changes nothing)."""
+        return self._decomposition(method, progress=False).sweep.ks[-1]
+
+    def _decomposition(self, method: str, progress: bool) -> _Decomposition:
+        if method not in self._decompositions:
+            if not self.adapters:
+                raise VLoRAError("no adapters loaded yet; upload a zip of adapter folders, "
+                                 "or load the demo adapters, first.")
+            full = SharedSubspace.decompose(list(self.adapters.values()), list(self.adapters), method=method,
+                                            progress=progress)
+            k_max = max(b.k for sides in full.bases.values() for b in sides.values())
+            ks = sorted(set(range(1, min(k_max, SWEEP_EVERY_K_UP_TO) + 1)) | set(quality.k_grid(k_max)))
+            sweep = quality.sweep_ks(full, ks, progress=_bar("k sweep") if progress else None)
+            errors = [sweep.task_errors(k) for k in sweep.ks]
+            shell = SharedSubspace(full.method, full.shapes, full.bases, {})
+            self._decompositions[method] = _Decomposition(
+                full, shell, sweep, [e.mean().item() for e in errors], [e.max().item() for e in errors],
+                sum(a.num_bytes for a in self.adapters.values()))
+        return self._decompositions[method]
+
+    # ---- exporting --------------------------------------------------------------------------------
+    def export(self, task_ids: list[str] | None = None, *, alpha: float | None = None,
+               base_model: str | None = None) -> Exported:
+        """The chosen tasks (default all) at the current k as PEFT folders, plus the store, each zipped."""
+        view = self._current_view()
+        ids = list(task_ids or view.task_ids)
+        for task_id in ids:
+            view.task(task_id)  # unknown ids fail before anything is written
+        if not self._measured:
+            view.measure_against(self._decompositions[view.method].full)  # the store records each task's error
+            self._measured = True
+        out, names = self._new_folder("exports"), folder_names(ids)
+        for task_id in tqdm(ids, desc="exporting", leave=False):
+            export_task(view, task_id, out / "adapters" / names[task_id], alpha=alpha, base_model=base_model)
+        view.save(out / "store")
+        adapters_zip = archive.make_zip(out / "adapters", out / ADAPTERS_ZIP)
+        store_zip = archive.make_zip(out / "store", out / STORE_ZIP, root_name="store")
+        for old in (p for p in out.parent.iterdir() if p != out):
+            shutil.rmtree(old, ignore_errors=True)
+        return Exported(adapters_zip, store_zip, ids, self.config)
+
+    def _current_view(self) -> SharedSubspace:
+        if self.view is None:
+            self.report(CompressConfig())
+        return self.view
+
+    # ---- A/B testing ------------------------------------------------------------------------------
+    def choices(self) -> list[str]:
+        return [BASE_CHOICE] + [f"{kind}: {t}" for t in self.adapters for kind in CHOICE_KINDS]
+
+    def ab_test(self, base_model, tokenizer, prompt: str, choices: list[str], max_new_tokens: int) -> list[Generation]:
+        """Generate for each choice with one VLoRAModel on the shared base model: a switch is ``set_task``."""
+        from .base_model import chat_prompt
+
+        if not prompt.strip():
+            raise VLoRAError("the prompt is empty; type a question or pick an example.")
+        tasks = [parse_choice(choice, list(self.adapters)) for choice in choices]  # check all before running
+        subspace = self.ab_subspace() if any(task_id for _, task_id in tasks) else None
+        text = chat_prompt(tokenizer, prompt)
+        with attached(base_model, subspace) as model:
+            return [_generate(model, tokenizer, choice, text, max_new_tokens) for choice in choices]
+
+    def ab_subspace(self) -> SharedSubspace:
+        """Every task twice on the full basis, under its choice name: 'original: id' with all its loadings,
+        'compressed: id' with the view's loadings and zeros past the view's k — the same ΔW as the view."""
+        view = self._current_view()
+        full = self._decompositions[view.method].full
+        tasks = {}
+        for task_id, task in full.tasks.items():
+            short = view.tasks[task_id].loadings
+            padded = {name: {side: F.pad(short[name][side], (0, basis.k - short[name][side].shape[-1]))
+                             for side, basis in sides.items()} for name, sides in full.bases.items()}
+            for kind, loadings in (("compressed", padded), ("original", task.loadings)):
+                tasks[f"{kind}: {task_id}"] = replace(task, id=f"{kind}: {task_id}", loadings=loadings)
+        return SharedSubspace(full.method, full.shapes, full.bases, tasks)
+
+    # ---- the session's end ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Remove the session folder and drop everything held (the shared base model is not touched)."""
+        self.adapters.clear()
+        self._forget()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    @contextmanager
+    def _upload_folder(self):
+        """A fresh folder for one upload, removed once its adapters are read (they live in memory) or fail."""
+        folder = self._new_folder("uploads")
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _new_folder(self, kind: str) -> Path:
+        self._counter += 1
+        folder = self.folder / kind / str(self._counter)
+        folder.mkdir(parents=True)
+        return folder
+
+
+def parse_choice(choice: str, task_ids: list[str]) -> tuple[str, str | None]:
+    """'base model' -> ('base', None); 'compressed: qa' -> ('compressed', 'qa'); unknown parts raise."""
+    if choice == BASE_CHOICE:
+        return "base", None
+    kind, sep, task_id = (choice or "").partition(": ")
+    if not sep or kind not in CHOICE_KINDS:
+        kinds = ", ".join(f"'{k}: <task>'" for k in CHOICE_KINDS)
+        raise VLoRAError(f"unknown choice {choice!r}; choose '{BASE_CHOICE}', {kinds}.")
+    if task_id not in task_ids:
+        raise TaskError(f"unknown task {task_id!r}; loaded tasks: {', '.join(map(repr, task_ids)) or 'none'}.")
+    return kind, task_id
+
+
+@contextmanager
+def attached(base_model, subspace: SharedSubspace | None):
+    """A VLoRAModel on ``base_model`` for the block (the base itself when ``subspace`` is None).
+
+    VLoRAModel wraps the targeted layers in place; on the way out the base model gets its own layers back,
+    so the shared base model is unchanged between calls. Callers must hold it exclusively meanwhile.
+    """
+    if subspace is None:
+        yield base_model
+        return
+    from .model import VLoRAModel
+
+    model = VLoRAModel(base_model, subspace)
+    try:
+        yield model
+    finally:
+        model.clear_task()
+        for name, layer in model.targets.items():
+            parent, _, child = name.rpartition(".")
+            setattr(base_model.get_submodule(parent), child, layer.base)
+
+
+def _generate(model, tokenizer, choice: str, prompt: str, max_new_tokens: int) -> Generation:
+    """One greedy generation after making ``choice`` the active task (timed apart)."""
+    from .base_model import generate_text
+
+    start = time.perf_counter()
+    if choice != BASE_CHOICE:
+        model.set_task(choice)
+    elif hasattr(model, "clear_task"):
+        model.clear_task()
+    switched = time.perf_counter()
+    counted = _Counted(model)
+    answer = generate_text(counted, tokenizer, prompt, max_new_tokens)
+    return Generation(choice, answer, counted.new_tokens, 1000 * (switched - start), time.perf_counter() - switched)
+
+
+class _Counted:
+    """The model as ``generate_text`` uses it, remembering how many tokens the last ``generate`` added."""
+
+    def __init__(self, model):
+        self.model, self.new_tokens = model, 0
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def generate(self, input_ids, **kwargs):
+        output = self.model.generate(input_ids=input_ids, **kwargs)  # (1, T + T_new)
+        self.new_tokens = output.shape[1] - input_ids.shape[1]
+        return output
+
+
+def demo_prompts(path: Path = DEMO_PROMPTS) -> list[str]:
+    """Example prompts for the A/B panel: the demo's shared prompts, then each task's own."""
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text(encoding="utf-8"))
+    prompts = list(data.get("shared", []))
+    for task_prompts in data.get("by_task", {}).values():
+        prompts += [p for p in task_prompts if p not in prompts]
+    return prompts
+
+
+def _row(task_id: str, adapter: LoRAAdapter, problem: str) -> AdapterRow:
+    ranks = adapter.ranks.values()
+    targets = adapter.config.get("target_modules") or []
+    return AdapterRow(task_id, min(ranks), max(ranks), adapter.config.get("lora_alpha"),
+                      targets if isinstance(targets, str) else ", ".join(sorted(targets)),
+                      len(adapter.layers), adapter.num_bytes, problem)
+
+
+def _bar(desc: str):
+    return lambda items: tqdm(items, desc=desc, leave=False)
