@@ -1,8 +1,8 @@
 """The spec (docs/migration_from_peft.md, a copy of the user's spec) runs as written: every code block."""
 
 import re
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,7 +34,8 @@ def workdir(tmp_path, monkeypatch):
 
 
 def run_shell(block, cwd):
-    bin_dir = Path(shutil.which("vlora")).parent
+    bin_dir = Path(sys.executable).parent  # the venv's bin, where `pip install -e .` put the `vlora` command
+    assert (bin_dir / "vlora").is_file(), "the vlora command is not installed in this environment"
     result = subprocess.run(["bash", "-ec", block], cwd=cwd, capture_output=True, text=True, timeout=300,
                             env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
