@@ -118,18 +118,49 @@ class KSweep:
 
 
 def sweep_ks(full, ks: list[int] | None = None, progress=None) -> KSweep:
-    """Truncate ``full`` (from SharedSubspace.decompose) at every k and measure: no SVD is recomputed."""
+    """ΔW error and bytes of ``full`` (from SharedSubspace.decompose) cut at every k: no SVD is recomputed.
+
+    Per layer, each side's reconstruction grows from one k to the next by only the added directions, so
+    the whole sweep costs one reconstruction plus the r x r Grams of each k.
+    """
+    from .basis import METHODS
+
     ks = ks or k_grid(max(b.k for sides in full.bases.values() for b in sides.values()))
-    layers, tasks = list(full.shapes), list(full.tasks)
-    reference = {name: full.stacked_factors(name) for name in layers}
-    errors, norms, sizes = [], None, []
-    for k in (progress(ks) if progress else ks):
-        view = full.truncated(k)
-        per_layer = [delta_w_errors(reference[n], view.stacked_factors(n)) for n in layers]
-        errors.append(torch.stack([e for e, _ in per_layer]))
-        norms = torch.stack([n for _, n in per_layer])
-        sizes.append(stored_bytes(view))
-    return KSweep(ks, torch.stack(errors), norms, sizes, layers, tasks)
+    layers, tasks, rule = list(full.shapes), list(full.tasks.values()), METHODS[full.method]
+    errors = torch.zeros(len(ks), len(layers), len(tasks))  # (K, L, N)
+    norms = torch.zeros(len(layers), len(tasks))
+    sizes = [0] * len(ks)
+    for li, name in enumerate(progress(layers) if progress else layers):
+        shape, reference = full.shapes[name], full.stacked_factors(name)
+        sides = {side: _Growing(full.bases[name][side], tasks, name, side) for side in ("A", "B")}
+        for ki, k in enumerate(ks):
+            approx = tuple(rule.from_vectors(sides[s].at(k), shape.dim(s), shape.rank) for s in ("A", "B"))
+            errors[ki, li], norms[li] = delta_w_errors(reference, approx)
+            sizes[ki] += sum(g.bytes(k, len(tasks)) for g in sides.values())
+    return KSweep(ks, errors, norms, sizes, layers, [t.id for t in tasks])
+
+
+class _Growing:
+    """One layer side's reconstruction of every task, grown direction by direction as k rises."""
+
+    def __init__(self, basis, tasks, name: str, side: str):
+        self.basis = basis
+        self.loadings = torch.stack([t.loadings[name][side] for t in tasks])  # (N, g, K)
+        self.vectors = torch.zeros(*self.loadings.shape[:2], basis.components.shape[1])  # (N, g, D)
+        if basis.mean is not None:
+            self.vectors += basis.mean
+        self.k = 0
+
+    def at(self, k: int) -> torch.Tensor:
+        k = min(k, self.basis.k)
+        if k > self.k:  # ks only rise within a sweep
+            self.vectors += self.loadings[..., self.k:k] @ self.basis.components[self.k:k]
+            self.k = k
+        return self.vectors
+
+    def bytes(self, k: int, num_tasks: int, bytes_per_number: int = 4) -> int:
+        k, (g, D) = min(k, self.basis.k), (self.loadings.shape[1], self.basis.components.shape[1])
+        return bytes_per_number * (k * D + (D if self.basis.mean is not None else 0) + num_tasks * g * k)
 
 
 def k_grid(k_max: int, dense_up_to: int = 16, points: int = 40) -> list[int]:
