@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import basis as bases
 from .adapter import LoRAAdapter, LoRALayer, lora_scaling
-from .config import DEFAULT_NUM_COMPONENTS, DEFAULT_VARIANCE_THRESHOLD, CompressConfig
+from .config import DEFAULT_METHOD, DEFAULT_NUM_COMPONENTS, DEFAULT_VARIANCE_THRESHOLD, CompressConfig
 from .constants import SIDES
 from .errors import CompatibilityError, TaskError, VLoRAError
 from .gauge import canonical_factors
@@ -60,7 +60,7 @@ class SharedSubspace:
     # ---- building ---------------------------------------------------------------------------------
     @classmethod
     def from_adapters(cls, adapters: list[LoRAAdapter], task_ids: list[str] | None = None,
-                      num_components: int = DEFAULT_NUM_COMPONENTS, *, method: str = "flat",
+                      num_components: int = DEFAULT_NUM_COMPONENTS, *, method: str = DEFAULT_METHOD,
                       adaptive_k: bool = False, variance_threshold: float = DEFAULT_VARIANCE_THRESHOLD,
                       progress: bool = False) -> SharedSubspace:
         """Compress adapters into a shared subspace with k (or adaptive k) directions per layer and side."""
@@ -75,7 +75,7 @@ class SharedSubspace:
 
     @classmethod
     def decompose(cls, adapters: list[LoRAAdapter], task_ids: list[str] | None = None, *,
-                  method: str = "flat", progress: bool = False) -> SharedSubspace:
+                  method: str = DEFAULT_METHOD, progress: bool = False) -> SharedSubspace:
         """Every direction the data has (no truncation): ``truncated(k)`` then costs no SVD."""
         return cls._decompose(adapters, task_ids, method, progress)[0]
 
