@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import socket
 import zipfile
 from pathlib import Path
@@ -31,6 +32,7 @@ from ui.settings import AppSettings  # noqa: E402
 from vlora import CompressConfig, SharedSubspace, VLoRAModel, load_adapter  # noqa: E402
 from vlora_core import quality  # noqa: E402
 from vlora_core.base_model import chat_prompt, generate_text, get_base_model  # noqa: E402
+from vlora_core.export import folder_names  # noqa: E402
 from vlora_core.layer import SubspaceLayer  # noqa: E402
 
 TASKS = ["sentiment", "summarization", "translation", "qa"]
@@ -327,6 +329,108 @@ def test_zip_limits(tmp_path, adapter_dirs):
         Workbench(tmp_path / "c", Limits(max_adapters=2)).add_archive(big)
 
 
+# ---- hostile task ids -----------------------------------------------------------------------------
+# A task id typed into the folder input's box: the id it becomes, or the start of the refusal.
+TYPED_IDS = [("../x", "../x"), ("a/b", "a/b"), ("", "adapter"), ("   ", "adapter"),
+             ("тест-ü-🙂", "тест-ü-🙂"), ("/etc/passwd", "/etc/passwd"), ("x" * 200, "x" * 200)]
+REFUSED_TYPED_IDS = [("x" * 300, "must be at most 200 printable characters"),
+                     ("a\x00b", "must be at most 200 printable characters"),
+                     ("a\nb", "must be at most 200 printable characters")]
+# A folder name inside an uploaded zip: the id it becomes, or the refusal (the name is never a path here).
+ZIP_FOLDER_IDS = [("тест-ü-🙂", "тест-ü-🙂"), ("a/b", "b"), ("y" * 200, "y" * 200)]
+REFUSED_ZIP_FOLDERS = [("../x", "climbs out of the archive"), ("y" * 220, "must be at most 200 printable"),
+                       ("y" * 300, "File name too long"), ("a\nb", "must be at most 200 printable"),
+                       ("nul\x00name", "appears twice")]  # zipfile cuts a name at NUL: both files become 'nul'
+
+
+def _add_folder(client, adapter_dir: Path, task_id: str):
+    return client.predict([handle_file(f) for f in sorted(adapter_dir.iterdir())], task_id, api_name="/load_folder")
+
+
+def _task_ids(client) -> list[str]:
+    """The session's task ids, read through the API (removing a task that is not there changes nothing)."""
+    table, _ = client.predict(["no such task"], api_name="/remove_adapters")
+    return [row[0] for row in table["data"]]
+
+
+def _hostile_zip(path: Path, folder_name: str, adapter_dirs) -> Path:
+    """A zip of two adapters: adapter_dirs[0] under ``folder_name``, adapter_dirs[1] under 'other'."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for folder, source in ((folder_name.replace("\x00", "#"), adapter_dirs[0]), ("other", adapter_dirs[1])):
+            for file in sorted(source.iterdir()):
+                zf.write(file, f"{folder}/{file.name}")
+    if "\x00" in folder_name:  # zipfile cuts a NUL when writing: write '#' and put the NUL in the bytes after
+        path.write_bytes(path.read_bytes().replace(folder_name.replace("\x00", "#").encode(), folder_name.encode()))
+    return path
+
+
+def _check_round_trip(client, app, tmp_path, task_id: str, original: Path, before: set[Path]):
+    """The id works as an A/B choice; at full k the task exports under a plain folder name with its ΔW intact;
+    the store keeps the exact id; nothing new is left in the test's temp tree but what this test downloaded."""
+    timings = client.predict("", "hi", f"compressed: {task_id}", "base model", 8, api_name="/ab_test")[-2]
+    assert timings[0]["choice"] == f"compressed: {task_id}"
+    numbers, _ = _numbers(client, k=1)  # flat, two adapters: one direction holds everything
+    ids = list(numbers["task_errors"])
+    assert sorted(ids) == sorted([task_id, "other"]) and max(numbers["task_errors"].values()) < 1e-5
+    adapters_zip, store_zip, _ = client.predict([], None, "", api_name="/export")
+    with zipfile.ZipFile(adapters_zip) as zf:
+        folders = {name.split("/")[0] for name in zf.namelist()}
+        zf.extractall(tmp_path / "exported")
+    assert folders == set(folder_names(ids).values())
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", folder) for folder in folders)
+    with zipfile.ZipFile(store_zip) as zf:
+        zf.extractall(tmp_path)
+    assert SharedSubspace.load(tmp_path / "store").task_ids == ids
+    exported = load_adapter(tmp_path / "exported" / folder_names(ids)[task_id])
+    for name, layer in load_adapter(original).layers.items():
+        assert torch.allclose(exported.layers[name].delta_weight(), layer.delta_weight(), atol=1e-5)
+    assert not {f for f in _files(app.root.parent) - before if not f.is_relative_to(tmp_path)}
+
+
+@pytest.mark.parametrize("typed, task_id", TYPED_IDS, ids=lambda v: repr(v)[:20])
+def test_typed_task_ids_round_trip_safely(client, app, adapter_dirs, tmp_path, typed, task_id):
+    before = _files(app.root.parent)
+    _add_folder(client, adapter_dirs[0], typed)
+    table, _ = _add_folder(client, adapter_dirs[1], "other")
+    assert [row[0] for row in table["data"]] == [task_id, "other"]
+    _check_round_trip(client, app, tmp_path, task_id, adapter_dirs[0], before)
+
+
+@pytest.mark.parametrize("typed, message", REFUSED_TYPED_IDS, ids=lambda v: repr(v)[:20])
+def test_unusable_typed_task_ids_are_refused_on_loading(client, adapter_dirs, typed, message):
+    with pytest.raises(AppError, match=message) as refused:
+        _add_folder(client, adapter_dirs[0], typed)
+    text = str(refused.value)
+    assert text.startswith(f"folder upload: task id {repr(typed)[:20]}") and "Traceback" not in text
+    assert _task_ids(client) == []
+
+
+@pytest.mark.parametrize("folder, task_id", ZIP_FOLDER_IDS, ids=lambda v: repr(v)[:20])
+def test_zip_folder_names_round_trip_safely(client, app, adapter_dirs, tmp_path, folder, task_id):
+    before = _files(app.root.parent)
+    table, _ = client.predict(handle_file(_hostile_zip(tmp_path / "up.zip", folder, adapter_dirs)),
+                              api_name="/load_adapters")
+    assert sorted(row[0] for row in table["data"]) == sorted([task_id, "other"])
+    _check_round_trip(client, app, tmp_path, task_id, adapter_dirs[0], before)
+
+
+@pytest.mark.parametrize("folder, message", REFUSED_ZIP_FOLDERS, ids=lambda v: repr(v)[:20])
+def test_unusable_zip_folder_names_are_refused(client, app, adapter_dirs, tmp_path, folder, message):
+    before = _files(app.root.parent)
+    with pytest.raises(AppError, match=message) as refused:
+        client.predict(handle_file(_hostile_zip(tmp_path / "up.zip", folder, adapter_dirs)), api_name="/load_adapters")
+    assert str(refused.value).startswith("up.zip: ") and "Traceback" not in str(refused.value)
+    assert not {f for f in _files(app.root.parent) - before if not f.is_relative_to(tmp_path)}
+    assert _task_ids(client) == []  # not even 'other' came in
+
+
+def test_a_zips_own_name_names_a_top_level_adapter(client, adapter_dirs, tmp_path):
+    name = "тест-ü-🙂"
+    upload = zip_tree(adapter_dirs[0], tmp_path / f"{name}.zip")
+    table, status = client.predict(handle_file(upload), api_name="/load_adapters")
+    assert [row[0] for row in table["data"]] == [name] and f"from {name}.zip" in status
+
+
 # ---- sessions -------------------------------------------------------------------------------------
 def test_sessions_are_isolated(app, adapters_zip, tmp_path):
     first, second = (Client(app.url, verbose=False, download_files=str(tmp_path)) for _ in range(2))
@@ -341,16 +445,17 @@ def test_closing_a_client_ends_its_session(app, adapters_zip, tmp_path):
     import hashlib
     import time
 
-    client = Client(app.url, verbose=False, download_files=str(tmp_path))
+    client = Client(app.url, verbose=False, download_files=False)  # links, not downloaded copies
     client.predict(handle_file(adapters_zip), api_name="/load_adapters")
-    client.predict([], None, "", api_name="/export")
+    adapters_file, _, _ = client.predict([], None, "", api_name="/export")
     folder = app.root / hashlib.sha256(client.session_hash.encode()).hexdigest()[:16]
-    assert any(folder.rglob("*.zip"))
+    downloads = Path(adapters_file["path"]).parent.parent  # <gradio cache>/vlora-<random>/<export>/
+    assert folder.is_dir() and any(downloads.rglob("*.zip"))
     client.close()  # its heartbeat stops: the app's unload event ends the session
     deadline = time.monotonic() + 30
-    while folder.exists() and time.monotonic() < deadline:
+    while (folder.exists() or downloads.exists()) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not folder.exists()
+    assert not folder.exists() and not downloads.exists()
 
 
 def test_session_folder_goes_when_the_session_ends(tmp_path, adapters_zip):
@@ -368,6 +473,23 @@ def test_session_folder_goes_when_the_session_ends(tmp_path, adapters_zip):
     sessions._idle_s = -1
     sessions.close_idle()
     assert len(sessions) == 0 and not any((tmp_path / "root").iterdir())
+
+
+def test_downloads_live_apart_and_go_with_the_session(tmp_path, adapters_zip):
+    sessions = Sessions(tmp_path / "root", downloads=tmp_path / "served")
+    one = SimpleNamespace(session_hash="one")
+    with sessions.open(one) as bench:
+        bench.add_archive(adapters_zip)
+        first, second = bench.export(), bench.export()
+    served = second.adapters_zip.parent.parent  # <downloads>/vlora-<random>/<export>/
+    assert re.fullmatch(r"vlora-[0-9a-f]{32}", served.name) and served.parent == tmp_path / "served"
+    assert first.adapters_zip.parent.parent == served and second.store_zip.parent == second.adapters_zip.parent
+    assert not first.adapters_zip.exists() and second.adapters_zip.is_file()  # only the latest export is kept
+    assert not [p for p in bench.folder.rglob("*") if p.is_file()]  # the session folder keeps nothing between steps
+    assert all(sessions.holds(p) for p in (bench.folder / "x", served, tmp_path))  # inside, or containing them
+    assert not sessions.holds(adapters_zip.parent)
+    sessions.close(one)
+    assert not bench.folder.exists() and not served.exists()
 
 
 def test_space_settings_switch_server_paths_off(monkeypatch):

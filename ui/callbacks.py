@@ -67,6 +67,9 @@ class Callbacks:
             raise gr.Error("server paths are switched off here; upload a zip of adapter folders instead.")
         if not (path or "").strip():
             raise gr.Error("type the path of an adapter folder, or of a folder of them.")
+        if self.sessions.holds(path.strip()):
+            raise gr.Error(html.escape(f"{path.strip()}: holds the workbench's own session files (other people's "
+                                       "uploads and exports); give a folder of your own adapters.", quote=False))
         with self.sessions.open(request) as bench:
             return self._listing(bench, bench.add_path(path.strip()), path.strip())
 

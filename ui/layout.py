@@ -7,6 +7,7 @@ compress, load_model, ab_test, export. Follow-up steps (refreshing dropdowns, th
 from __future__ import annotations
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from vlora_core.base_model import DEFAULT_MAX_NEW_TOKENS
 from vlora_core.basis import METHODS
@@ -27,7 +28,9 @@ Bring adapters → tune k (no SVD per change) → A/B test on the base model →
 def build_app(settings: AppSettings | None = None) -> gr.Blocks:
     """The Blocks of the workbench; nothing is loaded until someone uses it."""
     settings = settings or AppSettings.from_env()
-    calls = Callbacks(Sessions(settings.session_root, settings.limits, settings.idle_s), settings)
+    # exported zips go straight into Gradio's cache (see ui/session.py): served as they are, gone with the session
+    sessions = Sessions(settings.session_root, settings.limits, settings.idle_s, downloads=get_upload_folder())
+    calls = Callbacks(sessions, settings)
     with gr.Blocks(title="vlora workbench", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(INTRO)
         status = gr.Markdown("Start by loading adapters.", label="status", elem_id="status")
@@ -43,12 +46,10 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
 
 
 def launch_options(settings: AppSettings | None = None) -> dict:
-    """Arguments for ``demo.launch``: never a host or port (a Space and GRADIO_SERVER_* choose those)."""
+    """Arguments for ``demo.launch``: never a host or port (a Space and GRADIO_SERVER_* choose those), and no
+    ``allowed_paths``: the session folders are never served, only the downloads in Gradio's cache."""
     settings = settings or AppSettings.from_env()
-    options = dict(max_file_size=settings.max_file_size, show_error=False)
-    if settings.session_root:
-        options["allowed_paths"] = [str(settings.session_root)]
-    return options
+    return dict(max_file_size=settings.max_file_size, show_error=False)
 
 
 # ---- the tabs -------------------------------------------------------------------------------------

@@ -1,14 +1,19 @@
 """Per-session workbenches: each browser tab (or gradio_client) gets its own Workbench and folder.
 
 The folder is ``<root>/<sha256(session_hash)[:16]>``: the hash comes from the client, so it is never used
-as a path itself. A session ends when its tab closes (``demo.unload``), or after ``idle_s`` untouched (an
-API client never closes a tab); the whole root goes when the process exits. The base model is not
-per-session: it is shared and read-only (``vlora_core.base_model.get_base_model``).
+as a path itself. The server never serves that folder. Exported zips go to ``<downloads>/vlora-<random>/``
+instead: ``downloads`` is Gradio's own cache (``build_app`` passes it), so Gradio hands those files out as
+they are, without copies of its own, and a download link is a random name only its session is given (Gradio's
+file route has no notion of sessions: a link is a capability). A session ends when its tab closes
+(``demo.unload``), or after ``idle_s`` untouched (an API client never closes a tab): both folders go, and
+its links stop working. The whole root goes when the process exits. The base model is not per-session: it
+is shared and read-only (``vlora_core.base_model.get_base_model``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import secrets
 import shutil
 import tempfile
 import threading
@@ -31,8 +36,10 @@ class _Session:
 
 
 class Sessions:
-    def __init__(self, root: str | Path | None = None, limits: Limits = Limits(), idle_s: float = 3600.0):
+    def __init__(self, root: str | Path | None = None, limits: Limits = Limits(), idle_s: float = 3600.0,
+                 downloads: str | Path | None = None):
         self._root = Path(root) if root else None
+        self._downloads = Path(downloads) if downloads else None  # None: inside each session's folder
         self._limits, self._idle_s = limits, idle_s
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()  # guards the dict, not the workbenches
@@ -56,11 +63,15 @@ class Sessions:
         with self._lock:
             session = self._sessions.get(key)
             if session is None:
-                session = self._sessions[key] = _Session(Workbench(root / _folder(key), self._limits))
+                session = self._sessions[key] = _Session(self._new_bench(root, key))
         with session.lock:
             session.used = time.monotonic()
             yield session.bench
             session.used = time.monotonic()
+
+    def _new_bench(self, root: Path, key: str) -> Workbench:
+        downloads = self._downloads / f"vlora-{secrets.token_hex(16)}" if self._downloads else None
+        return Workbench(root / _folder(key), self._limits, downloads)
 
     def close(self, request: gr.Request) -> None:
         """End one session (``demo.unload``): its folder and everything it held go."""
@@ -69,6 +80,13 @@ class Sessions:
         if session is not None:
             with session.lock:
                 session.bench.close()
+
+    def holds(self, path: str | Path) -> bool:
+        """Whether ``path`` is inside the session folders or the downloads, or contains them: a server path
+        there would read other sessions' files."""
+        target = Path(path).expanduser().resolve()
+        roots = [r.resolve() for r in (self.root, self._downloads) if r is not None]
+        return any(target.is_relative_to(r) or r.is_relative_to(target) for r in roots)
 
     def close_idle(self) -> None:
         now = time.monotonic()

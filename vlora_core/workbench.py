@@ -5,7 +5,11 @@ costs no SVD), the current view at the chosen k, and runs exports and A/B genera
 ``ui/callbacks.py`` calls one method here; a script or the CLI can drive it the same way.
 
     folder/uploads/<n>/   an extracted zip or staged folder upload, removed once its adapters are read
-    folder/exports/<n>/   adapters/ and store/ with their zips; only the latest export is kept
+    folder/exports/<n>/   adapters/ and store/ of one export, removed once they are zipped
+    downloads/<n>/        that export's two zips, the only files meant to be served; only the latest is kept
+
+``downloads`` is ``folder/downloads`` unless given: a web UI puts it where its server hands files out, apart
+from the session folder, so that serving the downloads never serves anything else. ``close`` removes both.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from .errors import TaskError, VLoRAError
 from .export import export_task, folder_names
 from .io import archive
 from .io.peft_files import load_adapter
-from .subspace import SharedSubspace, compatibility_problems
+from .subspace import SharedSubspace, check_task_id, compatibility_problems
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEMO_ADAPTERS = ASSETS / "demo_adapters"
@@ -133,8 +137,9 @@ class _Decomposition:
 
 
 class Workbench:
-    def __init__(self, folder: str | Path, limits: Limits = Limits()):
+    def __init__(self, folder: str | Path, limits: Limits = Limits(), downloads: str | Path | None = None):
         self.folder = Path(folder)
+        self.downloads = Path(downloads) if downloads else self.folder / "downloads"  # export zips, see above
         self.limits = limits
         self.adapters: dict[str, LoRAAdapter] = {}
         self.config: CompressConfig | None = None  # the current setting (None before the first report)
@@ -147,7 +152,7 @@ class Workbench:
     def add_archive(self, zip_path: str | Path, label: str | None = None) -> Loaded:
         """Adapters from an uploaded zip; an adapter at the zip's top level is named after the zip."""
         label = label or Path(zip_path).name
-        with self._upload_folder() as root:
+        with self._scratch("uploads") as root:
             folder = root / (Path(label).stem or "adapter")
             archive.extract_zip(zip_path, folder, max_files=self.limits.max_files,
                                 max_total_bytes=self.limits.max_total_bytes)
@@ -155,7 +160,7 @@ class Workbench:
 
     def add_files(self, files: list[str | Path], task_id: str) -> Loaded:
         """One adapter from a folder upload (a flat list of files); ``task_id`` names it."""
-        with self._upload_folder() as root:
+        with self._scratch("uploads") as root:
             folder, ignored = archive.stage_files(files, root / "adapter")
             loaded = self._add_folders([folder], root, "folder upload", names=[task_id.strip() or "adapter"])
         return Loaded(loaded.added, loaded.renamed, ignored)
@@ -192,16 +197,13 @@ class Workbench:
             raise VLoRAError(f"{label}: {len(folders)} more adapters would pass the limit of "
                              f"{self.limits.max_adapters} per session; remove some first.")
         loaded = [self._load(f, root) for f in tqdm(folders, desc="reading adapters", leave=False)]
-        added, renamed = [], {}
-        for adapter, name in zip(loaded, names or [a.name for a in loaded]):
-            task_id = self._free_id(name)
-            if task_id != name:
-                renamed[name] = task_id
+        names = names or [a.name for a in loaded]
+        added = self._free_ids(names, label)
+        for adapter, task_id in zip(loaded, added):
             adapter.source = task_id  # compatibility messages name adapters as the table does
             self.adapters[task_id] = adapter
-            added.append(task_id)
         self._forget()
-        return Loaded(added, renamed)
+        return Loaded(added, {name: t for name, t in zip(names, added) if t != name})
 
     @staticmethod
     def _load(folder: Path, root: Path) -> LoRAAdapter:
@@ -211,12 +213,19 @@ class Workbench:
         except VLoRAError as error:
             raise type(error)(str(error).replace(f"{root}/", "")) from None
 
-    def _free_id(self, name: str) -> str:
-        task_id, n = name, 1
-        while task_id in self.adapters:
-            n += 1
-            task_id = f"{name}-{n}"
-        return task_id
+    def _free_ids(self, names: list[str], label: str) -> list[str]:
+        """A task id per name, numbered where taken; all checked before any is used (so no partial load)."""
+        ids = []
+        for name in names:
+            task_id, n = name, 1
+            while task_id in self.adapters or task_id in ids:
+                n += 1
+                task_id = f"{name}-{n}"
+            try:
+                ids.append(check_task_id(task_id))
+            except TaskError as error:
+                raise TaskError(f"{label}: {error}") from None
+        return ids
 
     def _forget(self) -> None:
         self._decompositions.clear()
@@ -287,13 +296,19 @@ class Workbench:
         if not self._measured:
             view.measure_against(self._decompositions[view.method].full)  # the store records each task's error
             self._measured = True
-        out, names = self._new_folder("exports"), folder_names(ids)
-        for task_id in tqdm(ids, desc="exporting", leave=False):
-            export_task(view, task_id, out / "adapters" / names[task_id], alpha=alpha, base_model=base_model)
-        view.save(out / "store")
-        adapters_zip = archive.make_zip(out / "adapters", out / ADAPTERS_ZIP)
-        store_zip = archive.make_zip(out / "store", out / STORE_ZIP, root_name="store")
-        for old in (p for p in out.parent.iterdir() if p != out):
+        zips = self._new_folder(self.downloads)
+        try:
+            with self._scratch("exports") as out:
+                names = folder_names(ids)
+                for task_id in tqdm(ids, desc="exporting", leave=False):
+                    export_task(view, task_id, out / "adapters" / names[task_id], alpha=alpha, base_model=base_model)
+                view.save(out / "store")
+                adapters_zip = archive.make_zip(out / "adapters", zips / ADAPTERS_ZIP)
+                store_zip = archive.make_zip(out / "store", zips / STORE_ZIP, root_name="store")
+        except BaseException:
+            shutil.rmtree(zips, ignore_errors=True)
+            raise
+        for old in (p for p in self.downloads.iterdir() if p != zips):
             shutil.rmtree(old, ignore_errors=True)
         return Exported(adapters_zip, store_zip, ids, self.config)
 
@@ -334,23 +349,25 @@ class Workbench:
 
     # ---- the session's end ------------------------------------------------------------------------
     def close(self) -> None:
-        """Remove the session folder and drop everything held (the shared base model is not touched)."""
+        """Remove the session folder and the downloads, drop everything held (the shared base model stays)."""
         self.adapters.clear()
         self._forget()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        for folder in (self.folder, self.downloads):
+            shutil.rmtree(folder, ignore_errors=True)
 
     @contextmanager
-    def _upload_folder(self):
-        """A fresh folder for one upload, removed once its adapters are read (they live in memory) or fail."""
-        folder = self._new_folder("uploads")
+    def _scratch(self, kind: str):
+        """A fresh folder for one upload or export, removed when the step ends: what it read lives in memory,
+        what it wrote is zipped."""
+        folder = self._new_folder(self.folder / kind)
         try:
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def _new_folder(self, kind: str) -> Path:
+    def _new_folder(self, parent: Path) -> Path:
         self._counter += 1
-        folder = self.folder / kind / str(self._counter)
+        folder = parent / str(self._counter)
         folder.mkdir(parents=True)
         return folder
 
