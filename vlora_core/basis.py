@@ -58,8 +58,10 @@ class Basis:
     def k(self) -> int:
         return self.components.shape[0]
 
-    def truncate(self, k: int) -> Basis:
-        return replace(self, components=self.components[:k])
+    def truncate(self, k: int, copy: bool = False) -> Basis:
+        """The first k directions: a view of this basis's, or a copy that lets the rest be freed."""
+        kept = self.components[:k]
+        return replace(self, components=kept.clone() if copy and k < self.k else kept)
 
     def variance_explained(self, k: int | None = None) -> float:
         """Share of the data's (centred) energy that the first k directions carry."""
@@ -75,34 +77,78 @@ def max_components(num_vectors: int, dim: int, centre: bool) -> int:
 
 
 def fit(vectors: torch.Tensor, centre: bool, rtol: float = 1e-6) -> tuple[Basis, torch.Tensor]:
-    """Every direction the data has, by one thin SVD. Returns the full basis and its loadings.
+    """Every direction the data (N, g, D) has, by one thin SVD. Returns the full basis and its loadings."""
+    return fit_many(vectors[None], centre, rtol)[0]
 
-    With fewer vectors than dimensions (the usual case) the SVD is taken through the small
-    (N·g) x (N·g) Gram matrix in float64 — never a D x D covariance. Directions whose singular value
-    is below ``rtol`` of the largest carry no data and are not kept; the spectrum keeps every value.
+
+def fit_many(vectors: torch.Tensor, centre: bool, rtol: float = 1e-6) -> list[tuple[Basis, torch.Tensor]]:
+    """``fit`` for L layers of one shape at once: vectors (L, N, g, D) -> L (basis, loadings (N, g, k)).
+
+    Directions whose singular value is below ``rtol`` of the largest carry no data and are not kept;
+    the spectrum keeps every value.
     """
-    N, g, D = vectors.shape
-    X = vectors.reshape(N * g, D).float()  # (N·g, D)
-    mean = X.mean(dim=0) if centre else None
-    if centre:
-        X = X - mean
-    U, S, Vh = _thin_svd(X)  # (N·g, m), (m,), (m, D)
+    L, N, g, D = vectors.shape
+    X = vectors.reshape(L, N * g, D).float()
+    mean = X.mean(dim=1, keepdim=True) if centre else None  # (L, 1, D)
+    U, S, Vh = _thin_svd(X, centred=centre)  # (L, N·g, m), (L, m), (L, m, D)
     m = max_components(N * g, D, centre)
-    kept = int((S[:m] > rtol * S[0]).sum()) if m and S[0] > 0 else 0
-    loadings = (U[:, :kept] * S[:kept]).reshape(N, g, kept)
-    return Basis(components=Vh[:kept].contiguous(), spectrum=S[:m].contiguous(), mean=mean), loadings
+    out = []
+    for i in range(L):
+        top = S[i, 0] if m else 0
+        kept = int((S[i, :m] > rtol * top).sum()) if top > 0 else 0
+        basis = Basis(components=Vh[i, :kept].contiguous(), spectrum=S[i, :m].contiguous(),
+                      mean=None if mean is None else mean[i, 0])
+        out.append((basis, (U[i, :, :kept] * S[i, :kept]).reshape(N, g, kept)))
+    return out
 
 
-def _thin_svd(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows, dim = X.shape
+def _thin_svd(X: torch.Tensor, centred: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U (..., R, m), S (..., m), Vh (..., m, D) of X (..., R, D), or of X minus its row mean if ``centred``.
+
+    With fewer rows than columns (the usual case) this goes through R x R Grams, never a D x D one, in
+    two passes (as in CholeskyQR2): the eigenvectors U₁ of the float32 Gram rotate X to rows Y = U₁ᵀX
+    that are nearly orthogonal, and the Gram of Y — accurate relative to each row's own norm — is
+    decomposed again. Small singular values thus come out as accurate as the float32 data allows,
+    not relative to the largest one; all d-sized work is float32, the R x R eigenproblems float64.
+    Centring is done on the R x R side (U₁ is orthogonal to the all-ones vector), so X is not copied.
+    """
+    rows, dim = X.shape[-2:]
     if rows > dim:
+        if centred:
+            X = X - X.mean(dim=-2, keepdim=True)
         return torch.linalg.svd(X, full_matrices=False)
-    X64 = X.double()
-    lam, U = torch.linalg.eigh(X64 @ X64.T)  # ascending
-    lam, U = lam.flip(0).clamp(min=0), U.flip(1)
-    S = lam.sqrt()
-    Vh = (U.T @ X64) / S.clamp(min=1e-300)[:, None]
-    return U.float(), S.float(), Vh.float()
+    U1 = _eigh(X @ X.mT, centred)[1]  # (..., R, R), or (..., R, R − 1) centred; float64
+    Y = U1.mT.float() @ X
+    lam, U2 = _eigh(Y @ Y.mT, False)
+    S = lam.clamp(min=0).sqrt()
+    Vh = (U2.mT / S.clamp(min=1e-300)[..., None]).float() @ Y  # rows along the principal axes, unit length
+    return (U1 @ U2).float(), S.float(), Vh
+
+
+def _eigh(G: torch.Tensor, centred: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues and vectors of a Gram (..., R, R), largest first, float64.
+
+    With ``centred``, those of the Gram of the centred rows, R − 1 of them, each vector exactly orthogonal
+    to the all-ones vector: G is taken to an orthonormal basis Q of that vector's complement.
+    """
+    G = G.double()
+    if not centred:
+        lam, U = torch.linalg.eigh(G)
+        return lam.flip(-1), U.flip(-1)
+    Q = _complement_of_ones(G.shape[-1], G.device)  # (R, R − 1)
+    lam, V = torch.linalg.eigh(Q.T @ G @ Q)
+    return lam.flip(-1), Q @ V.flip(-1)
+
+
+def _complement_of_ones(R: int, device) -> torch.Tensor:
+    """R − 1 orthonormal columns orthogonal to (1, ..., 1): a Householder reflection of e_R onto it."""
+    w = torch.full((R,), R ** -0.5, dtype=torch.float64, device=device)
+    w[-1] -= 1
+    H = torch.eye(R, dtype=torch.float64, device=device)
+    if w.norm() > 0:
+        w = w / w.norm()
+        H = H - 2 * torch.outer(w, w)
+    return H[:, :-1]
 
 
 def project(basis: Basis, vectors: torch.Tensor) -> torch.Tensor:

@@ -65,9 +65,14 @@ class SharedSubspace:
                       progress: bool = False) -> SharedSubspace:
         """Compress adapters into a shared subspace with k (or adaptive k) directions per layer and side."""
         config = CompressConfig(num_components, method, adaptive_k, variance_threshold)
-        full, factors = cls._decompose(adapters, task_ids, config.method, progress)
-        subspace = full.truncated(config)
-        subspace.measure(factors)
+
+        def cut_and_measure(part: SharedSubspace, factors: dict[str, Factors]) -> SharedSubspace:
+            part = part.truncated(config, copy=True)
+            part.measure(factors)
+            return part
+
+        subspace = cls._build(adapters, task_ids, config.method, progress, cut_and_measure)
+        subspace.k_requested = None if config.adaptive_k else config.num_components
         note = subspace.clipping_note()
         if note:
             log.warning(note)
@@ -77,34 +82,63 @@ class SharedSubspace:
     def decompose(cls, adapters: list[LoRAAdapter], task_ids: list[str] | None = None, *,
                   method: str = DEFAULT_METHOD, progress: bool = False) -> SharedSubspace:
         """Every direction the data has (no truncation): ``truncated(k)`` then costs no SVD."""
-        return cls._decompose(adapters, task_ids, method, progress)[0]
+        return cls._build(adapters, task_ids, method, progress)
 
     @classmethod
-    def _decompose(cls, adapters, task_ids, method, progress) -> tuple[SharedSubspace, dict[str, Factors]]:
+    def _build(cls, adapters, task_ids, method, progress, finish=None) -> SharedSubspace:
+        """Gauge and fit a batch of layers at a time (then ``finish`` it: cut, measure), so that the
+        canonical factors of only one batch are ever held, in memory the allocator can reuse."""
         ids = resolve_task_ids(adapters, task_ids)
         shapes = check_compatible(adapters)
-        factors = {}
-        for name in tqdm(shapes, desc="canonical gauge", disable=not progress, leave=False):
-            factors[name] = adapter_factors(adapters, name)
         tasks = {i: Task(i, {}, a.config, a.extras, a.source, _dtype_name(a)) for i, a in zip(ids, adapters)}
-        return cls.fit(method, shapes, factors, tasks, progress=progress), factors
+        whole = cls(method, shapes, {}, tasks)
+        for batch in tqdm(layer_batches(adapters, list(shapes)), desc="compress", disable=not progress, leave=False):
+            stacked = batch_factors(adapters, batch)  # F_A (L, N, d_in, r), F_B (L, N, d_out, r)
+            part = cls(method, {n: shapes[n] for n in batch}, {n: {} for n in batch},
+                       {i: _bare(t) for i, t in tasks.items()})
+            part._fit_batch(batch, stacked)
+            if finish:
+                part = finish(part, {name: (stacked[0][i], stacked[1][i]) for i, name in enumerate(batch)})
+            whole._merge(part)
+        whole.bases = {name: whole.bases[name] for name in shapes}  # batches go by shape; restore layer order
+        for task in tasks.values():
+            task.loadings = {name: task.loadings[name] for name in shapes}
+            task.quality = {name: task.quality[name] for name in shapes if name in task.quality}
+        return whole
+
+    def _merge(self, part: SharedSubspace) -> None:
+        """Take over the layers of ``part`` (same tasks, other layers)."""
+        self.bases.update(part.bases)
+        for task_id, task in part.tasks.items():
+            self.tasks[task_id].loadings.update(task.loadings)
+            self.tasks[task_id].quality.update(task.quality)
 
     @classmethod
     def fit(cls, method: str, shapes: dict[str, LayerShape], factors: dict[str, Factors],
-            tasks: dict[str, Task], progress: bool = False) -> SharedSubspace:
+            tasks: dict[str, Task]) -> SharedSubspace:
         """Fit every layer and side; ``tasks`` (in the order of the factors' N axis) get their loadings."""
-        rule = _method(method)
-        fitted = {}
-        for name in tqdm(shapes, desc="SVD per layer", disable=not progress, leave=False):
-            fitted[name] = {}
-            for side, F in zip(SIDES, factors[name]):
-                fitted[name][side], loadings = bases.fit(rule.to_vectors(F), rule.centre)
-                for task, rows in zip(tasks.values(), loadings):
-                    task.loadings.setdefault(name, {})[side] = rows
-        return cls(method, shapes, fitted, tasks)
+        subspace = cls(method, shapes, {name: {} for name in shapes}, tasks)
+        first = {name: tuple(F[0] for F in pair) for name, pair in factors.items()}
+        for batch in _batches(list(shapes), key=lambda n: tuple(F.shape for F in first[n]),
+                              size=lambda n: sum(F.numel() for F in factors[n])):
+            subspace._fit_batch(batch, tuple(torch.stack([factors[n][i] for n in batch]) for i in range(2)))
+        return subspace
 
-    def truncated(self, k: int | CompressConfig) -> SharedSubspace:
-        """Keep the first k directions per layer and side (clipped to what each has), or adaptive k."""
+    def _fit_batch(self, names: list[str], stacked: Factors) -> None:
+        """Fit the bases of same-shape layers from their factors F_A (L, N, d_in, r), F_B (L, N, d_out, r)."""
+        rule = _method(self.method)
+        for side, F in zip(SIDES, stacked):
+            vectors = rule.to_vectors(F.flatten(0, 1)).unflatten(0, F.shape[:2])  # (L, N, g, D), a view for flat
+            for name, (basis, loadings) in zip(names, bases.fit_many(vectors, rule.centre)):
+                self.bases[name][side] = basis
+                for task, rows in zip(self.tasks.values(), loadings):
+                    task.loadings.setdefault(name, {})[side] = rows
+
+    def truncated(self, k: int | CompressConfig, copy: bool = False) -> SharedSubspace:
+        """Keep the first k directions per layer and side (clipped to what each has), or adaptive k.
+
+        The bases are views of this one's unless ``copy``, which lets the directions cut off be freed.
+        """
         config = k if isinstance(k, CompressConfig) else CompressConfig(k, self.method)
         new_bases, ks = {}, {}
         for name, sides in self.bases.items():
@@ -112,7 +146,7 @@ class SharedSubspace:
             for side, basis in sides.items():
                 kept = (bases.choose_k(basis.spectrum[: basis.k], config.variance_threshold)
                         if config.adaptive_k else min(config.num_components, basis.k))
-                new_bases[name][side], ks[name][side] = basis.truncate(kept), kept
+                new_bases[name][side], ks[name][side] = basis.truncate(kept, copy), kept
         tasks = {i: _slice_task(t, ks) for i, t in self.tasks.items()}
         requested = None if config.adaptive_k else config.num_components
         return SharedSubspace(self.method, self.shapes, new_bases, tasks, requested)
@@ -290,12 +324,50 @@ class SharedSubspace:
 
 
 # ---- helpers shared by building and adding --------------------------------------------------------
+def layer_batches(adapters: list[LoRAAdapter], names: list[str]) -> list[list[str]]:
+    """Layer names in batches of one shape, each about _BATCH_NUMBERS numbers of factors over all adapters."""
+    first = adapters[0].layers
+    return _batches(names, key=lambda n: (first[n].A.shape, first[n].B.shape),
+                    size=lambda n: len(adapters) * (first[n].A.numel() + first[n].B.numel()))
+
+
+def layer_factors(adapters: list[LoRAAdapter], names: list[str]) -> dict[str, Factors]:
+    """Canonical factors of the named layers for several adapters, a batch of same-shape layers per call."""
+    out = {}
+    for batch in layer_batches(adapters, names):
+        F_A, F_B = batch_factors(adapters, batch)
+        out.update({name: (F_A[i], F_B[i]) for i, name in enumerate(batch)})
+    return out
+
+
+def batch_factors(adapters: list[LoRAAdapter], names: list[str]) -> Factors:
+    """Canonical factors of same-shape layers: F_A (L, N, d_in, r), F_B (L, N, d_out, r), one gauge call."""
+    A = torch.stack([a.layers[n].A for n in names for a in adapters])  # (L·N, r, d_in)
+    B = torch.stack([a.layers[n].B for n in names for a in adapters])
+    scaling = torch.tensor([a.layers[n].scaling for n in names for a in adapters])
+    return tuple(F.unflatten(0, (len(names), len(adapters))) for F in canonical_factors(A, B, scaling))
+
+
 def adapter_factors(adapters: list[LoRAAdapter], name: str) -> Factors:
     """Canonical factors of one layer for several adapters, batched."""
-    A = torch.stack([a.layers[name].A.float() for a in adapters])
-    B = torch.stack([a.layers[name].B.float() for a in adapters])
-    scaling = torch.tensor([a.layers[name].scaling for a in adapters])
-    return canonical_factors(A, B, scaling)
+    return layer_factors(adapters, [name])[name]
+
+
+# Numbers handled per batched call: 8 MiB of float32. Larger temporaries cost more in page faults
+# (fresh memory from the OS each time) than batching saves.
+_BATCH_NUMBERS = 1 << 21
+
+
+def _batches(items: list, key, size) -> list[list]:
+    """Items grouped by ``key`` (a shape), in order, each group cut into runs of about _BATCH_NUMBERS numbers."""
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    out = []
+    for group in groups.values():
+        step = max(1, _BATCH_NUMBERS // max(size(group[0]), 1))
+        out += [group[i:i + step] for i in range(0, len(group), step)]
+    return out
 
 
 def resolve_task_ids(adapters: list[LoRAAdapter], task_ids: list[str] | None) -> list[str]:
