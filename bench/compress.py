@@ -57,9 +57,8 @@ def peer(tool: str, k: int):
     return run
 
 
-def cases(k: int, peers: list[str]) -> dict:
-    table = {"floor": floor, "vlora flat": vlora_inprocess("flat", k), "vlora rank": vlora_inprocess("rank", k),
-             "vlora cli": vlora_cli(k)}
+def cases(k: int, peers: list[str], methods: list[str]) -> dict:
+    table = {"floor": floor} | {f"vlora {m}": vlora_inprocess(m, k) for m in methods} | {"vlora cli": vlora_cli(k)}
     return table | {name: peer(name, k) for name in peers}
 
 
@@ -81,6 +80,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--kinds", nargs="+", default=["mixture", "column"])
     parser.add_argument("--k", type=int, default=8, help="num_components for every tool")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--methods", nargs="+", default=["flat", "rank"], help="vlora bases timed in process")
     parser.add_argument("--peers", nargs="*", default=["vlora-dev", "lorashare"])
     parser.add_argument("--peer-runs", nargs="*", default=["vlora-dev=3", "lorashare=1"],
                         help="TOOL=RUNS: fewer runs for slow peers")
@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
     for kind in args.kinds:
         for n in args.n:
             print(f"{kind} N={n}", flush=True)
-            row = measure(adapter_dirs(kind, n), cases(args.k, peers), args.runs,
+            row = measure(adapter_dirs(kind, n), cases(args.k, peers, args.methods), args.runs,
                           {t: int(r) for t, r in (p.split("=") for p in args.peer_runs)})
             base = row["floor"]["median"]
             results[f"{kind}/{n}"] = {"kind": kind, "n": n, "cases": row,

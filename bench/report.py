@@ -47,11 +47,30 @@ def scale_table(data) -> list[str]:
     return lines
 
 
+def greedy_table(data) -> list[str]:
+    lines = ["| method | k | greedy answers unchanged | share | worst task's ΔW rel. error |", "|---|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['method']} | {r['k']} | {r['unchanged']} / {r['prompts']} | {r['share']:.0%} | "
+                     f"{r['max_task_delta_w_error']:.3g} |")
+    return lines
+
+
+def switching_table(data) -> list[str]:
+    lines = ["| measure | unit | bare | PEFT | vlora |", "|---|---|---:|---:|---:|"]
+    for key, r in data["results"].items():
+        cells = [r.get(c) for c in ("bare", "peft", "vlora")]
+        lines.append(f"| {r['what']} | {r['unit']} | " + " | ".join("–" if c is None else f"{c:.4g}" for c in cells) + " |")
+    return lines
+
+
 def main() -> None:
-    for name, fn in (("compress", compress_table), ("fidelity", fidelity_table), ("scale", scale_table)):
+    tables = (("compress", compress_table), ("fidelity", fidelity_table), ("greedy", greedy_table),
+              ("scale", scale_table), ("switching", switching_table))
+    for name, fn in tables:
         data = _load(name)
         if data:
-            print(f"### {name}  (load average at the end: {data['machine']['loadavg']})\n")
+            load = data.get("machine", {}).get("loadavg") or data.get("loadavg")
+            print(f"### {name}  (load average at the end: {load})\n")
             print("\n".join(fn(data)) + "\n")
 
 

@@ -121,7 +121,7 @@ def _thin_svd(X: torch.Tensor, centred: bool = False) -> tuple[torch.Tensor, tor
     Y = U1.mT.float() @ X
     lam, U2 = _eigh(Y @ Y.mT, False)
     S = lam.clamp(min=0).sqrt()
-    Vh = (U2.mT / S.clamp(min=1e-300)[..., None]).float() @ Y  # rows along the principal axes, unit length
+    Vh = (U2.mT / S.clamp(min=1e-30)[..., None]).float() @ Y  # rows along the principal axes, unit length
     return (U1 @ U2).float(), S.float(), Vh
 
 
