@@ -40,6 +40,34 @@ def test_k_is_clipped_to_what_the_data_allows(adapters, method, k_max):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_a_fixed_k_equals_the_full_decomposition_cut_at_k(adapters, method):
+    """from_adapters forms only k directions; they must be those of decompose().truncated(k)."""
+    direct = SharedSubspace.from_adapters(adapters, num_components=2, method=method)
+    full = SharedSubspace.decompose(adapters, method=method)
+    cut = full.truncated(2)
+    cut.measure_against(full)
+    for name, sides in direct.bases.items():
+        for side, basis in sides.items():
+            other = cut.bases[name][side]
+            assert torch.allclose(basis.spectrum, other.spectrum, rtol=1e-4, atol=1e-6)
+            overlap = torch.linalg.svdvals(basis.components @ other.components.T)  # cosines of principal angles
+            assert torch.allclose(overlap, torch.ones_like(overlap), atol=1e-4)
+    for a in adapters:
+        for n, dw in _task_delta(cut, a.name).items():
+            assert relative_error(_task_delta(direct, a.name)[n], dw) < 1e-4
+    assert quality.task_errors(direct) == pytest.approx(quality.task_errors(cut), rel=1e-3)
+
+
+def test_measure_false_skips_the_errors_only(adapters):
+    measured = SharedSubspace.from_adapters(adapters, num_components=2)
+    bare = SharedSubspace.from_adapters(adapters, num_components=2, measure=False)
+    assert all(not t.quality for t in bare.tasks.values()) and all(t.quality for t in measured.tasks.values())
+    for a in adapters:
+        for n, dw in _task_delta(measured, a.name).items():
+            assert torch.equal(_task_delta(bare, a.name)[n], dw)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_error_falls_and_variance_rises_with_k(adapters, method):
     full = SharedSubspace.decompose(adapters, method=method)
     sweep = quality.sweep_ks(full)

@@ -81,29 +81,32 @@ def fit(vectors: torch.Tensor, centre: bool, rtol: float = 1e-6) -> tuple[Basis,
     return fit_many(vectors[None], centre, rtol)[0]
 
 
-def fit_many(vectors: torch.Tensor, centre: bool, rtol: float = 1e-6) -> list[tuple[Basis, torch.Tensor]]:
+def fit_many(vectors: torch.Tensor, centre: bool, rtol: float = 1e-6,
+             max_k: int | None = None) -> list[tuple[Basis, torch.Tensor]]:
     """``fit`` for L layers of one shape at once: vectors (L, N, g, D) -> L (basis, loadings (N, g, k)).
 
     Directions whose singular value is below ``rtol`` of the largest carry no data and are not kept;
-    the spectrum keeps every value.
+    the spectrum keeps every value. With ``max_k`` only that many directions are formed (the spectrum is
+    still whole): what a fixed k needs, at a fraction of the d-sized work when k is well below N·g.
     """
     L, N, g, D = vectors.shape
     X = vectors.reshape(L, N * g, D).float()
     mean = X.mean(dim=1, keepdim=True) if centre else None  # (L, 1, D)
-    U, S, Vh = _thin_svd(X, centred=centre)  # (L, N·g, m), (L, m), (L, m, D)
+    U, S, Vh = _thin_svd(X, centred=centre, top=max_k)  # (L, N·g, k'), (L, m), (L, k', D)
     m = max_components(N * g, D, centre)
     out = []
     for i in range(L):
         top = S[i, 0] if m else 0
-        kept = int((S[i, :m] > rtol * top).sum()) if top > 0 else 0
+        kept = min(int((S[i, :m] > rtol * top).sum()) if top > 0 else 0, Vh.shape[1])
         basis = Basis(components=Vh[i, :kept].contiguous(), spectrum=S[i, :m].contiguous(),
                       mean=None if mean is None else mean[i, 0])
         out.append((basis, (U[i, :, :kept] * S[i, :kept]).reshape(N, g, kept)))
     return out
 
 
-def _thin_svd(X: torch.Tensor, centred: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U (..., R, m), S (..., m), Vh (..., m, D) of X (..., R, D), or of X minus its row mean if ``centred``.
+def _thin_svd(X: torch.Tensor, centred: bool = False,
+              top: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U (..., R, k), S (..., m), Vh (..., k, D) of X (..., R, D), or of X minus its row mean if ``centred``.
 
     With fewer rows than columns (the usual case) this goes through R x R Grams, never a D x D one, in
     two passes (as in CholeskyQR2): the eigenvectors U₁ of the float32 Gram rotate X to rows Y = U₁ᵀX
@@ -111,17 +114,22 @@ def _thin_svd(X: torch.Tensor, centred: bool = False) -> tuple[torch.Tensor, tor
     decomposed again. Small singular values thus come out as accurate as the float32 data allows,
     not relative to the largest one; all d-sized work is float32, the R x R eigenproblems float64.
     Centring is done on the R x R side (U₁ is orthogonal to the all-ones vector), so X is not copied.
+    With ``top``, the second pass keeps the first ``top`` rows of Y only (k = top directions); the rest
+    of the spectrum comes from the first pass. Otherwise k = m, every direction.
     """
     rows, dim = X.shape[-2:]
     if rows > dim:
         if centred:
             X = X - X.mean(dim=-2, keepdim=True)
-        return torch.linalg.svd(X, full_matrices=False)
-    U1 = _eigh(X @ X.mT, centred)[1]  # (..., R, R), or (..., R, R − 1) centred; float64
+        U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+        return (U, S, Vh) if top is None else (U[..., :top], S, Vh[..., :top, :])
+    lam1, U1 = _eigh(X @ X.mT, centred)  # (..., R) and (..., R, R), or R − 1 of them centred; float64
+    U1 = U1 if top is None else U1[..., :top]
     Y = U1.mT.float() @ X
     lam, U2 = _eigh(Y @ Y.mT, False)
-    S = lam.clamp(min=0).sqrt()
-    Vh = (U2.mT / S.clamp(min=1e-30)[..., None]).float() @ Y  # rows along the principal axes, unit length
+    S = torch.cat([lam, lam1[..., U1.shape[-1]:]], dim=-1).clamp(min=0).sqrt()
+    k = U2.shape[-1]
+    Vh = (U2.mT / S[..., :k].clamp(min=1e-30)[..., None]).float() @ Y  # rows along the principal axes
     return (U1 @ U2).float(), S.float(), Vh
 
 

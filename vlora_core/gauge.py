@@ -3,7 +3,7 @@
 ΔW = scaling · B · A has many factorisations (B·R, R⁻¹·A for any invertible R). We write it as
 U·Σ·Vᵀ and keep F_B = U·Σ^½ (d_out, r) and F_A = V·Σ^½ (d_in, r), so that ΔW = F_B · F_Aᵀ with the
 scaling folded in; singular values descending. The sign of each singular pair is fixed by making the
-largest-magnitude entry of F_B's column positive.
+sum of F_B's column positive (the sum comes from B's column sums and the r x r transform: no pass over F_B).
 
 Only r x r matrices are decomposed, in float64, batched over every matrix given (many adapters and
 layers in one call); the d-sized work — two Grams and two (d x r)·(r x r) products per adapter — runs
@@ -30,9 +30,8 @@ def canonical_factors(A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor) -
     sigma2, U = sigma2.flip(-1)[..., None, :], U.flip(-1)
     T_b = (W * _inv_sqrt(lam)[..., None, :]) @ U * sigma2.pow(0.25)
     T_a = s * (WR @ U) * _inv_sqrt(sigma2).sqrt()
-    F_B = B @ T_b.float()  # (..., d_out, r)
-    signs = _column_signs(F_B)
-    return A.mT @ (T_a.float() * signs), F_B.mul_(signs)
+    signs = _column_signs(B.sum(dim=-2, keepdim=True).double() @ T_b)  # (..., 1, r)
+    return A.mT @ (T_a * signs).float(), B @ (T_b * signs).float()
 
 
 def _eigh_psd(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +45,6 @@ def _inv_sqrt(lam: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, lam.clamp(min=1e-300).rsqrt(), torch.zeros_like(lam))
 
 
-def _column_signs(F: torch.Tensor) -> torch.Tensor:
-    """+1 or -1 per column (..., 1, r) so that each column's largest-magnitude entry is positive."""
-    low, high = torch.aminmax(F, dim=-2, keepdim=True)
-    return torch.where(high >= -low, 1.0, -1.0)
+def _column_signs(column_sums: torch.Tensor) -> torch.Tensor:
+    """+1 or -1 per column: the one that makes the column's sum positive (+1 for a zero sum)."""
+    return torch.where(column_sums >= 0, 1.0, -1.0).to(column_sums.dtype)

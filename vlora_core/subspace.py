@@ -62,16 +62,22 @@ class SharedSubspace:
     def from_adapters(cls, adapters: list[LoRAAdapter], task_ids: list[str] | None = None,
                       num_components: int = DEFAULT_NUM_COMPONENTS, *, method: str = DEFAULT_METHOD,
                       adaptive_k: bool = False, variance_threshold: float = DEFAULT_VARIANCE_THRESHOLD,
-                      progress: bool = False) -> SharedSubspace:
-        """Compress adapters into a shared subspace with k (or adaptive k) directions per layer and side."""
+                      measure: bool = True, progress: bool = False) -> SharedSubspace:
+        """Compress adapters into a shared subspace with k (or adaptive k) directions per layer and side.
+
+        Each task's ΔW error per layer is measured against its adapter unless ``measure=False`` (about a
+        quarter of the time; ``vlora info`` and ``quality`` then report it as unknown).
+        """
         config = CompressConfig(num_components, method, adaptive_k, variance_threshold)
 
         def cut_and_measure(part: SharedSubspace, factors: dict[str, Factors]) -> SharedSubspace:
             part = part.truncated(config, copy=True)
-            part.measure(factors)
+            if measure:
+                part.measure(factors)
             return part
 
-        subspace = cls._build(adapters, task_ids, config.method, progress, cut_and_measure)
+        top = None if config.adaptive_k else config.num_components  # a fixed k: form only k directions
+        subspace = cls._build(adapters, task_ids, config.method, progress, cut_and_measure, top)
         subspace.k_requested = None if config.adaptive_k else config.num_components
         note = subspace.clipping_note()
         if note:
@@ -85,7 +91,7 @@ class SharedSubspace:
         return cls._build(adapters, task_ids, method, progress)
 
     @classmethod
-    def _build(cls, adapters, task_ids, method, progress, finish=None) -> SharedSubspace:
+    def _build(cls, adapters, task_ids, method, progress, finish=None, top=None) -> SharedSubspace:
         """Gauge and fit a batch of layers at a time (then ``finish`` it: cut, measure), so that the
         canonical factors of only one batch are ever held, in memory the allocator can reuse."""
         ids = resolve_task_ids(adapters, task_ids)
@@ -96,7 +102,7 @@ class SharedSubspace:
             stacked = batch_factors(adapters, batch)  # F_A (L, N, d_in, r), F_B (L, N, d_out, r)
             part = cls(method, {n: shapes[n] for n in batch}, {n: {} for n in batch},
                        {i: _bare(t) for i, t in tasks.items()})
-            part._fit_batch(batch, stacked)
+            part._fit_batch(batch, stacked, top)
             if finish:
                 part = finish(part, {name: (stacked[0][i], stacked[1][i]) for i, name in enumerate(batch)})
             whole._merge(part)
@@ -124,12 +130,13 @@ class SharedSubspace:
             subspace._fit_batch(batch, tuple(torch.stack([factors[n][i] for n in batch]) for i in range(2)))
         return subspace
 
-    def _fit_batch(self, names: list[str], stacked: Factors) -> None:
-        """Fit the bases of same-shape layers from their factors F_A (L, N, d_in, r), F_B (L, N, d_out, r)."""
+    def _fit_batch(self, names: list[str], stacked: Factors, top: int | None = None) -> None:
+        """Fit the bases of same-shape layers from their factors F_A (L, N, d_in, r), F_B (L, N, d_out, r),
+        forming at most ``top`` directions each (all by default)."""
         rule = _method(self.method)
         for side, F in zip(SIDES, stacked):
             vectors = rule.to_vectors(F.flatten(0, 1)).unflatten(0, F.shape[:2])  # (L, N, g, D), a view for flat
-            for name, (basis, loadings) in zip(names, bases.fit_many(vectors, rule.centre)):
+            for name, (basis, loadings) in zip(names, bases.fit_many(vectors, rule.centre, max_k=top)):
                 self.bases[name][side] = basis
                 for task, rows in zip(self.tasks.values(), loadings):
                     task.loadings.setdefault(name, {})[side] = rows
