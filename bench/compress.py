@@ -6,6 +6,7 @@ Cases, interleaved run by run so machine noise hits all alike:
     floor        safetensors.load_file of every adapter file (nothing else)
     vlora flat   load_adapter + SharedSubspace.from_adapters(k, method="flat")   (in process)
     vlora rank   the same with method="rank"
+    vlora flat, no errors   flat with measure=False: no ΔW error per task, which the peers do not compute either
     vlora cli    `vlora compress ... -k K` end to end in a fresh process (imports, load, fit, save)
     peers        bench/peer_driver.py in bench/.venv-peers (each times its own load + compress)
 Results: bench/results/compress.json (min / median / max per case, ratios to the floor).
@@ -33,8 +34,9 @@ def floor(dirs):
     return [load_file(d / "adapter_model.safetensors") for d in dirs]
 
 
-def vlora_inprocess(method: str, k: int):
-    return lambda dirs: SharedSubspace.from_adapters([load_adapter(d) for d in dirs], num_components=k, method=method)
+def vlora_inprocess(method: str, k: int, measure: bool = True):
+    return lambda dirs: SharedSubspace.from_adapters([load_adapter(d) for d in dirs], num_components=k, method=method,
+                                                     measure=measure)
 
 
 def vlora_cli(k: int):
@@ -58,8 +60,9 @@ def peer(tool: str, k: int):
 
 
 def cases(k: int, peers: list[str], methods: list[str]) -> dict:
-    table = {"floor": floor} | {f"vlora {m}": vlora_inprocess(m, k) for m in methods} | {"vlora cli": vlora_cli(k)}
-    return table | {name: peer(name, k) for name in peers}
+    table = {"floor": floor} | {f"vlora {m}": vlora_inprocess(m, k) for m in methods}
+    table["vlora flat, no errors"] = vlora_inprocess("flat", k, measure=False)  # like the peers: no ΔW errors
+    return table | {"vlora cli": vlora_cli(k)} | {name: peer(name, k) for name in peers}
 
 
 def measure(dirs, table: dict, runs: int, peer_runs: dict[str, int]) -> dict:

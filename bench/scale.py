@@ -2,19 +2,20 @@
 
     python bench/scale.py --n 100 300 1000 --hidden 512
 
-Each N runs in a fresh process (``--child``), which reports its peak RSS (resource.getrusage ru_maxrss)
-after ``stream_compress`` of the first N synthetic mixture adapters, and the RSS right after imports
-(the baseline). Results: bench/results/scale.json.
+Each N runs in a fresh process (``--child``). After its imports it reads its RSS (the baseline) and resets
+the kernel's peak-RSS mark (``/proc/self/clear_refs``), so the peak it reports after ``stream_compress`` of
+the first N synthetic mixture adapters is that of the compress alone, not of importing torch.
+Results: bench/results/scale.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from common import write_result
 from synthetic import adapter_dirs
@@ -24,14 +25,23 @@ def child(n: int, hidden: int, k: int, chunk: int, method: str) -> dict:
     from vlora_core.streaming import stream_compress
 
     dirs = adapter_dirs("mixture", n, hidden)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = _status_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS (VmHWM) := current RSS
     start = time.perf_counter()
     sub = stream_compress(dirs, num_components=k, method=method, chunk=chunk)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mib("VmHWM")
     return {"n": n, "hidden": hidden, "k": k, "chunk": chunk, "method": method, "seconds": seconds,
             "baseline_rss_mib": base, "peak_rss_mib": peak, "tasks": len(sub.tasks),
             "input_mib": sum((d / "adapter_model.safetensors").stat().st_size for d in dirs) / 2**20}
+
+
+def _status_mib(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (kB there), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def main(argv=None) -> dict:
