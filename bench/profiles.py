@@ -1,6 +1,10 @@
-"""cProfile summaries of vlora's compress paths: where the time goes.
+"""cProfile summaries of vlora's compress paths: where the time goes, by phase and by function.
 
     python bench/profiles.py --n 32 --kind mixture
+
+Phases are the cumulative times of the functions that make up a compress: reading the files
+(``load_adapter``), the canonical gauge (``batch_factors``), the SVDs (``_fit_batch``), cutting to k
+(``truncated``) and the ΔW-error measurement (``measure``).
 """
 
 from __future__ import annotations
@@ -17,15 +21,21 @@ from vlora import SharedSubspace, load_adapter
 from vlora_core.streaming import stream_compress
 
 
-def profile(fn, top: int = 15) -> tuple[float, str]:
+PHASES = {"read (load_adapter)": "load_adapter", "gauge (batch_factors)": "batch_factors",
+          "SVDs (_fit_batch)": "_fit_batch", "cut to k (truncated)": "truncated", "ΔW errors (measure)": "measure"}
+
+
+def profile(fn, top: int = 15) -> tuple[float, dict[str, float], str]:
     prof = cProfile.Profile()
     prof.enable()
     fn()
     prof.disable()
     out = io.StringIO()
     stats = pstats.Stats(prof, stream=out)
+    phases = {phase: sum(row[3] for (path, _, func), row in stats.stats.items()
+                         if func == name and "vlora_core" in path) for phase, name in PHASES.items()}
     stats.sort_stats("tottime").print_stats(top)
-    return stats.total_tt, out.getvalue()
+    return stats.total_tt, phases, out.getvalue()
 
 
 def cases(dirs, k):
@@ -52,9 +62,10 @@ def main(argv=None) -> dict:
     for name, fn in cases(dirs, args.k).items():
         if args.only and not any(o in name for o in args.only):
             continue
-        total, text = profile(fn)
-        results[name] = {"seconds": total, "top": text}
-        print(f"==== {name}: {total:.2f} s (profiled)\n{text}", flush=True)
+        total, phases, text = profile(fn)
+        results[name] = {"seconds": total, "phases": phases, "top": text}
+        shares = ", ".join(f"{phase} {t:.2f} s" for phase, t in phases.items())
+        print(f"==== {name}: {total:.2f} s (profiled): {shares}\n{text}", flush=True)
     write_result(f"profile_{args.kind}_n{args.n}", {"n": args.n, "k": args.k, "profiles": results})
     return results
 

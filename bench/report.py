@@ -24,6 +24,22 @@ def compress_table(data) -> list[str]:
     return lines
 
 
+def compress_summary(data) -> list[str]:
+    """The targets' ratios per kind and N: medians against the floor and against each peer."""
+    lines = ["| kind / N | vlora flat × floor | same, no errors × floor | vlora-dev ÷ vlora flat | "
+             "(no errors) | lorashare ÷ vlora flat | (no errors) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for key, r in data["results"].items():
+        med = {case: v["median"] for case, v in r["cases"].items()}
+        ours, bare = med.get("vlora flat"), med.get("vlora flat, no errors")
+
+        def speedup(peer, mine):
+            return f"{med[peer] / mine:.1f}×" if peer in med and mine else "–"
+
+        lines.append(f"| {key} | {ours / med['floor']:.1f} | {bare / med['floor']:.1f} | {speedup('vlora-dev', ours)} | "
+                     f"{speedup('vlora-dev', bare)} | {speedup('lorashare', ours)} | {speedup('lorashare', bare)} |")
+    return lines
+
+
 def fidelity_table(data) -> list[str]:
     lines = ["| set | tool | k | stored MiB | ΔW rel. error |", "|---|---|---:|---:|---:|"]
     for name, curves in data["results"].items():
@@ -64,7 +80,8 @@ def switching_table(data) -> list[str]:
 
 
 def main() -> None:
-    tables = (("compress", compress_table), ("fidelity", fidelity_table), ("greedy", greedy_table),
+    tables = (("compress", compress_summary), ("compress", compress_table), ("fidelity", fidelity_table),
+              ("greedy", greedy_table),
               ("scale", scale_table), ("switching", switching_table))
     for name, fn in tables:
         data = _load(name)

@@ -1,36 +1,30 @@
 """Run every benchmark, then draw the figures. Results: bench/results/*.json and *.png.
 
-    OMP_NUM_THREADS=1 python bench/run_all.py            # the full set (hours on 2 busy cores)
-    OMP_NUM_THREADS=1 python bench/run_all.py --quick    # what docs/benchmarks.md reports
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python bench/run_all.py     # about an hour on 2 quiet cores
 
-Serving (item 3) is bench/switching.py's, run separately (it writes bench/results/switching.json).
+The same steps, in the same order, as the run reported in docs/benchmarks.md. Serving (item 3) is
+bench/switching.py's, run separately (it writes bench/results/switching.json).
 """
 
 from __future__ import annotations
 
-import argparse
-
 import compress
 import fidelity
+import greedy
 import plots
 import profiles
 import scale
 
+FIVE_EACH = ["--runs", "5", "--peer-runs", "vlora-dev=5", "lorashare=5"]
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="N = 8, 32; fidelity at N = 16; scale N = 100, 300")
-    args = parser.parse_args(argv)
-    if args.quick:
-        compress.main(["--n", "8", "32", "--kinds", "mixture"])
-        profiles.main(["--n", "32"])
-        fidelity.main(["--n", "16"])
-        scale.main(["--n", "100", "300", "--hidden", "512"])
-    else:
-        compress.main([])
-        profiles.main(["--n", "32"])
-        fidelity.main(["--n", "32"])
-        scale.main(["--n", "100", "300", "1000", "--hidden", "512"])
+
+def main() -> None:
+    compress.main(["--n", "8", "32", "--kinds", "mixture", "column", *FIVE_EACH])
+    scale.main(["--n", "100", "300", "1000", "--hidden", "512"])
+    greedy.main(["--tokens", "32"])
+    fidelity.main(["--n", "16", "--peers", "vlora-dev=1,2,4,8,15", "lorashare=16"])
+    compress.main(["--n", "128", "--kinds", "mixture", "--methods", "flat", *FIVE_EACH])
+    profiles.main(["--n", "32", "--kind", "mixture"])
     plots.main()
 
 

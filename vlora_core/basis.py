@@ -96,8 +96,8 @@ def fit_many(vectors: torch.Tensor, centre: bool, rtol: float = 1e-6,
     m = max_components(N * g, D, centre)
     out = []
     for i in range(L):
-        top = S[i, 0] if m else 0
-        kept = min(int((S[i, :m] > rtol * top).sum()) if top > 0 else 0, Vh.shape[1])
+        largest = S[i, 0] if m else 0
+        kept = min(int((S[i, :m] > rtol * largest).sum()) if largest > 0 else 0, Vh.shape[1])
         basis = Basis(components=Vh[i, :kept].contiguous(), spectrum=S[i, :m].contiguous(),
                       mean=None if mean is None else mean[i, 0])
         out.append((basis, (U[i, :, :kept] * S[i, :kept]).reshape(N, g, kept)))
