@@ -20,7 +20,7 @@ from common import HERE, PEERS_PYTHON, write_result
 from synthetic import adapter_dirs
 from vlora import SharedSubspace, load_adapter
 from vlora_core.quality import _pooled
-from vlora_core.subspace import adapter_factors
+from vlora_core.subspace import layer_factors
 
 DEMO = HERE.parent / "assets" / "demo_adapters"
 KS = (1, 2, 4, 8, 16, 24, 31, 48, 64)
@@ -38,7 +38,7 @@ def stored_bytes(subspace: SharedSubspace) -> int:
 
 
 def vlora_curve(adapters, method: str, ks) -> list[dict]:
-    reference = {name: adapter_factors(adapters, name) for name in adapters[0].layers}
+    reference = layer_factors(adapters, list(adapters[0].layers))
     full = SharedSubspace.decompose(adapters, method=method)
     points, seen = [], set()
     for k in ks:

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .config import DEFAULT_METHOD, DEFAULT_NUM_COMPONENTS, CompressConfig
 from .io.peft_files import load_adapter
-from .subspace import SharedSubspace, Task, _dtype_name, adapter_factors, check_task_id
+from .subspace import SharedSubspace, Task, _dtype_name, check_task_id, layer_factors
 
 DEFAULT_CHUNK = 32
 
@@ -54,7 +54,7 @@ def _measure_chunk(subspace: SharedSubspace, adapters) -> None:
     from .quality import delta_w_errors
 
     tasks = [subspace.tasks[a.name] for a in adapters]
-    for name in subspace.shapes:
-        err, norm = delta_w_errors(adapter_factors(adapters, name), subspace.stacked_factors(name, tasks))
+    for name, factors in layer_factors(adapters, list(subspace.shapes)).items():
+        err, norm = delta_w_errors(factors, subspace.stacked_factors(name, tasks))
         for task, e, n in zip(tasks, err.tolist(), norm.tolist()):
             task.quality[name] = (e, n)

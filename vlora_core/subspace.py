@@ -240,8 +240,8 @@ class SharedSubspace:
         self.check_adapter(adapter)
         rule = _method(self.method)
         task = Task(task_id, {}, adapter.config, adapter.extras, adapter.source, _dtype_name(adapter))
-        for name in self.shapes:
-            for side, F in zip(SIDES, adapter_factors([adapter], name)):
+        for name, factors in layer_factors([adapter], list(self.shapes)).items():
+            for side, F in zip(SIDES, factors):
                 task.loadings.setdefault(name, {})[side] = bases.project(self.bases[name][side], rule.to_vectors(F))[0]
         return task
 
@@ -262,7 +262,7 @@ class SharedSubspace:
         """Rebuild the basis from every stored task plus the new adapter, keeping each layer side's k."""
         task = self.project(adapter, self.check_new_id(task_id, adapter))  # validates id and shapes
         ks = self.num_components
-        new_factors = {name: adapter_factors([adapter], name) for name in self.shapes}
+        new_factors = layer_factors([adapter], list(self.shapes))
         factors = {name: tuple(torch.cat([old, new]) for old, new in zip(self.stacked_factors(name), new_factors[name]))
                    for name in self.shapes}
         tasks = {i: _bare(t) for i, t in self.tasks.items()} | {task.id: _bare(task)}
@@ -283,8 +283,8 @@ class SharedSubspace:
         """
         rule = _method(self.method)
         order = list(self.tasks.values()) + list(new_tasks)
-        for name in self.shapes:
-            for side, F in zip(SIDES, adapter_factors(adapters, name)):
+        for name, factors in layer_factors(adapters, list(self.shapes)).items():
+            for side, F in zip(SIDES, factors):
                 old = torch.stack([t.loadings[name][side] for t in order[: len(self.tasks)]])
                 basis, loadings = bases.extend(self.bases[name][side], old, rule.to_vectors(F), max_k=max_k)
                 self.bases[name][side] = basis
@@ -308,8 +308,8 @@ class SharedSubspace:
     def _measure_task(self, task: Task, adapter: LoRAAdapter) -> None:
         from .quality import delta_w_errors
 
-        for name in self.shapes:
-            err, norm = delta_w_errors(adapter_factors([adapter], name), self.stacked_factors(name, [task]))
+        for name, factors in layer_factors([adapter], list(self.shapes)).items():
+            err, norm = delta_w_errors(factors, self.stacked_factors(name, [task]))
             task.quality[name] = (err.item(), norm.item())
 
     # ---- files ------------------------------------------------------------------------------------
@@ -353,11 +353,6 @@ def batch_factors(adapters: list[LoRAAdapter], names: list[str]) -> Factors:
     B = torch.stack([a.layers[n].B for n in names for a in adapters])
     scaling = torch.tensor([a.layers[n].scaling for n in names for a in adapters])
     return tuple(F.unflatten(0, (len(names), len(adapters))) for F in canonical_factors(A, B, scaling))
-
-
-def adapter_factors(adapters: list[LoRAAdapter], name: str) -> Factors:
-    """Canonical factors of one layer for several adapters, batched."""
-    return layer_factors(adapters, [name])[name]
 
 
 # Numbers handled per batched call: 8 MiB of float32. Larger temporaries cost more in page faults
