@@ -59,6 +59,11 @@ def task_errors(subspace) -> dict[str, float]:
     return {t.id: _pooled(list(t.quality.values())) for t in subspace.tasks.values()}
 
 
+def overall_error(subspace) -> float:
+    """The ΔW relative error pooled over every task and layer (nan when unknown)."""
+    return _pooled([pair for t in subspace.tasks.values() for pair in t.quality.values()])
+
+
 def _pooled(pairs: list[tuple[float, float]]) -> float:
     """sqrt(Σ err² ‖ΔW‖² / Σ ‖ΔW‖²) from per-part (relative error, norm) pairs."""
     if not pairs:

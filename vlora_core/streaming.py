@@ -39,7 +39,9 @@ def stream_compress(paths: list[str | Path], task_ids: list[str] | None = None,
     subspace = subspace.truncated(config)
     if measure:
         for part in chunks:
-            _measure_chunk(subspace, [load_adapter(paths[i], ids[i]) for i in part])
+            adapters = [load_adapter(paths[i], ids[i]) for i in part]
+            tasks = [subspace.tasks[a.name] for a in adapters]
+            subspace.measure(layer_factors(adapters, list(subspace.shapes)), tasks)
     return subspace
 
 
@@ -48,13 +50,3 @@ def _new_task(subspace: SharedSubspace, adapter) -> Task:
     subspace.check_adapter(adapter)
     return Task(task_id, {n: {} for n in subspace.shapes}, adapter.config, adapter.extras, adapter.source,
                 _dtype_name(adapter))
-
-
-def _measure_chunk(subspace: SharedSubspace, adapters) -> None:
-    from .quality import delta_w_errors
-
-    tasks = [subspace.tasks[a.name] for a in adapters]
-    for name, factors in layer_factors(adapters, list(subspace.shapes)).items():
-        err, norm = delta_w_errors(factors, subspace.stacked_factors(name, tasks))
-        for task, e, n in zip(tasks, err.tolist(), norm.tolist()):
-            task.quality[name] = (e, n)

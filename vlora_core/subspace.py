@@ -255,7 +255,7 @@ class SharedSubspace:
         if incremental:
             self.extend([adapter], [task])
         self.add_task(task)
-        self._measure_task(task, adapter)
+        self.measure(layer_factors([adapter], list(self.shapes)), [task])
         return task
 
     def absorb(self, adapter: LoRAAdapter, task_id: str | None = None) -> None:
@@ -292,25 +292,19 @@ class SharedSubspace:
                     t.loadings[name][side] = rows
 
     # ---- quality ----------------------------------------------------------------------------------
-    def measure(self, reference: dict[str, Factors]) -> None:
-        """Record each task's ΔW error against reference factors (all tasks, in order) per layer."""
+    def measure(self, reference: dict[str, Factors], tasks: list[Task] | None = None) -> None:
+        """Record each task's ΔW error per layer against reference factors of ``tasks`` (default: all, in order)."""
         from .quality import delta_w_errors
 
+        tasks = list(self.tasks.values()) if tasks is None else tasks
         for name in self.shapes:
-            err, norm = delta_w_errors(reference[name], self.stacked_factors(name))
-            for task, e, n in zip(self.tasks.values(), err.tolist(), norm.tolist()):
+            err, norm = delta_w_errors(reference[name], self.stacked_factors(name, tasks))
+            for task, e, n in zip(tasks, err.tolist(), norm.tolist()):
                 task.quality[name] = (e, n)
 
     def measure_against(self, reference: SharedSubspace) -> None:
         """Record each task's ΔW error against ``reference`` (the untruncated decomposition)."""
         self.measure({name: reference.stacked_factors(name) for name in self.shapes})
-
-    def _measure_task(self, task: Task, adapter: LoRAAdapter) -> None:
-        from .quality import delta_w_errors
-
-        for name, factors in layer_factors([adapter], list(self.shapes)).items():
-            err, norm = delta_w_errors(factors, self.stacked_factors(name, [task]))
-            task.quality[name] = (err.item(), norm.item())
 
     # ---- files ------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
