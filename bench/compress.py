@@ -23,7 +23,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from common import HERE, PEERS_PYTHON, RESULTS, spread, timed, write_result
+from common import HERE, PEERS_PYTHON, read_result, spread, timed, write_result
 from synthetic import adapter_dirs
 from vlora import SharedSubspace, load_adapter
 
@@ -89,8 +89,7 @@ def main(argv=None) -> dict:
                         help="TOOL=RUNS: fewer runs for slow peers")
     args = parser.parse_args(argv)
     peers = args.peers if PEERS_PYTHON.exists() else []
-    previous = RESULTS / "compress.json"  # keep rows of earlier invocations (other N / kinds)
-    results = json.loads(previous.read_text())["results"] if previous.is_file() else {}
+    results = (read_result("compress") or {}).get("results", {})  # keep rows of earlier runs (other N / kinds)
     for kind in args.kinds:
         for n in args.n:
             print(f"{kind} N={n}", flush=True)

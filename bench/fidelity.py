@@ -19,22 +19,11 @@ from pathlib import Path
 from common import HERE, PEERS_PYTHON, write_result
 from synthetic import adapter_dirs
 from vlora import SharedSubspace, load_adapter
-from vlora_core.quality import _pooled
+from vlora_core.quality import overall_error, stored_bytes
 from vlora_core.subspace import layer_factors
 
 DEMO = HERE.parent / "assets" / "demo_adapters"
 KS = (1, 2, 4, 8, 16, 24, 31, 48, 64)
-
-
-def pooled_error(subspace: SharedSubspace) -> float:
-    """sqrt(Σ err² ‖ΔW‖² / Σ ‖ΔW‖²) over every task and layer."""
-    pairs = [q for t in subspace.tasks.values() for q in t.quality.values()]
-    return _pooled(pairs)
-
-
-def stored_bytes(subspace: SharedSubspace) -> int:
-    params = subspace.num_parameters()
-    return 4 * (params["basis"] + params["per_task"] * len(subspace.tasks))
 
 
 def vlora_curve(adapters, method: str, ks) -> list[dict]:
@@ -48,7 +37,7 @@ def vlora_curve(adapters, method: str, ks) -> list[dict]:
             continue  # clipped: the same subspace as a smaller k
         seen.add(used)
         sub.measure(reference)
-        points.append({"k": used, "bytes": stored_bytes(sub), "error": pooled_error(sub)})
+        points.append({"k": used, "bytes": stored_bytes(sub), "error": overall_error(sub)})
     return points
 
 

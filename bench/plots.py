@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import json
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common import RESULTS  # noqa: E402
+from common import RESULTS, read_result  # noqa: E402
 
 
-def _load(name: str) -> dict | None:
-    path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def _save(fig, name: str) -> None:
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
 
 
 def compress_plot() -> None:
     """Each case's median as a multiple of the floor (the bare load of the same files), per kind and N."""
-    data = _load("compress")
+    data = read_result("compress")
     if not data:
         return
     fig, ax = plt.subplots(figsize=(9, 4))
@@ -35,12 +33,11 @@ def compress_plot() -> None:
     ax.set_ylabel("median time / floor (log)")
     ax.set_title("Compress time as a multiple of the bare load of the same files (OMP_NUM_THREADS=1)")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "compress.png", dpi=110)
+    _save(fig, "compress")
 
 
 def fidelity_plot() -> None:
-    data = _load("fidelity")
+    data = read_result("fidelity")
     if not data:
         return
     sets = data["results"]
@@ -56,12 +53,11 @@ def fidelity_plot() -> None:
         ax.set_ylabel("pooled ΔW relative error")
         ax.set_title(name)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "fidelity.png", dpi=110)
+    _save(fig, "fidelity")
 
 
 def scale_plot() -> None:
-    data = _load("scale")
+    data = read_result("scale")
     if not data:
         return
     rows = data["rows"]
@@ -72,8 +68,7 @@ def scale_plot() -> None:
     ax.set_ylabel("MiB")
     ax.set_title("stream_compress: peak memory vs N")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "scale.png", dpi=110)
+    _save(fig, "scale")
 
 
 def main() -> None:

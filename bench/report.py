@@ -5,14 +5,7 @@
 
 from __future__ import annotations
 
-import json
-
-from common import RESULTS
-
-
-def _load(name):
-    path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+from common import read_result
 
 
 def compress_table(data) -> list[str]:
@@ -84,7 +77,7 @@ def main() -> None:
               ("greedy", greedy_table),
               ("scale", scale_table), ("switching", switching_table))
     for name, fn in tables:
-        data = _load(name)
+        data = read_result(name)
         if data:
             load = data.get("machine", {}).get("loadavg") or data.get("loadavg")
             print(f"### {name}  (load average at the end: {load})\n")
