@@ -33,7 +33,7 @@ def stream_compress(paths: list[str | Path], task_ids: list[str] | None = None,
             subspace = SharedSubspace.decompose(adapters, [ids[i] for i in part], method=method).truncated(cap)
             continue
         tasks = [_new_task(subspace, adapter) for adapter in adapters]
-        subspace.extend(adapters, tasks, max_k=cap)
+        subspace.extend(layer_factors(adapters, list(subspace.shapes)), tasks, max_k=cap)
         for task in tasks:
             subspace.add_task(task)
     subspace = subspace.truncated(config)

@@ -238,10 +238,13 @@ class SharedSubspace:
         """Loadings of a new adapter on the current basis (the basis does not change)."""
         task_id = check_task_id(task_id or adapter.name)
         self.check_adapter(adapter)
+        return self._project(adapter, task_id, layer_factors([adapter], list(self.shapes)))
+
+    def _project(self, adapter: LoRAAdapter, task_id: str, factors: dict[str, Factors]) -> Task:
         rule = _method(self.method)
         task = Task(task_id, {}, adapter.config, adapter.extras, adapter.source, _dtype_name(adapter))
-        for name, factors in layer_factors([adapter], list(self.shapes)).items():
-            for side, F in zip(SIDES, factors):
+        for name, pair in factors.items():
+            for side, F in zip(SIDES, pair):
                 task.loadings.setdefault(name, {})[side] = bases.project(self.bases[name][side], rule.to_vectors(F))[0]
         return task
 
@@ -251,18 +254,19 @@ class SharedSubspace:
 
     def add(self, adapter: LoRAAdapter, task_id: str | None = None, *, incremental: bool = False) -> Task:
         """Add an adapter: projected on the fixed basis, or (incremental) growing the basis to hold it exactly."""
-        task = self.project(adapter, self.check_new_id(task_id, adapter))
+        task_id, factors = self._new_adapter(adapter, task_id)
+        task = self._project(adapter, task_id, factors)
         if incremental:
-            self.extend([adapter], [task])
+            self.extend(factors, [task])
         self.add_task(task)
-        self.measure(layer_factors([adapter], list(self.shapes)), [task])
+        self.measure(factors, [task])
         return task
 
     def absorb(self, adapter: LoRAAdapter, task_id: str | None = None) -> None:
         """Rebuild the basis from every stored task plus the new adapter, keeping each layer side's k."""
-        task = self.project(adapter, self.check_new_id(task_id, adapter))  # validates id and shapes
+        task_id, new_factors = self._new_adapter(adapter, task_id)
+        task = self._project(adapter, task_id, new_factors)
         ks = self.num_components
-        new_factors = layer_factors([adapter], list(self.shapes))
         factors = {name: tuple(torch.cat([old, new]) for old, new in zip(self.stacked_factors(name), new_factors[name]))
                    for name in self.shapes}
         tasks = {i: _bare(t) for i, t in self.tasks.items()} | {task.id: _bare(task)}
@@ -271,20 +275,27 @@ class SharedSubspace:
         rebuilt.measure_against(full)
         self.bases, self.tasks = rebuilt.bases, rebuilt.tasks
 
+    def _new_adapter(self, adapter: LoRAAdapter, task_id: str | None) -> tuple[str, dict[str, Factors]]:
+        """A free, valid task id for ``adapter``, checked against this store's layers, and its factors."""
+        task_id = self.check_new_id(task_id, adapter)
+        self.check_adapter(adapter)
+        return task_id, layer_factors([adapter], list(self.shapes))
+
     def truncated_per_side(self, ks: dict[str, dict[str, int]]) -> SharedSubspace:
         new_bases = {n: {s: b.truncate(ks[n][s]) for s, b in sides.items()} for n, sides in self.bases.items()}
         tasks = {i: _slice_task(t, ks) for i, t in self.tasks.items()}
         return SharedSubspace(self.method, self.shapes, new_bases, tasks, self.k_requested)
 
-    def extend(self, adapters: list[LoRAAdapter], new_tasks: list[Task], max_k: int | None = None) -> None:
-        """Grow each basis by what ``adapters`` need and give every task (old and new) its loadings.
+    def extend(self, factors: dict[str, Factors], new_tasks: list[Task], max_k: int | None = None) -> None:
+        """Grow each basis by what new adapters need (their canonical ``factors``, see ``layer_factors``) and
+        give every task (old and new) its loadings.
 
         Exact for stored tasks unless ``max_k`` caps the basis (streaming). ``new_tasks`` are not added.
         """
         rule = _method(self.method)
         order = list(self.tasks.values()) + list(new_tasks)
-        for name, factors in layer_factors(adapters, list(self.shapes)).items():
-            for side, F in zip(SIDES, factors):
+        for name, pair in factors.items():
+            for side, F in zip(SIDES, pair):
                 old = torch.stack([t.loadings[name][side] for t in order[: len(self.tasks)]])
                 basis, loadings = bases.extend(self.bases[name][side], old, rule.to_vectors(F), max_k=max_k)
                 self.bases[name][side] = basis
