@@ -1,9 +1,10 @@
 # `make run`: set up and start the workbench on the bundled offline demo.  `make test`: set up and run the tests.
+# `make test-fast`: the inner loop (no slow or browser tests, under a minute).  `make lint`: ruff.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup run test browser bench
+.PHONY: setup run test test-fast lint format browser bench
 
 setup: $(VENV)/.installed
 
@@ -22,8 +23,21 @@ run: setup
 browser:
 	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null)
 
+TEST_ENV := HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
+
 test: setup browser
-	HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest
+	$(TEST_ENV) $(PY) -m pytest
+
+test-fast: setup
+	$(TEST_ENV) $(PY) -m pytest -q -m "not slow and not browser"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench: setup
 	$(PY) bench/run_all.py

@@ -21,10 +21,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from common import HERE, PEERS_PYTHON, read_result, spread, timed, write_result
+from safetensors.torch import load_file
 from synthetic import adapter_dirs
+
 from vlora import SharedSubspace, load_adapter
 
 VLORA_CLI = Path(sys.executable).parent / "vlora"

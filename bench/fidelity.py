@@ -18,25 +18,24 @@ from pathlib import Path
 
 from common import HERE, PEERS_PYTHON, write_result
 from synthetic import adapter_dirs
+
 from vlora import SharedSubspace, load_adapter
 from vlora_core.quality import overall_error, stored_bytes
-from vlora_core.subspace import layer_factors
 
 DEMO = HERE.parent / "assets" / "demo_adapters"
 KS = (1, 2, 4, 8, 16, 24, 31, 48, 64)
 
 
 def vlora_curve(adapters, method: str, ks) -> list[dict]:
-    reference = layer_factors(adapters, list(adapters[0].layers))
     full = SharedSubspace.decompose(adapters, method=method)
     points, seen = [], set()
     for k in ks:
         sub = full.truncated(k)
-        used = max(v for sides in sub.num_components.values() for v in sides.values())
+        used = max(v for sides in sub.layer_ks.values() for v in sides.values())
         if used in seen:
             continue  # clipped: the same subspace as a smaller k
         seen.add(used)
-        sub.measure(reference)
+        sub.measure_against(full)
         points.append({"k": used, "bytes": stored_bytes(sub), "error": overall_error(sub)})
     return points
 

@@ -16,9 +16,9 @@ import logging
 import tempfile
 from pathlib import Path
 
+from common import HERE, write_result
 from peft import PeftModel
 
-from common import HERE, write_result
 from vlora import SharedSubspace, load_adapter
 from vlora_core.base_model import chat_prompt, generate_text, load_base_model
 from vlora_core.export import export_task

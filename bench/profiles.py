@@ -17,9 +17,9 @@ import sys
 
 from common import write_result
 from synthetic import adapter_dirs
-from vlora import SharedSubspace, load_adapter
-from vlora_core.streaming import stream_compress
 
+from vlora import SharedSubspace, load_adapter
+from vlora_core.subspace import stream_compress
 
 PHASES = {"read (load_adapter)": "load_adapter", "gauge (batch_factors)": "batch_factors",
           "SVDs (_fit_batch)": "_fit_batch", "cut to k (truncated)": "truncated", "ΔW errors (measure)": "measure"}

@@ -25,7 +25,7 @@ def compress_summary(data) -> list[str]:
         med = {case: v["median"] for case, v in r["cases"].items()}
         ours, bare = med.get("vlora flat"), med.get("vlora flat, no errors")
 
-        def speedup(peer, mine):
+        def speedup(peer, mine, med=med):
             return f"{med[peer] / mine:.1f}×" if peer in med and mine else "–"
 
         lines.append(f"| {key} | {ours / med['floor']:.1f} | {bare / med['floor']:.1f} | {speedup('vlora-dev', ours)} | "
@@ -66,7 +66,7 @@ def greedy_table(data) -> list[str]:
 
 def switching_table(data) -> list[str]:
     lines = ["| measure | unit | bare | PEFT | vlora |", "|---|---|---:|---:|---:|"]
-    for key, r in data["results"].items():
+    for r in data["results"].values():
         cells = [r.get(c) for c in ("bare", "peft", "vlora")]
         lines.append(f"| {r['what']} | {r['unit']} | " + " | ".join("–" if c is None else f"{c:.4g}" for c in cells) + " |")
     return lines

@@ -22,7 +22,7 @@ from synthetic import adapter_dirs
 
 
 def child(n: int, hidden: int, k: int, chunk: int, method: str) -> dict:
-    from vlora_core.streaming import stream_compress
+    from vlora_core.subspace import stream_compress
 
     dirs = adapter_dirs("mixture", n, hidden)
     base = _status_mib("VmRSS")

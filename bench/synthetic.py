@@ -16,9 +16,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from common import DATA
+from safetensors.torch import save_file
 
 KINDS = ("mixture", "column")
 RANK, LAYERS, HIDDEN, TEMPLATES, SHARED_DIM, NOISE = 16, 32, 1024, 4, 64, 0.05

@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    sessions = Sessions(tempfile.mkdtemp(prefix="vlora-bench-"))
+    sessions = Sessions(AppSettings(session_root=Path(tempfile.mkdtemp(prefix="vlora-bench-"))))
     calls, request = Callbacks(sessions, AppSettings()), SimpleNamespace(session_hash="bench")
     with sessions.open(request) as bench:
         bench.adapters = adapters(args.tasks, args.blocks, args.rank)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import socket
 import subprocess
 import sys
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -42,7 +45,7 @@ def write_adapter(path, seed: int, *, r: int = 4, alpha: float = 8, targets=TARG
     peft_model = get_peft_model(model, config)
     torch.manual_seed(1000 + seed)
     with torch.no_grad():
-        for name, module in peft_model.named_modules():
+        for module in peft_model.modules():
             if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
                 for factor in (module.lora_A["default"].weight, module.lora_B["default"].weight):
                     factor.normal_(0, 0.3)
@@ -126,3 +129,51 @@ def run_cli(*args, subprocess_: bool = False) -> CliResult:
         except SystemExit as exit_:  # argparse usage errors and --help
             code = exit_.code
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+# ---- files and the workbench ----------------------------------------------------------------------
+def snapshot(folder) -> dict:
+    """Every file under ``folder`` with its bytes: what "left as it was" is checked against."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def make_tiny_model(folder: Path) -> Path:
+    """A tiny Llama (hidden 32, 2 layers, as above) with a byte-level BPE tokenizer, all offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
+    config = tiny_llama_config()
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def zip_tree(root: Path, out: Path, folders: list[str] | None = None) -> Path:
+    """Zip the given sub-folders of ``root`` (default: all), paths relative to ``root``."""
+    with zipfile.ZipFile(out, "w") as zf:
+        for file in sorted(root.rglob("*")):
+            rel = file.relative_to(root)
+            if file.is_file() and (folders is None or rel.parts[0] in folders):
+                zf.write(file, rel.as_posix())
+    return out
+
+
+def launch(settings):
+    """The workbench built from ``settings`` (an AppSettings), serving on a free port of 127.0.0.1."""
+    from ui.layout import build_app, launch_options
+
+    demo = build_app(settings)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **launch_options(settings))
+    return demo

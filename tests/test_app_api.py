@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import re
-import socket
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,11 +21,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 gr = pytest.importorskip("gradio")
 import torch  # noqa: E402
-from conftest import tiny_llama_config, write_adapter  # noqa: E402
+from conftest import launch, make_tiny_model, write_adapter, zip_tree  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from ui.layout import build_app, launch_options  # noqa: E402
+from ui.layout import launch_options  # noqa: E402
 from ui.session import Sessions  # noqa: E402
 from ui.settings import AppSettings  # noqa: E402
 from vlora import CompressConfig, SharedSubspace, VLoRAModel, load_adapter  # noqa: E402
@@ -36,46 +35,6 @@ from vlora_core.export import folder_names  # noqa: E402
 from vlora_core.layer import SubspaceLayer  # noqa: E402
 
 TASKS = ["sentiment", "summarization", "translation", "qa"]
-
-
-# ---- fixtures shared with test_browser.py ---------------------------------------------------------
-def make_tiny_model(folder: Path) -> Path:
-    """A tiny Llama (hidden 32, 2 layers, as in conftest) with a byte-level BPE tokenizer, all offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<eos>"] = len(vocab)
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
-    config = tiny_llama_config()
-    config.vocab_size = len(tokenizer)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def zip_tree(root: Path, out: Path, folders: list[str] | None = None) -> Path:
-    """Zip the given sub-folders of ``root`` (default: all), paths relative to ``root``."""
-    with zipfile.ZipFile(out, "w") as zf:
-        for file in sorted(root.rglob("*")):
-            rel = file.relative_to(root)
-            if file.is_file() and (folders is None or rel.parts[0] in folders):
-                zf.write(file, rel.as_posix())
-    return out
-
-
-def launch(settings: AppSettings):
-    demo = build_app(settings)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **launch_options(settings))
-    return demo
 
 
 @pytest.fixture(scope="session")
@@ -151,7 +110,7 @@ def test_compress_matches_the_core(client, adapters_zip, adapter_dirs, method, k
     expected = quality.task_errors(view)
     assert numbers["task_errors"] == pytest.approx(expected, abs=1e-5)
     assert [(r["k_a"], r["k_b"]) for r in numbers["layers"]] == [
-        (v["A"], v["B"]) for v in view.num_components.values()]
+        (v["A"], v["B"]) for v in view.layer_ks.values()]
     for plot in (variance, errors, storage, size):
         assert plot["type"] == "plotly" and json.loads(plot["plot"])["data"]
     stars = [t for t in json.loads(storage["plot"])["data"] if t.get("marker", {}).get("symbol") == "star"]
@@ -223,9 +182,8 @@ def test_demo_adapters_on_the_bundled_model(client):
 
 # ---- 4. export ------------------------------------------------------------------------------------
 def test_export_gives_peft_folders_and_the_store(client, adapters_zip, tmp_path, input_ids):
-    from peft import PeftModel
-
     from conftest import tiny_llama
+    from peft import PeftModel
 
     client.predict(handle_file(adapters_zip), api_name="/load_adapters")
     _numbers(client, method="rank", k=5)
@@ -238,7 +196,7 @@ def test_export_gives_peft_folders_and_the_store(client, adapters_zip, tmp_path,
         zf.extractall(tmp_path)
     store = SharedSubspace.load(tmp_path / "store")
     assert store.method == "rank" and sorted(store.task_ids) == sorted(TASKS)
-    assert {k for sides in store.num_components.values() for k in sides.values()} == {5}
+    assert {k for sides in store.layer_ks.values() for k in sides.values()} == {5}
     assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["qa", "sentiment"]
     for task_id in ("qa", "sentiment"):
         folder = tmp_path / "adapters" / task_id
@@ -317,16 +275,16 @@ def test_mismatched_ranks_are_listed_then_refused(client, adapter_dirs, tmp_path
 
 
 def test_zip_limits(tmp_path, adapter_dirs):
+    from ui.workbench import Workbench
     from vlora_core.io.archive import ArchiveError
-    from vlora_core.workbench import Limits, Workbench
 
     big = zip_tree(adapter_dirs[0].parent, tmp_path / "all.zip")
     with pytest.raises(ArchiveError, match="more than the limit of 3"):
-        Workbench(tmp_path / "a", Limits(max_files=3)).add_archive(big)
+        Workbench(tmp_path / "a", AppSettings(max_files=3)).add_archive(big)
     with pytest.raises(ArchiveError, match="more than the limit of 1,000"):
-        Workbench(tmp_path / "b", Limits(max_total_bytes=1000)).add_archive(big)
+        Workbench(tmp_path / "b", AppSettings(max_total_bytes=1000)).add_archive(big)
     with pytest.raises(Exception, match="limit of 2 per session"):
-        Workbench(tmp_path / "c", Limits(max_adapters=2)).add_archive(big)
+        Workbench(tmp_path / "c", AppSettings(max_adapters=2)).add_archive(big)
 
 
 # ---- hostile task ids -----------------------------------------------------------------------------
@@ -459,7 +417,7 @@ def test_closing_a_client_ends_its_session(app, adapters_zip, tmp_path):
 
 
 def test_session_folder_goes_when_the_session_ends(tmp_path, adapters_zip):
-    sessions = Sessions(tmp_path / "root", idle_s=3600)
+    sessions = Sessions(AppSettings(session_root=tmp_path / "root", idle_s=3600))
     one, two = SimpleNamespace(session_hash="one"), SimpleNamespace(session_hash="../../two")
     with sessions.open(one) as bench:
         bench.add_archive(adapters_zip)
@@ -476,7 +434,7 @@ def test_session_folder_goes_when_the_session_ends(tmp_path, adapters_zip):
 
 
 def test_downloads_live_apart_and_go_with_the_session(tmp_path, adapters_zip):
-    sessions = Sessions(tmp_path / "root", downloads=tmp_path / "served")
+    sessions = Sessions(AppSettings(session_root=tmp_path / "root"), downloads=tmp_path / "served")
     one = SimpleNamespace(session_hash="one")
     with sessions.open(one) as bench:
         bench.add_archive(adapters_zip)

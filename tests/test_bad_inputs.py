@@ -10,7 +10,7 @@ import struct
 import pytest
 import torch
 from conftest import run_cli as vlora
-from conftest import write_adapter
+from conftest import snapshot, write_adapter
 from safetensors.torch import load_file, save_file
 
 KEY_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -81,10 +81,6 @@ CORPUS = {  # name -> (damage the folder, words the message must contain)
 }
 
 
-def _snapshot(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def store(adapter_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("bad") / "store"
@@ -99,11 +95,11 @@ def test_bad_adapter_is_refused_and_the_store_is_unchanged(name, store, adapter_
     targets = ("q_proj", "k_proj") if "module mismatch" in name else ("q_proj", "v_proj")
     folder = write_adapter(tmp_path / "bad adapter", 5, r=r, targets=targets)
     damage(folder)
-    before = _snapshot(store)
+    before = snapshot(store)
     for args in (["add", store, folder, "--task-id", "bad"], ["compress", *adapter_dirs[:2], folder, "-o", store]):
         result = vlora(*args)
         assert result.returncode == 1, (name, args[0], result.stdout)
         assert words in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert "bad adapter" in result.stderr  # the message names the folder
-        assert _snapshot(store) == before
+        assert snapshot(store) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad adapter"]  # nothing written beside it

@@ -30,12 +30,15 @@ playwright = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed")
 
 import torch  # noqa: E402
-from conftest import tiny_llama  # noqa: E402
-from test_app_api import launch, make_tiny_model, zip_tree  # noqa: E402
+from conftest import (  # noqa: E402
+    launch,
+    make_tiny_model,
+    tiny_llama,  # noqa: E402
+    zip_tree,
+)
 
 from ui.settings import AppSettings  # noqa: E402
 from vlora import SharedSubspace, VLoRAModel, load_adapter  # noqa: E402
-
 
 # README screenshots: VLORA_SCREENSHOTS_DEMO=1 runs the same steps on the demo adapters and SmolLM2 (slower);
 # VLORA_DEMO_ADAPTERS points at another folder of them.

@@ -3,14 +3,10 @@
 import json
 
 import pytest
-from conftest import peft_logits, write_adapter
+from conftest import peft_logits, snapshot, write_adapter
 from conftest import run_cli as vlora
 
 from vlora import SharedSubspace
-
-
-def _snapshot(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +73,11 @@ def test_failures_exit_1_name_the_problem_and_keep_the_store(store, adapter_dirs
     (tmp_path / "empty").mkdir()
     rank8 = write_adapter(tmp_path / "rank8", 9, r=8)
     values = dict(tmp=tmp_path, store=store, adapter=adapter_dirs[3], other=adapter_dirs[1], rank8=rank8)
-    before = _snapshot(store)
+    before = snapshot(store)
     result = vlora(*[a.format(**values) for a in args])
     assert result.returncode == 1, result.stdout
     assert message in result.stderr and "Traceback" not in result.stderr
-    assert _snapshot(store) == before
+    assert snapshot(store) == before
 
 
 def test_the_installed_command_exits_with_the_documented_codes(store, tmp_path):

@@ -32,10 +32,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 gr = pytest.importorskip("gradio")
 import httpx  # noqa: E402
-from conftest import write_adapter  # noqa: E402
+from conftest import (  # noqa: E402
+    launch,
+    write_adapter,  # noqa: E402
+    zip_tree,
+)
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
-from test_app_api import launch, zip_tree  # noqa: E402
 
 from ui.settings import AppSettings  # noqa: E402
 from vlora import CompressConfig, SharedSubspace, load_adapter  # noqa: E402

@@ -47,8 +47,8 @@ def test_alpha_and_base_model_overrides_keep_the_effect(adapter_dirs, tmp_path, 
 
 
 def test_conv1d_adapters_round_trip_through_peft(tmp_path):
-    from peft import PeftModel
     from conftest import tiny_gpt2
+    from peft import PeftModel
 
     dirs = [write_gpt2_adapter(tmp_path / f"g{i}", i) for i in range(3)]
     subspace = SharedSubspace.from_adapters([load_adapter(d) for d in dirs], num_components=8, method="flat")

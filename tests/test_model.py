@@ -137,7 +137,7 @@ def test_memory_grows_by_loadings_only(adapter_dirs, tmp_path, input_ids):
     logits(model, input_ids)
     assert model_bytes() == before
     entries = sum(t.numel() for sides in task.loadings.values() for t in sides.values())
-    assert entries == sum(k for sides in subspace.num_components.values() for k in sides.values())  # flat: g = 1
+    assert entries == sum(k for sides in subspace.layer_ks.values() for k in sides.values())  # flat: g = 1
 
 
 @pytest.mark.parametrize("rows", [None, ["qa", None, "sentiment"]])
@@ -236,3 +236,28 @@ def test_other_hidden_size_names_the_shapes(adapter_dirs):
     shapes = r"q_proj is 32x64 \(d_out x d_in\) in this model but 32x32 in the store"
     with pytest.raises(CompatibilityError, match=shapes):
         VLoRAModel(LlamaForCausalLM(config), full_store(adapter_dirs, "flat"))
+
+
+# ---- unload: the base model back, bit for bit -----------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_unload_gives_the_base_model_back_bit_for_bit(adapter_dirs, input_ids, dtype):
+    base = tiny_llama(0).to(dtype)
+    base.lm_head.weight.requires_grad_(False)  # a caller's own choice of frozen parameters is kept
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in base.named_parameters()}
+    modules = [(n, type(m)) for n, m in base.named_modules()]
+    model = VLoRAModel(base, full_store(adapter_dirs, "flat"))
+    tasks = model.available_tasks
+    model.set_task(tasks[0])
+    logits(model, input_ids)
+    for _ in range(20):  # merged and unmerged again and again: never any drift, in any dtype
+        model.merge_task(tasks[1])
+        model.unmerge()
+    model.merge_task(tasks[2])  # unload unmerges first
+
+    assert model.unload() is base
+    assert [(n, type(m)) for n, m in base.named_modules()] == modules
+    for name, p in base.named_parameters():
+        value, requires_grad = before[name]
+        assert torch.equal(p, value) and p.dtype == dtype, name
+        assert p.requires_grad == requires_grad, name
+    assert model.targets == {} and model.active_task is None

@@ -49,7 +49,7 @@ def test_save_then_load_is_the_identity(case, k):
         again = SharedSubspace.load(subspace.save(Path(tmp) / "s"))
     for task_id in subspace.task_ids:
         assert _close(_delta(again, task_id), _delta(subspace, task_id), 0)
-    assert again.num_components == subspace.num_components
+    assert again.layer_ks == subspace.layer_ks
 
 
 @SETTINGS

@@ -30,7 +30,7 @@ def test_save_load_is_identity(adapters, tmp_path, method):
             assert torch.equal(basis.components, other.components) and torch.equal(basis.spectrum, other.spectrum)
     for task in subspace.tasks.values():
         copy = again.tasks[task.id]
-        assert copy.config == task.config and copy.quality == task.quality
+        assert copy.config == task.config and copy.errors == task.errors
         assert all(torch.equal(copy.loadings[n][s], t) for n, sides in task.loadings.items() for s, t in sides.items())
 
 
@@ -105,4 +105,4 @@ def test_a_failed_save_leaves_the_old_store(adapters, tmp_path, monkeypatch):
         bigger.save(store)
     monkeypatch.undo()
     assert {k: v for k, v in _files(store).items() if k in before} == before
-    assert {n: s["A"] for n, s in SharedSubspace.load(store).num_components.items()} == {n: 2 for n in bigger.shapes}
+    assert {n: s["A"] for n, s in SharedSubspace.load(store).layer_ks.items()} == {n: 2 for n in bigger.shapes}

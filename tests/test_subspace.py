@@ -35,7 +35,7 @@ def test_full_k_is_lossless(adapters, method):
 @pytest.mark.parametrize("method, k_max", [("flat", 3), ("rank", 16)])  # N - 1; N·r (d = 32 is larger)
 def test_k_is_clipped_to_what_the_data_allows(adapters, method, k_max):
     subspace = SharedSubspace.from_adapters(adapters, num_components=100, method=method)
-    assert {k for sides in subspace.num_components.values() for k in sides.values()} == {k_max}
+    assert {k for sides in subspace.layer_ks.values() for k in sides.values()} == {k_max}
     assert "k=100 is more than the data allows" in subspace.clipping_note()
 
 
@@ -61,7 +61,7 @@ def test_a_fixed_k_equals_the_full_decomposition_cut_at_k(adapters, method):
 def test_measure_false_skips_the_errors_only(adapters):
     measured = SharedSubspace.from_adapters(adapters, num_components=2)
     bare = SharedSubspace.from_adapters(adapters, num_components=2, measure=False)
-    assert all(not t.quality for t in bare.tasks.values()) and all(t.quality for t in measured.tasks.values())
+    assert all(not t.errors for t in bare.tasks.values()) and all(t.errors for t in measured.tasks.values())
     for a in adapters:
         for n, dw in _task_delta(measured, a.name).items():
             assert torch.equal(_task_delta(bare, a.name)[n], dw)
@@ -165,7 +165,7 @@ def test_absorb_rebuilds_with_the_same_k(adapters):
     subspace = SharedSubspace.from_adapters(adapters[:3], num_components=2, method="rank")
     subspace.absorb(adapters[3], "absorbed")
     assert subspace.task_ids == [a.name for a in adapters[:3]] + ["absorbed"]
-    assert {k for sides in subspace.num_components.values() for k in sides.values()} == {2}
+    assert {k for sides in subspace.layer_ks.values() for k in sides.values()} == {2}
     assert set(quality.task_errors(subspace)) == set(subspace.task_ids)
 
 
@@ -177,7 +177,7 @@ def test_adaptive_k_is_chosen_per_layer_side(tmp_path):
     for i, a in enumerate(adapters):
         a.layers["model.layers.0.self_attn.q_proj"] = LoRALayer(base.A * (1 + 0.1 * i), base.B, base.scaling)
     subspace = SharedSubspace.from_adapters(adapters, adaptive_k=True, variance_threshold=0.95, method="flat")
-    ks = subspace.num_components
+    ks = subspace.layer_ks
     assert ks["model.layers.0.self_attn.q_proj"]["A"] == 1
     assert ks["model.layers.1.self_attn.v_proj"]["A"] > 1
     for sides in subspace.bases.values():
@@ -227,12 +227,12 @@ def test_unknown_method_lists_the_choices(adapters):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_streaming_compress_is_close_to_one_pass(adapter_dirs, tmp_path, method):
-    from vlora_core.streaming import stream_compress
+    from vlora_core.subspace import stream_compress
 
     dirs = adapter_dirs + [write_adapter(tmp_path / f"more{i}", 50 + i) for i in range(3)]
     one_pass = SharedSubspace.from_adapters([load_adapter(d) for d in dirs], num_components=3, method=method)
     streamed = stream_compress(dirs, num_components=3, method=method, chunk=2)
-    assert streamed.task_ids == one_pass.task_ids and streamed.num_components == one_pass.num_components
+    assert streamed.task_ids == one_pass.task_ids and streamed.layer_ks == one_pass.layer_ks
     stream_err, pass_err = quality.task_errors(streamed), quality.task_errors(one_pass)
     mean = lambda e: sum(e.values()) / len(e)  # noqa: E731
     assert mean(pass_err) - 1e-6 <= mean(stream_err) <= mean(pass_err) * 1.15

@@ -5,8 +5,16 @@ import torch
 import torch.nn.functional as F
 from conftest import peft_logits, tiny_llama
 
-from vlora import (SharedSubspace, SubspaceTrainer, TaskError, VLoRAError, VLoRAModel, export_task, load_adapter,
-                   orthogonal_init)
+from vlora import (
+    SharedSubspace,
+    SubspaceTrainer,
+    TaskError,
+    VLoRAError,
+    VLoRAModel,
+    export_task,
+    load_adapter,
+    orthogonal_init,
+)
 
 METHODS = ["flat", "rank"]
 
@@ -28,7 +36,7 @@ def test_orthogonal_init_starts_at_zero_and_keeps_every_stored_task(adapter_dirs
     for task_id in subspace.task_ids:
         model.set_task(task_id)
         before[task_id] = logits(model, input_ids)
-    ks = subspace.num_components
+    ks = subspace.layer_ks
 
     task = orthogonal_init(subspace, "new_task")
 
@@ -49,7 +57,7 @@ def test_trainable_params_are_the_loading_entries(adapter_dirs):
     subspace = store(adapter_dirs, "flat", k=2)
     orthogonal_init(subspace, "new_task", num_new_components=3)
     trainer = SubspaceTrainer(subspace, "new_task", lr=1e-3)
-    ks = subspace.num_components  # flat: one loading per direction, per layer and side
+    ks = subspace.layer_ks  # flat: one loading per direction, per layer and side
     assert trainer.num_trainable_params == sum(k for sides in ks.values() for k in sides.values())
     assert trainer.num_trainable_params == 4 * 2 * (2 + 3) + 4  # 4 layers x 2 sides x (k + new); B also gets its mean
 

@@ -16,12 +16,12 @@ import pandas as pd
 
 from vlora_core.base_model import BUNDLED, get_base_model
 from vlora_core.config import CompressConfig
-from vlora_core.workbench import BASE_CHOICE, AdapterRow, KReport, Loaded, Workbench
 
 from . import plots
 from .errors import user_errors
 from .session import Sessions
 from .settings import AppSettings
+from .workbench import BASE_CHOICE, AdapterRow, KReport, Loaded, Workbench
 
 try:  # ZeroGPU on a Space; elsewhere the decorator changes nothing
     from spaces import GPU

@@ -10,13 +10,13 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from vlora_core.base_model import DEFAULT_MAX_NEW_TOKENS
-from vlora_core.basis import METHODS
 from vlora_core.config import DEFAULT_METHOD, DEFAULT_NUM_COMPONENTS, DEFAULT_VARIANCE_THRESHOLD
-from vlora_core.workbench import BASE_CHOICE, CHOICE_KINDS, demo_prompts
+from vlora_core.methods import METHODS
 
 from .callbacks import Callbacks
 from .session import Sessions
 from .settings import AppSettings
+from .workbench import BASE_CHOICE, CHOICE_KINDS, demo_prompts
 
 BASE_MODEL_QUEUE = "base_model"  # every event that runs the shared base model waits in this one line
 FALLBACK_PROMPTS = ["What is the tallest mountain in the world?", "How do I make a cup of tea?"]
@@ -29,7 +29,7 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
     """The Blocks of the workbench; nothing is loaded until someone uses it."""
     settings = settings or AppSettings.from_env()
     # exported zips go straight into Gradio's cache (see ui/session.py): served as they are, gone with the session
-    sessions = Sessions(settings.session_root, settings.limits, settings.idle_s, downloads=get_upload_folder())
+    sessions = Sessions(settings, downloads=get_upload_folder())
     calls = Callbacks(sessions, settings)
     with gr.Blocks(title="vlora workbench", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(INTRO)
@@ -104,7 +104,7 @@ def _tune_tab() -> dict:
 
 
 def _ab_tab(settings: AppSettings) -> dict:
-    prompts = demo_prompts() or FALLBACK_PROMPTS
+    prompts = demo_prompts(settings.demo_prompts) or FALLBACK_PROMPTS
     with gr.Tab("3 · A/B test", id="ab"):
         with gr.Row():
             source = gr.Textbox(settings.model_source, label="Base model", elem_id="model-source",

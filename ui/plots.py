@@ -12,7 +12,8 @@ import re
 import plotly.graph_objects as go
 
 from vlora_core.config import CompressConfig
-from vlora_core.workbench import KReport
+
+from .workbench import KReport
 
 A_COLOUR, B_COLOUR, ERROR_COLOUR, NOW_COLOUR, GREY = "#4C78A8", "#F58518", "#54A24B", "#E45756", "#888888"
 HEIGHT = 330

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from vlora_core.workbench import Limits, Workbench
+from .settings import AppSettings
+from .workbench import Workbench
 
 
 @dataclass
@@ -36,11 +37,10 @@ class _Session:
 
 
 class Sessions:
-    def __init__(self, root: str | Path | None = None, limits: Limits = Limits(), idle_s: float = 3600.0,
-                 downloads: str | Path | None = None):
-        self._root = Path(root) if root else None
+    def __init__(self, settings: AppSettings = AppSettings(), downloads: str | Path | None = None):
+        self._root = Path(settings.session_root) if settings.session_root else None
         self._downloads = Path(downloads) if downloads else None  # None: inside each session's folder
-        self._limits, self._idle_s = limits, idle_s
+        self._settings, self._idle_s = settings, settings.idle_s
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()  # guards the dict, not the workbenches
 
@@ -71,7 +71,7 @@ class Sessions:
 
     def _new_bench(self, root: Path, key: str) -> Workbench:
         downloads = self._downloads / f"vlora-{secrets.token_hex(16)}" if self._downloads else None
-        return Workbench(root / _folder(key), self._limits, downloads)
+        return Workbench(root / _folder(key), self._settings, downloads)
 
     def close(self, request: gr.Request) -> None:
         """End one session (``demo.unload``): its folder and everything it held go."""

@@ -5,16 +5,19 @@
                                the server listens on localhost only; always off on a Hugging Face Space (SPACE_ID)
     VLORA_SESSION_ROOT         where per-session folders go (default: a fresh folder in the system temp dir)
     VLORA_MAX_FILE_SIZE        largest upload, as launch(max_file_size=) reads it (default "500mb")
+
+Nothing here imports Gradio, so ``ui.workbench`` and its plain-Python tests run without it.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from vlora_core.workbench import Limits
+from vlora_core.io import archive
 
+ASSETS = Path(__file__).resolve().parent.parent / "assets"  # the repository's assets/, beside ui/
 ON_SPACE = "SPACE_ID"  # Hugging Face sets this on every Space
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -26,7 +29,11 @@ class AppSettings:
     session_root: Path | None = None  # parent of the per-session folders; None: a fresh temp folder
     max_file_size: str = "500mb"  # uploads above it are refused before any callback runs
     idle_s: float = 3600.0  # a session untouched this long is removed (API clients never "close a tab")
-    limits: Limits = field(default_factory=Limits)  # caps on archives and adapters per session
+    max_files: int = archive.MAX_FILES  # entries one uploaded archive may hold
+    max_total_bytes: int = archive.MAX_TOTAL_BYTES  # bytes one uploaded archive may expand to
+    max_adapters: int = 64  # adapters one session may hold
+    demo_adapters: Path | None = ASSETS / "demo_adapters"  # the "load the demo" button's folder of adapters
+    demo_prompts: Path | None = ASSETS / "demo_prompts.json"  # example prompts (shared and per demo task)
 
     def __post_init__(self):
         if on_space() and self.allow_server_paths:

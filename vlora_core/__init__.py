@@ -6,11 +6,12 @@ from .errors import AdapterError, CompatibilityError, StoreError, TaskError, VLo
 from .export import export_all, export_task
 from .io.peft_files import load_adapter, save_adapter
 from .model import VLoRAModel
-from .subspace import SharedSubspace, Task
+from .records import LayerShape, Task
+from .subspace import SharedSubspace, stream_compress
 from .training import SubspaceTrainer, orthogonal_init
 
 __all__ = [
-    "AdapterError", "CompatibilityError", "CompressConfig", "LoRAAdapter", "LoRALayer", "SharedSubspace",
-    "StoreError", "SubspaceTrainer", "Task", "TaskError", "VLoRAError", "VLoRAModel", "export_all", "export_task",
-    "load_adapter", "orthogonal_init", "save_adapter",
+    "AdapterError", "CompatibilityError", "CompressConfig", "LayerShape", "LoRAAdapter", "LoRALayer",
+    "SharedSubspace", "StoreError", "SubspaceTrainer", "Task", "TaskError", "VLoRAError", "VLoRAModel", "export_all",
+    "export_task", "load_adapter", "orthogonal_init", "save_adapter", "stream_compress",
 ]

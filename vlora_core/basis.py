@@ -8,44 +8,14 @@ fitted with one thin SVD:
     basis     mean (D,) or None, components (k, D) with orthonormal rows, spectrum (m,) all singular values
     loadings  (N, g, k)   vectors ≈ mean + loadings @ components
 
-Methods (a table, see METHODS):
-    flat  g = 1, D = d·r: the whole factor is one vector, centred PCA across tasks; k ≤ N − 1.
-    rank  g = r, D = d: each rank column is a vector (the Share basis); not centred; k ≤ min(N·r, d).
+How a factor is cut into vectors is the method's business (``methods``: flat, rank).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    centre: bool  # subtract the mean vector before the SVD
-    to_vectors: Callable[[torch.Tensor], torch.Tensor]  # (N, d, r) -> (N, g, D)
-    from_vectors: Callable[[torch.Tensor, int, int], torch.Tensor]  # (N, g, D), d, r -> (N, d, r)
-    summary: str
-
-
-METHODS: dict[str, Method] = {
-    "flat": Method(
-        name="flat",
-        centre=True,
-        to_vectors=lambda F: F.reshape(F.shape[0], 1, -1),
-        from_vectors=lambda V, d, r: V.reshape(V.shape[0], d, r),
-        summary="each factor flattened, centred PCA across tasks: k loadings per layer and side",
-    ),
-    "rank": Method(
-        name="rank",
-        centre=False,
-        to_vectors=lambda F: F.transpose(1, 2),
-        from_vectors=lambda V, d, r: V.transpose(1, 2),
-        summary="rank columns of all tasks share k directions (Share): k x r loadings per layer and side",
-    ),
-}
 
 
 @dataclass(frozen=True)

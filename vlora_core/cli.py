@@ -12,12 +12,11 @@ import sys
 
 from . import quality
 from .config import DEFAULT_METHOD, DEFAULT_NUM_COMPONENTS, DEFAULT_VARIANCE_THRESHOLD
-from .basis import METHODS
 from .errors import VLoRAError
 from .export import export_all, export_task
 from .io.peft_files import load_adapter
-from .streaming import DEFAULT_CHUNK, stream_compress
-from .subspace import SharedSubspace
+from .methods import METHODS
+from .subspace import DEFAULT_CHUNK, SharedSubspace, stream_compress
 
 
 def compress(args) -> None:

@@ -6,6 +6,7 @@ The CLI flags, the workbench controls and the Python API all take their defaults
 from dataclasses import dataclass
 
 from .errors import VLoRAError
+from .methods import get_method
 
 DEFAULT_NUM_COMPONENTS = 4
 DEFAULT_VARIANCE_THRESHOLD = 0.9
@@ -15,13 +16,11 @@ DEFAULT_METHOD = "flat"
 @dataclass(frozen=True)
 class CompressConfig:
     num_components: int = DEFAULT_NUM_COMPONENTS  # k: basis directions kept per layer and side
-    method: str = DEFAULT_METHOD  # which basis: a key of vlora_core.basis.METHODS
+    method: str = DEFAULT_METHOD  # which basis: a key of vlora_core.methods.METHODS
     adaptive_k: bool = False  # choose k per layer and side from the variance threshold instead
     variance_threshold: float = DEFAULT_VARIANCE_THRESHOLD  # share of variance adaptive k must explain
 
     def __post_init__(self):
-        from .basis import METHODS  # the table of bases lives with the math
-
         if isinstance(self.num_components, bool) or not isinstance(self.num_components, int):
             raise VLoRAError(f"num_components must be a whole number, got {self.num_components!r}.")
         if self.num_components <= 0:
@@ -29,8 +28,7 @@ class CompressConfig:
                 f"num_components (k) must be at least 1, got {self.num_components}; "
                 "try k=4, or use adaptive k with a variance threshold."
             )
-        if self.method not in METHODS:
-            raise VLoRAError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}.")
+        get_method(self.method)  # unknown names: an error listing the known ones
         if not 0.0 < self.variance_threshold <= 1.0:
             raise VLoRAError(
                 f"variance threshold must be in (0, 1], got {self.variance_threshold}; for example 0.9."

@@ -26,3 +26,10 @@ class TaskError(VLoRAError):
 
 class ModelLoadError(VLoRAError):
     """The base model (bundled, a local folder, or a hub id) cannot be found or loaded."""
+
+
+def short_list(names: list[str], limit: int = 6, sep: str = ", ") -> str:
+    """The first ``limit`` names for a message, and how many more there are ("none" if empty)."""
+    if not names:
+        return "none"
+    return sep.join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")

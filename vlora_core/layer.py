@@ -6,8 +6,7 @@ loadings L (g, k) expand to a small E (r, a):
 
     F_Aᵀ = E_A · P_A  (r, d_in)      F_Bᵀ = E_B · P_B  (r, d_out)      ΔW = F_B · F_Aᵀ
 
-    rank  a = k,        g = r   P = components                                  E = L
-    flat  a = (1+k)·r,  g = 1   P = [mean; components], each cut into r rows    E = [1, L] ⊗ I_r
+with P and E as each basis method defines them (``methods``: flat, rank, ...).
 
 The update x·ΔWᵀ = x · P_Aᵀ · E_Aᵀ · E_B · P_B is a matrix chain, multiplied in the cheaper of two
 orders, chosen on every call from the shapes (flop counts in ``basis_first_is_cheaper``):
@@ -23,8 +22,8 @@ loadings. Glossary as in ``adapter``; x is (B, T, d_in); a_A, a_B are the two si
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,39 +31,11 @@ from torch import nn
 
 from .basis import Basis
 from .errors import VLoRAError
-from .subspace import LayerShape
+from .methods import get_method
+from .records import LayerShape
 
 
-# ---- the math: one table entry per basis method --------------------------------------------------
-@dataclass(frozen=True)
-class Layout:
-    projection: Callable[[Basis, int, int], torch.Tensor]  # basis, d, r -> P (a, d)
-    expand: Callable[[torch.Tensor, int], torch.Tensor]  # L (..., g, k), r -> E (..., r, a)
-    factor: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # L (..., g, k), P (a, d), r -> Fᵀ (..., r, d)
-
-
-def _flat_projection(basis: Basis, d: int, r: int) -> torch.Tensor:
-    V = torch.cat([basis.mean[None], basis.components])  # (1+k, d·r), each row a flattened (d, r) factor
-    return V.reshape(-1, d, r).transpose(1, 2).reshape(-1, d)  # ((1+k)·r, d): row j·r+s = column s of V_j
-
-
-def _flat_expand(L: torch.Tensor, r: int) -> torch.Tensor:
-    c = F.pad(L[..., 0, :], (1, 0), value=1.0)  # (..., 1+k): the 1 weighs the mean
-    eye = torch.eye(r, dtype=L.dtype, device=L.device)
-    return (c[..., None, :, None] * eye[:, None, :]).flatten(-2)  # (..., r, 1+k, r) -> (..., r, (1+k)·r)
-
-
-def _flat_factor(L: torch.Tensor, P: torch.Tensor, r: int) -> torch.Tensor:
-    c = F.pad(L[..., 0, :], (1, 0), value=1.0)  # (..., 1+k)
-    return (c @ P.view(c.shape[-1], -1)).unflatten(-1, (r, -1))  # (..., r·d) -> (..., r, d)
-
-
-LAYOUTS: dict[str, Layout] = {
-    "flat": Layout(_flat_projection, _flat_expand, _flat_factor),
-    "rank": Layout(lambda basis, d, r: basis.components, lambda L, r: L, lambda L, P, r: L @ P),
-}
-
-
+# ---- the math ------------------------------------------------------------------------------------
 def basis_first_is_cheaper(tokens: int, tasks: int, g: int, r: int, P_A: torch.Tensor, P_B: torch.Tensor) -> bool:
     """Multiply-adds of the two orders: ``tokens`` rows of x, ``tasks`` distinct loadings of g rows each."""
     (a_A, d_in), (a_B, d_out) = P_A.shape, P_B.shape
@@ -116,7 +87,7 @@ class SubspaceLayer(nn.Module):
         super().__init__()
         self.base = base
         self.shape = shape
-        self.layout = LAYOUTS[method]
+        self.method = get_method(method)  # how P and E are cut from the basis and loadings
         self.kind = layer_kind(base)
         self.register_buffer("P_A", None, persistent=False)  # (a_A, d_in)
         self.register_buffer("P_B", None, persistent=False)  # (a_B, d_out)
@@ -124,7 +95,7 @@ class SubspaceLayer(nn.Module):
         self.loadings: tuple[torch.Tensor, torch.Tensor] | None = None  # active task: L_A (g, k_A), L_B (g, k_B)
         self.gain = 1.0  # extra scaling of the active task (a lora_alpha override)
         self.rows: Rows | None = None  # set only while a mixed batch runs
-        self.merged: tuple[torch.Tensor, torch.Tensor] | None = None  # F_Aᵀ, F_Bᵀ added into the weight
+        self.merged: torch.Tensor | None = None  # the base weight as it was before merge()
 
     @property
     def weight(self) -> torch.Tensor:  # for code that reads layer.weight (dtype, device, tying checks)
@@ -138,8 +109,8 @@ class SubspaceLayer(nn.Module):
     def use_bases(self, A: Basis, B: Basis) -> None:
         """Cut the shared projections from the bases, on this layer's device and dtype."""
         weight, shape = self.base.weight, self.shape
-        self.P_A = self.layout.projection(A, shape.d_in, shape.rank).to(weight.device, weight.dtype).contiguous()
-        self.P_B = self.layout.projection(B, shape.d_out, shape.rank).to(weight.device, weight.dtype).contiguous()
+        self.P_A = self.method.projection(A, shape.d_in, shape.rank).to(weight.device, weight.dtype).contiguous()
+        self.P_B = self.method.projection(B, shape.d_out, shape.rank).to(weight.device, weight.dtype).contiguous()
         self.source = (A, B)
 
     def cut_from(self, A: Basis, B: Basis) -> bool:
@@ -167,7 +138,7 @@ class SubspaceLayer(nn.Module):
         L_A, L_B = L_A.to(P_A.device, P_A.dtype), L_B.to(P_B.device, P_B.dtype)
         tasks = 1 if index is None else L_A.shape[0]
         if basis_first_is_cheaper(x.numel() // x.shape[-1], tasks, L_A.shape[-2], r, P_A, P_B):
-            E_A, E_B = self.layout.expand(L_A, r), _scaled(self.layout.expand(L_B, r), gain)  # (..., r, a)
+            E_A, E_B = self.method.expand(L_A, r), _scaled(self.method.expand(L_B, r), gain)  # (..., r, a)
             E_A, E_B = (E_A, E_B) if index is None else (E_A[index], E_B[index])  # (B, r, a) per row
             h = F.linear(x, P_A)  # (B, T, a_A): the shared basis, once for the whole batch
             return (h @ E_A.transpose(-1, -2)) @ E_B @ P_B  # (B, T, r) -> (B, T, a_B) -> (B, T, d_out)
@@ -179,7 +150,7 @@ class SubspaceLayer(nn.Module):
         """F_Aᵀ (..., r, d_in) and F_Bᵀ (..., r, d_out), the scaling folded into F_B."""
         P_A, P_B, r = self.P_A, self.P_B, self.shape.rank
         L_A, L_B = L_A.to(P_A.device, P_A.dtype), L_B.to(P_B.device, P_B.dtype)
-        return self.layout.factor(L_A, P_A, r), _scaled(self.layout.factor(L_B, P_B, r), gain)
+        return self.method.factor(L_A, P_A, r), _scaled(self.method.factor(L_B, P_B, r), gain)
 
     def _row_index(self, x: torch.Tensor) -> torch.Tensor:
         index = self.rows.index
@@ -193,20 +164,19 @@ class SubspaceLayer(nn.Module):
 
     # ---- merging -------------------------------------------------------------------------------
     def merge(self) -> None:
-        """Add the active task's ΔW into the base weight; its factors are kept for an exact undo."""
+        """Add the active task's ΔW into the base weight; the weight's own values are kept for an exact undo."""
         with torch.no_grad():
-            self.merged = tuple(F_.detach().float() for F_ in self.factors(*self.loadings, self.gain))
-            self._add_to_weight(dense_delta(*self.merged), sign=1.0)
+            weight = self.base.weight  # (d_out, d_in), or (d_in, d_out) for Conv1D
+            self.merged = weight.detach().clone()
+            delta = dense_delta(*self.factors(*self.loadings, self.gain))
+            delta = delta.T if self.kind.transposed else delta
+            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
 
     def unmerge(self) -> None:
+        """The base weight exactly as it was before ``merge`` (in any dtype: no subtraction round-off)."""
         with torch.no_grad():
-            self._add_to_weight(dense_delta(*self.merged), sign=-1.0)
+            self.base.weight.copy_(self.merged)
         self.merged = None
-
-    def _add_to_weight(self, delta: torch.Tensor, sign: float) -> None:
-        weight = self.base.weight  # (d_out, d_in), or (d_in, d_out) for Conv1D
-        delta = delta.T if self.kind.transposed else delta
-        weight.copy_((weight.float() + sign * delta.to(weight.device)).to(weight.dtype))
 
     def extra_repr(self) -> str:
         return f"d_in={self.shape.d_in}, d_out={self.shape.d_out}, r={self.shape.rank}"

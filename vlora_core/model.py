@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from .adapter import lora_scaling
-from .basis import METHODS
-from .errors import CompatibilityError, VLoRAError
+from .errors import CompatibilityError, VLoRAError, short_list
 from .layer import Rows, SubspaceLayer, layer_kind
-from .subspace import LayerShape, SharedSubspace, Task
+from .methods import get_method
+from .records import LayerShape, Task
+from .subspace import SharedSubspace
 
 log = logging.getLogger("vlora")
 
@@ -36,6 +37,7 @@ class VLoRAModel(nn.Module):
         if lora_alpha is not None and not lora_alpha > 0:
             raise VLoRAError(f"lora_alpha must be a positive number, got {lora_alpha!r}; or leave it None "
                              "to use each task's own adapter_config.json.")
+        self._trainable = [p for p in base_model.parameters() if p.requires_grad]  # given back by unload()
         base_model.requires_grad_(False)  # only task loadings ever train
         self.base_model = base_model
         self.subspace = subspace
@@ -116,12 +118,25 @@ class VLoRAModel(nn.Module):
         self._merged = task_id
 
     def unmerge(self) -> None:
-        """Subtract exactly the ΔW that was merged (the base weights return within fp32 round-off)."""
+        """Undo ``merge_task``: the base weights are exactly what they were before, in any dtype."""
         if self._merged is None:
             return
         for layer in self.targets.values():
             layer.unmerge()
         self._merged = None
+
+    def unload(self) -> nn.Module:
+        """Give the base model back as it was: its own layers in place of the subspace layers, every weight
+        bit for bit (a merged task is unmerged first), its parameters' ``requires_grad`` restored.
+        This VLoRAModel holds no layers afterwards. (PEFT's ``unload`` has the same meaning.)"""
+        self.unmerge()
+        for name, layer in self.targets.items():
+            parent, _, child = name.rpartition(".")
+            setattr(self.base_model.get_submodule(parent), child, layer.base)
+        for p in self._trainable:
+            p.requires_grad_(True)
+        self.targets, self._active, self._trainable = {}, None, []
+        return self.base_model
 
     # ---- internals --------------------------------------------------------------------------------
     def _point(self, task: Task) -> None:
@@ -154,7 +169,8 @@ class VLoRAModel(nn.Module):
                 for name, s in self.subspace.shapes.items()}
 
     def _rows(self, name: str, tasks: list[Task | None], gains: list[dict], index: torch.Tensor) -> Rows:
-        P_A, g = self.targets[name].P_A, _vectors_per_factor(self.subspace.method, self.subspace.shapes[name])
+        shape = self.subspace.shapes[name]
+        P_A, g = self.targets[name].P_A, get_method(self.subspace.method).vectors_per_factor(shape.d_in, shape.rank)
 
         def stacked(side: str) -> torch.Tensor:  # (n, g, k); zeros where a row runs the base model
             zero = torch.zeros(g, self.subspace.bases[name][side].k)
@@ -201,15 +217,15 @@ def check_targets(modules: dict[str, nn.Module], shapes: dict[str, LayerShape]) 
     missing = [name for name in shapes if name not in modules]
     if missing:
         raise CompatibilityError(
-            f"the store targets {len(missing)} layers this model lacks: {_names(missing)}; nearest names in "
-            f"the model: {_names(_nearest(missing, modules))}. The store was made for another model — "
+            f"the store targets {len(missing)} layers this model lacks: {short_list(missing, limit=4)}; nearest names in "
+            f"the model: {short_list(_nearest(missing, modules), limit=4)}. The store was made for another model — "
             "load the base model its adapters were trained on."
         )
     problems = [_layer_problem(name, modules[name], shape) for name, shape in shapes.items()]
     problems = [p for p in problems if p]
     if problems:
         raise CompatibilityError(
-            f"{_names(problems, limit=3, sep='; ')}. The store was made for another base model (another hidden "
+            f"{short_list(problems, limit=3, sep='; ')}. The store was made for another base model (another hidden "
             "size or architecture) — load the base model its adapters were trained on."
         )
 
@@ -235,18 +251,8 @@ def _nearest(missing: list[str], modules: dict[str, nn.Module]) -> list[str]:
     return found
 
 
-def _vectors_per_factor(method: str, shape: LayerShape) -> int:
-    """g: how many loading rows one factor has (1 for flat, r for rank)."""
-    return METHODS[method].to_vectors(torch.zeros(1, shape.d_in, shape.rank)).shape[1]
-
-
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
     inputs = kwargs.get("input_ids", args[0] if args else None)
     inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
     return inputs.shape[0] if isinstance(inputs, torch.Tensor) else None
 
-
-def _names(names: list[str], limit: int = 4, sep: str = ", ") -> str:
-    if not names:
-        return "none"
-    return sep.join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")

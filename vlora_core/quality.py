@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .methods import get_method
+
 
 def delta_w_errors(reference: tuple[torch.Tensor, torch.Tensor], approx: tuple[torch.Tensor, torch.Tensor]):
     """Relative ΔW error and ‖ΔW‖ per task: factors F_A (N, d_in, r), F_B (N, d_out, r) -> (N,), (N,)."""
@@ -49,19 +51,19 @@ def layer_reports(subspace) -> list[LayerReport]:
     for name, sides in subspace.bases.items():
         ks = {s: b.k for s, b in sides.items()}
         var = {s: b.variance_explained() for s, b in sides.items()}
-        pairs = [t.quality[name] for t in subspace.tasks.values() if name in t.quality]
+        pairs = [t.errors[name] for t in subspace.tasks.values() if name in t.errors]
         rows.append(LayerReport(name, ks["A"], ks["B"], var["A"], var["B"], _pooled(pairs)))
     return rows
 
 
 def task_errors(subspace) -> dict[str, float]:
     """Each task's ΔW relative error over all layers (nan when unknown, e.g. a freshly initialised task)."""
-    return {t.id: _pooled(list(t.quality.values())) for t in subspace.tasks.values()}
+    return {t.id: _pooled(list(t.errors.values())) for t in subspace.tasks.values()}
 
 
 def overall_error(subspace) -> float:
     """The ΔW relative error pooled over every task and layer (nan when unknown)."""
-    return _pooled([pair for t in subspace.tasks.values() for pair in t.quality.values()])
+    return _pooled([pair for t in subspace.tasks.values() for pair in t.errors.values()])
 
 
 def _pooled(pairs: list[tuple[float, float]]) -> float:
@@ -128,10 +130,8 @@ def sweep_ks(full, ks: list[int] | None = None, progress=None) -> KSweep:
     Per layer, each side's reconstruction grows from one k to the next by only the added directions, so
     the whole sweep costs one reconstruction plus the r x r Grams of each k.
     """
-    from .basis import METHODS
-
     ks = ks or k_grid(max(b.k for sides in full.bases.values() for b in sides.values()))
-    layers, tasks, rule = list(full.shapes), list(full.tasks.values()), METHODS[full.method]
+    layers, tasks, rule = list(full.shapes), list(full.tasks.values()), get_method(full.method)
     errors = torch.zeros(len(ks), len(layers), len(tasks))  # (K, L, N)
     norms = torch.zeros(len(layers), len(tasks))
     sizes = [0] * len(ks)

@@ -20,9 +20,11 @@ from __future__ import annotations
 import torch
 
 from .basis import Basis
+from .compress import new_task_id
 from .constants import SIDES
 from .errors import TaskError, VLoRAError
-from .subspace import SharedSubspace, Task, check_task_id
+from .records import Task
+from .subspace import SharedSubspace
 
 DEFAULT_NEW_COMPONENTS = 4  # directions orthogonal_init adds per layer and side: room to learn
 _RTOL = 1e-5  # a direction whose residual is below this share of its norm is already in the span
@@ -31,9 +33,7 @@ _RTOL = 1e-5  # a direction whose residual is below this share of its norm is al
 def orthogonal_init(subspace: SharedSubspace, task_id: str, num_new_components: int = DEFAULT_NEW_COMPONENTS,
                     *, seed: int = 0) -> Task:
     """Add task ``task_id`` with ΔW = 0 exactly, on bases widened by ``num_new_components`` new directions."""
-    task_id = check_task_id(task_id)
-    if task_id in subspace.tasks:
-        raise TaskError(f"task id {task_id!r} is already in this store; choose another id for the new task.")
+    task_id = new_task_id(subspace.tasks, task_id)
     if not subspace.tasks:
         raise VLoRAError("orthogonal_init needs a store with at least one task (its config is the template).")
     if isinstance(num_new_components, bool) or not isinstance(num_new_components, int) or num_new_components < 0:
@@ -54,7 +54,7 @@ def orthogonal_init(subspace: SharedSubspace, task_id: str, num_new_components: 
                 task.loadings[name][side] = rows
             loadings[name][side] = torch.zeros_like(new[0]) if zero_side else random_loadings(new, generator)
     task = Task(task_id, loadings, new_task_config(subspace), source="orthogonal_init", dtype="float32")
-    subspace.add_task(task)
+    subspace.tasks[task.id] = task
     return task
 
 
@@ -146,7 +146,7 @@ class SubspaceTrainer:
             t.grad = None
             t.requires_grad_(False)
         task = self.subspace.tasks[self.task_id]
-        task.quality = {}  # any recorded error was against an adapter this task no longer is
+        task.errors = {}  # any recorded error was against an adapter this task no longer is
         return task
 
     def callback(self):

@@ -23,7 +23,7 @@ from safetensors.torch import save as save_bytes
 from ..basis import Basis
 from ..constants import SIDES, STORE_FORMAT, STORE_FORMAT_VERSION, STORE_MANIFEST
 from ..errors import StoreError
-from ..subspace import LayerShape, SharedSubspace, Task
+from ..records import LayerShape, Task
 from .atomic import fsync_path, write_bytes_atomic, write_json_atomic
 
 _DATA_PREFIXES = ("basis-", "task-")
@@ -31,27 +31,33 @@ _DATA_PREFIXES = ("basis-", "task-")
 _METADATA = {"producer": f"{STORE_FORMAT}/{STORE_FORMAT_VERSION}"}
 
 
-def save_store(subspace: SharedSubspace, path: str | Path) -> Path:
+Bases = dict[str, dict[str, Basis]]  # layer -> side -> Basis
+Store = tuple[str, dict[str, LayerShape], Bases, dict[str, Task], "int | None"]  # method, shapes, bases, tasks, k
+
+
+def save_store(path: str | Path, method: str, shapes: dict[str, LayerShape], bases: Bases,
+               tasks: dict[str, Task], k_requested: int | None) -> Path:
+    """Write a store's pieces to the folder ``path``; see the module's docstring for the order of writes."""
     folder = Path(path)
     _check_writable(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    names = list(subspace.shapes)
+    names = list(shapes)
     checksums = {}
-    basis_file = _write_data(folder, "basis", _basis_tensors(subspace, names), checksums)
-    tasks = []
-    for task in subspace.tasks.values():
+    basis_file = _write_data(folder, "basis", _basis_tensors(bases, names), checksums)
+    entries = []
+    for task in tasks.values():
         file = _write_data(folder, "task", _task_tensors(task, names), checksums)
-        tasks.append({"id": task.id, "file": file, "source": task.source, "dtype": task.dtype,
-                      "config": task.config, "extras": list(task.extras),
-                      "quality": {n: list(task.quality[n]) for n in names if n in task.quality}})
+        entries.append({"id": task.id, "file": file, "source": task.source, "dtype": task.dtype,
+                        "config": task.config, "extras": list(task.extras),
+                        "quality": {n: list(task.errors[n]) for n in names if n in task.errors}})
     manifest = {
         "format": STORE_FORMAT,
         "format_version": STORE_FORMAT_VERSION,
-        "method": subspace.method,
-        "k_requested": subspace.k_requested,
-        "layers": [{"name": n, "d_in": s.d_in, "d_out": s.d_out, "rank": s.rank} for n, s in subspace.shapes.items()],
+        "method": method,
+        "k_requested": k_requested,
+        "layers": [{"name": n, "d_in": s.d_in, "d_out": s.d_out, "rank": s.rank} for n, s in shapes.items()],
         "basis_file": basis_file,
-        "tasks": tasks,
+        "tasks": entries,
         "checksums": checksums,
     }
     write_json_atomic(folder / STORE_MANIFEST, manifest)
@@ -59,7 +65,8 @@ def save_store(subspace: SharedSubspace, path: str | Path) -> Path:
     return folder
 
 
-def load_store(path: str | Path) -> SharedSubspace:
+def load_store(path: str | Path) -> Store:
+    """The pieces of the store at ``path``: method, shapes, bases, tasks, k_requested."""
     folder = Path(path)
     manifest = read_manifest(folder)
     problems = verify_files(folder, manifest)
@@ -130,11 +137,11 @@ def _remove_unreferenced(folder: Path, keep: set[str]) -> None:
     fsync_path(folder)
 
 
-def _basis_tensors(subspace: SharedSubspace, names: list[str]) -> dict[str, torch.Tensor]:
+def _basis_tensors(bases: Bases, names: list[str]) -> dict[str, torch.Tensor]:
     out = {}
     for i, name in enumerate(names):
         for side in SIDES:
-            basis = subspace.bases[name][side]
+            basis = bases[name][side]
             out[f"{i}.{side}.components"] = basis.components.contiguous()
             out[f"{i}.{side}.spectrum"] = basis.spectrum.contiguous()
             if basis.mean is not None:
@@ -155,7 +162,7 @@ def _read_data(folder: Path, name: str) -> dict[str, torch.Tensor]:
         raise StoreError(f"{folder / name}: unreadable ({error}); restore the store from a copy or rebuild it.") from None
 
 
-def _build(folder: Path, manifest: dict) -> SharedSubspace:
+def _build(folder: Path, manifest: dict) -> Store:
     layers = manifest["layers"]
     shapes = {l["name"]: LayerShape(int(l["d_in"]), int(l["d_out"]), int(l["rank"])) for l in layers}
     names = list(shapes)
@@ -170,7 +177,7 @@ def _build(folder: Path, manifest: dict) -> SharedSubspace:
         data = _read_data(folder, entry["file"])
         loadings = {name: {side: data[f"{i}.{side}"] for side in SIDES} for i, name in enumerate(names)}
         extras = {key: data[f"extra.{key}"] for key in entry.get("extras", [])}
-        quality = {n: tuple(v) for n, v in entry.get("quality", {}).items()}
+        errors = {n: tuple(v) for n, v in entry.get("quality", {}).items()}
         tasks[entry["id"]] = Task(entry["id"], loadings, entry["config"], extras, entry.get("source", ""),
-                                  entry.get("dtype", "float32"), quality)
-    return SharedSubspace(manifest["method"], shapes, bases, tasks, manifest.get("k_requested"))
+                                  entry.get("dtype", "float32"), errors)
+    return manifest["method"], shapes, bases, tasks, manifest.get("k_requested")

@@ -21,21 +21,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import quality
-from .adapter import LoRAAdapter
-from .config import CompressConfig
-from .errors import TaskError, VLoRAError
-from .export import export_task, folder_names
-from .io import archive
-from .io.peft_files import load_adapter
-from .subspace import SharedSubspace, check_task_id, compatibility_problems
+from vlora_core import quality
+from vlora_core.adapter import LoRAAdapter
+from vlora_core.base_model import chat_prompt, generate_text
+from vlora_core.compress import compatibility_problems
+from vlora_core.config import CompressConfig
+from vlora_core.errors import TaskError, VLoRAError
+from vlora_core.export import export_task, folder_names
+from vlora_core.io import archive
+from vlora_core.io.peft_files import load_adapter
+from vlora_core.model import VLoRAModel
+from vlora_core.records import check_task_id
+from vlora_core.subspace import SharedSubspace
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEMO_ADAPTERS = ASSETS / "demo_adapters"
-DEMO_PROMPTS = ASSETS / "demo_prompts.json"
+from .settings import AppSettings
+
 ADAPTERS_ZIP = "vlora-adapters.zip"
 STORE_ZIP = "vlora-store.zip"
 SWEEP_EVERY_K_UP_TO = 32  # the sweep holds every k up to here (a slider move is a look-up), then k_grid's steps
@@ -45,13 +47,6 @@ CHOICE_KINDS = {
     "compressed": "the task rebuilt from the shared basis at the chosen k",
     "original": "the task rebuilt from every direction (no truncation): the original adapter's ΔW",
 }
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_files: int = archive.MAX_FILES  # entries one uploaded archive may hold
-    max_total_bytes: int = archive.MAX_TOTAL_BYTES  # bytes one uploaded archive may expand to
-    max_adapters: int = 64  # adapters one session may hold
 
 
 @dataclass(frozen=True)
@@ -137,10 +132,10 @@ class _Decomposition:
 
 
 class Workbench:
-    def __init__(self, folder: str | Path, limits: Limits = Limits(), downloads: str | Path | None = None):
+    def __init__(self, folder: str | Path, settings: AppSettings = AppSettings(), downloads: str | Path | None = None):
         self.folder = Path(folder)
         self.downloads = Path(downloads) if downloads else self.folder / "downloads"  # export zips, see above
-        self.limits = limits
+        self.settings = settings  # limits per upload and session, where the demo adapters are
         self.adapters: dict[str, LoRAAdapter] = {}
         self.config: CompressConfig | None = None  # the current setting (None before the first report)
         self._view: SharedSubspace | None = None  # the subspace at that setting, see ``view``
@@ -154,8 +149,8 @@ class Workbench:
         label = label or Path(zip_path).name
         with self._scratch("uploads") as root:
             folder = root / (Path(label).stem or "adapter")
-            archive.extract_zip(zip_path, folder, max_files=self.limits.max_files,
-                                max_total_bytes=self.limits.max_total_bytes)
+            archive.extract_zip(zip_path, folder, max_files=self.settings.max_files,
+                                max_total_bytes=self.settings.max_total_bytes)
             return self._add_folders(archive.adapter_folders(folder), root, label)
 
     def add_files(self, files: list[str | Path], task_id: str) -> Loaded:
@@ -173,10 +168,11 @@ class Workbench:
         return self._add_folders(archive.adapter_folders(root), root.parent, str(root))
 
     def add_demo(self) -> Loaded:
-        if not DEMO_ADAPTERS.is_dir():
-            raise VLoRAError(f"{DEMO_ADAPTERS}: the demo adapters are missing; make them with "
+        demo = self.settings.demo_adapters
+        if demo is None or not demo.is_dir():
+            raise VLoRAError(f"{demo}: the demo adapters are missing; make them with "
                              "`python assets/make_demo_adapters.py`, or upload your own.")
-        return self._add_folders(archive.adapter_folders(DEMO_ADAPTERS), DEMO_ADAPTERS, "demo adapters")
+        return self._add_folders(archive.adapter_folders(demo), demo, "demo adapters")
 
     def remove(self, task_ids: list[str]) -> list[str]:
         removed = [t for t in task_ids if self.adapters.pop(t, None) is not None]
@@ -193,9 +189,9 @@ class Workbench:
         if not folders:
             raise archive.ArchiveError(f"{label}: holds no PEFT adapter folder (a folder with adapter_config.json "
                                        "and adapter_model.safetensors); upload a zip of adapter folders.")
-        if len(self.adapters) + len(folders) > self.limits.max_adapters:
+        if len(self.adapters) + len(folders) > self.settings.max_adapters:
             raise VLoRAError(f"{label}: {len(folders)} more adapters would pass the limit of "
-                             f"{self.limits.max_adapters} per session; remove some first.")
+                             f"{self.settings.max_adapters} per session; remove some first.")
         loaded = [self._load(f, root) for f in tqdm(folders, desc="reading adapters", leave=False)]
         names = names or [a.name for a in loaded]
         added = self._free_ids(names, label)
@@ -323,8 +319,6 @@ class Workbench:
 
     def ab_test(self, base_model, tokenizer, prompt: str, choices: list[str], max_new_tokens: int) -> list[Generation]:
         """Generate for each choice with one VLoRAModel on the shared base model: a switch is ``set_task``."""
-        from .base_model import chat_prompt
-
         if not prompt.strip():
             raise VLoRAError("the prompt is empty; type a question or pick an example.")
         tasks = [parse_choice(choice, list(self.adapters)) for choice in choices]  # check all before running
@@ -340,11 +334,8 @@ class Workbench:
         full = self._decompositions[view.method].full
         tasks = {}
         for task_id, task in full.tasks.items():
-            short = view.tasks[task_id].loadings
-            padded = {name: {side: F.pad(short[name][side], (0, basis.k - short[name][side].shape[-1]))
-                             for side, basis in sides.items()} for name, sides in full.bases.items()}
-            for kind, loadings in (("compressed", padded), ("original", task.loadings)):
-                tasks[f"{kind}: {task_id}"] = replace(task, id=f"{kind}: {task_id}", loadings=loadings)
+            for kind, chosen in (("compressed", view.tasks[task_id].padded(full.layer_ks)), ("original", task)):
+                tasks[f"{kind}: {task_id}"] = replace(chosen, id=f"{kind}: {task_id}")
         return SharedSubspace(full.method, full.shapes, full.bases, tasks)
 
     # ---- the session's end ------------------------------------------------------------------------
@@ -389,28 +380,21 @@ def parse_choice(choice: str, task_ids: list[str]) -> tuple[str, str | None]:
 def attached(base_model, subspace: SharedSubspace | None):
     """A VLoRAModel on ``base_model`` for the block (the base itself when ``subspace`` is None).
 
-    VLoRAModel wraps the targeted layers in place; on the way out the base model gets its own layers back,
-    so the shared base model is unchanged between calls. Callers must hold it exclusively meanwhile.
+    VLoRAModel wraps the targeted layers in place; on the way out ``unload`` gives the base model its own
+    layers back, so the shared base model is unchanged between calls. Callers must hold it exclusively meanwhile.
     """
     if subspace is None:
         yield base_model
         return
-    from .model import VLoRAModel
-
     model = VLoRAModel(base_model, subspace)
     try:
         yield model
     finally:
-        model.clear_task()
-        for name, layer in model.targets.items():
-            parent, _, child = name.rpartition(".")
-            setattr(base_model.get_submodule(parent), child, layer.base)
+        model.unload()
 
 
 def _generate(model, tokenizer, choice: str, prompt: str, max_new_tokens: int) -> Generation:
     """One greedy generation after making ``choice`` the active task (timed apart)."""
-    from .base_model import generate_text
-
     start = time.perf_counter()
     if choice != BASE_CHOICE:
         model.set_task(choice)
@@ -437,9 +421,9 @@ class _Counted:
         return output
 
 
-def demo_prompts(path: Path = DEMO_PROMPTS) -> list[str]:
+def demo_prompts(path: Path | None) -> list[str]:
     """Example prompts for the A/B panel: the demo's shared prompts, then each task's own."""
-    if not path.is_file():
+    if path is None or not path.is_file():
         return []
     data = json.loads(path.read_text(encoding="utf-8"))
     prompts = list(data.get("shared", []))

@@ -1,0 +1,75 @@
+"""The plain records a store is made of: a layer's shape and a task. No math, no files.
+
+    LayerShape   d_in, d_out and rank of one targeted layer (the same in every task of a store)
+    Task         one adapter in the store: its loadings on the shared basis, its own config and extras
+    Factors      a layer's canonical factors F_A (N, d_in, r), F_B (N, d_out, r), scaling folded in
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .adapter import LoRAAdapter
+from .errors import TaskError
+
+Factors = tuple[torch.Tensor, torch.Tensor]  # F_A (N, d_in, r), F_B (N, d_out, r)
+Loadings = dict[str, dict[str, torch.Tensor]]  # layer -> side -> (g, k)
+LayerKs = dict[str, dict[str, int]]  # layer -> side -> k
+
+MAX_TASK_ID = 200  # characters
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    d_in: int
+    d_out: int
+    rank: int
+
+    def dim(self, side: str) -> int:
+        return self.d_in if side == "A" else self.d_out
+
+
+@dataclass
+class Task:
+    """One adapter as the store holds it: loadings on the shared basis plus what export needs back."""
+
+    id: str
+    loadings: Loadings  # layer -> side -> (g, k)
+    config: dict  # the adapter's own adapter_config.json
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save and other tensors
+    source: str = ""  # where it came from, for messages
+    dtype: str = "float32"  # the original factors' dtype; exports are cast back to it
+    errors: dict[str, tuple[float, float]] = field(default_factory=dict)  # layer -> (ΔW rel. error, ‖ΔW‖)
+
+    @classmethod
+    def from_adapter(cls, adapter: LoRAAdapter, task_id: str) -> Task:
+        """A task for ``adapter`` with no loadings yet (fitting or projecting fills them in)."""
+        dtype = str(next(iter(adapter.layers.values())).A.dtype).removeprefix("torch.")
+        return cls(task_id, {}, adapter.config, adapter.extras, adapter.source, dtype)
+
+    def bare(self) -> Task:
+        """The same task without loadings or errors."""
+        return replace(self, loadings={}, errors={})
+
+    def cut(self, ks: LayerKs) -> Task:
+        """The task with its loadings cut to ``ks`` directions (copies, so the rest can be freed)."""
+        loadings = {n: {s: t[..., : ks[n][s]].clone() for s, t in sides.items()} for n, sides in self.loadings.items()}
+        return replace(self, loadings=loadings, errors=dict(self.errors))
+
+    def padded(self, ks: LayerKs) -> Task:
+        """The task with zero loadings past its own k, up to ``ks``: on a basis that starts with this task's
+        directions (the untruncated one it was cut from) it stands for the same ΔW."""
+        loadings = {n: {s: torch.nn.functional.pad(t, (0, ks[n][s] - t.shape[-1])) for s, t in sides.items()}
+                    for n, sides in self.loadings.items()}
+        return replace(self, loadings=loadings)
+
+
+def check_task_id(task_id: object) -> str:
+    """A usable task id: a non-blank string of at most MAX_TASK_ID printable characters."""
+    if not isinstance(task_id, str) or not task_id.strip():
+        raise TaskError(f"task id {task_id!r} is empty; give each task a short name.")
+    if len(task_id) > MAX_TASK_ID or any(ord(c) < 32 for c in task_id):
+        raise TaskError(f"task id {task_id[:40]!r}... must be at most {MAX_TASK_ID} printable characters.")
+    return task_id
