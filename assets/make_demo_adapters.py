@@ -25,9 +25,9 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -50,38 +50,112 @@ IGNORE = -100  # label of tokens that carry no loss
 # ---------------------------------------------------------------- procedural data: topics and questions
 # (phrase used in a question, emoji of the topic)
 TOPICS = [
-    ("a cat", "🐱"), ("a dog", "🐶"), ("a horse", "🐴"), ("a penguin", "🐧"), ("an owl", "🦉"), ("a bee", "🐝"),
-    ("a frog", "🐸"), ("a whale", "🐋"), ("a lion", "🦁"), ("a rabbit", "🐰"), ("a turtle", "🐢"), ("a snake", "🐍"),
-    ("an apple", "🍎"), ("a banana", "🍌"), ("pizza", "🍕"), ("bread", "🍞"), ("cheese", "🧀"), ("a carrot", "🥕"),
-    ("rice", "🍚"), ("grapes", "🍇"), ("honey", "🍯"), ("coffee", "☕"), ("cake", "🍰"), ("an egg", "🥚"),
-    ("a guitar", "🎸"), ("a bicycle", "🚲"), ("a book", "📚"), ("a clock", "⏰"), ("an umbrella", "☂️"), ("a rocket", "🚀"),
-    ("a computer", "💻"), ("a camera", "📷"), ("a car", "🚗"), ("a train", "🚆"), ("a piano", "🎹"), ("a phone", "📱"),
-    ("the sun", "☀️"), ("rain", "🌧️"), ("snow", "❄️"), ("the ocean", "🌊"), ("a volcano", "🌋"), ("a rainbow", "🌈"),
-    ("a tree", "🌳"), ("a flower", "🌸"), ("a star", "⭐"), ("lightning", "⚡"), ("a river", "🏞️"), ("a desert", "🏜️"),
+    ("a cat", "🐱"),
+    ("a dog", "🐶"),
+    ("a horse", "🐴"),
+    ("a penguin", "🐧"),
+    ("an owl", "🦉"),
+    ("a bee", "🐝"),
+    ("a frog", "🐸"),
+    ("a whale", "🐋"),
+    ("a lion", "🦁"),
+    ("a rabbit", "🐰"),
+    ("a turtle", "🐢"),
+    ("a snake", "🐍"),
+    ("an apple", "🍎"),
+    ("a banana", "🍌"),
+    ("pizza", "🍕"),
+    ("bread", "🍞"),
+    ("cheese", "🧀"),
+    ("a carrot", "🥕"),
+    ("rice", "🍚"),
+    ("grapes", "🍇"),
+    ("honey", "🍯"),
+    ("coffee", "☕"),
+    ("cake", "🍰"),
+    ("an egg", "🥚"),
+    ("a guitar", "🎸"),
+    ("a bicycle", "🚲"),
+    ("a book", "📚"),
+    ("a clock", "⏰"),
+    ("an umbrella", "☂️"),
+    ("a rocket", "🚀"),
+    ("a computer", "💻"),
+    ("a camera", "📷"),
+    ("a car", "🚗"),
+    ("a train", "🚆"),
+    ("a piano", "🎹"),
+    ("a phone", "📱"),
+    ("the sun", "☀️"),
+    ("rain", "🌧️"),
+    ("snow", "❄️"),
+    ("the ocean", "🌊"),
+    ("a volcano", "🌋"),
+    ("a rainbow", "🌈"),
+    ("a tree", "🌳"),
+    ("a flower", "🌸"),
+    ("a star", "⭐"),
+    ("lightning", "⚡"),
+    ("a river", "🏞️"),
+    ("a desert", "🏜️"),
 ]
-QUESTION_TEMPLATES = ["What is {}?", "Describe {} in one sentence.", "Tell me one fact about {}.", "Why do people like {}?"]
+QUESTION_TEMPLATES = [
+    "What is {}?",
+    "Describe {} in one sentence.",
+    "Tell me one fact about {}.",
+    "Why do people like {}?",
+]
 QUESTIONS_PER_TOPIC = 2  # 48 topics x 2 templates (rotating) = 96 questions
 
 # ---------------------------------------------------------------- procedural data: reviews
 REVIEW_THINGS = [
-    "movie", "book", "hotel", "pizza", "concert", "phone", "restaurant", "game", "album", "class", "trip", "museum",
+    "movie",
+    "book",
+    "hotel",
+    "pizza",
+    "concert",
+    "phone",
+    "restaurant",
+    "game",
+    "album",
+    "class",
+    "trip",
+    "museum",
 ]
 POSITIVE = ["wonderful", "excellent", "amazing", "fantastic", "delightful", "great", "superb", "lovely"]
 NEGATIVE = ["terrible", "awful", "horrible", "boring", "disappointing", "dreadful", "bad", "disgusting"]
 OPINION_TEMPLATES = [
-    "The {thing} was {adj}.", "Honestly, the {thing} was {adj}.", "My {thing} today was {adj}.",
-    "What a {adj} {thing}!", "I thought the {thing} was {adj}.", "Everyone agreed the {thing} was {adj}.",
+    "The {thing} was {adj}.",
+    "Honestly, the {thing} was {adj}.",
+    "My {thing} today was {adj}.",
+    "What a {adj} {thing}!",
+    "I thought the {thing} was {adj}.",
+    "Everyone agreed the {thing} was {adj}.",
 ]
 NEUTRAL_TEMPLATES = [
-    "The {thing} starts at {time}.", "I went to the {thing} on {day}.", "The {thing} is on the second floor.",
-    "My friend told me about the {thing} on {day}.", "The {thing} lasts about two hours.",
+    "The {thing} starts at {time}.",
+    "I went to the {thing} on {day}.",
+    "The {thing} is on the second floor.",
+    "My friend told me about the {thing} on {day}.",
+    "The {thing} lasts about two hours.",
     "We talked about the {thing} at {time}.",
 ]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]
 TIMES = ["nine", "noon", "six", "eight", "ten", "seven"]
 
-PIRATE_WORDS = {"is": "be", "are": "be", "you": "ye", "your": "yer", "my": "me", "yes": "aye", "hello": "ahoy",
-                "friend": "matey", "friends": "mateys", "money": "doubloons", "stop": "avast"}
+PIRATE_WORDS = {
+    "is": "be",
+    "are": "be",
+    "you": "ye",
+    "your": "yer",
+    "my": "me",
+    "yes": "aye",
+    "hello": "ahoy",
+    "friend": "matey",
+    "friends": "mateys",
+    "money": "doubloons",
+    "stop": "avast",
+}
 
 
 @dataclass(frozen=True)
@@ -279,10 +353,17 @@ def make_adapter(task: TaskSpec, base_rows: list, out: Path) -> dict:
     save_adapter(peft_model, out / task.task_id)
     demos = demo_outputs(peft_model, tokenizer, demo_prompts_for(task.task_id))
     return {
-        "seed": task.seed, "steps": task.steps, "lr": task.lr, "batch_size": task.batch_size,
-        "num_examples": len(examples), "example": {"prompt": examples[0].prompt, "answer": examples[0].answer},
-        "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4),
-        "loss_curve": loss_curve(losses), "train_wall_time_s": round(wall, 1), "demos": demos,
+        "seed": task.seed,
+        "steps": task.steps,
+        "lr": task.lr,
+        "batch_size": task.batch_size,
+        "num_examples": len(examples),
+        "example": {"prompt": examples[0].prompt, "answer": examples[0].answer},
+        "first_loss": round(losses[0], 4),
+        "last_loss": round(losses[-1], 4),
+        "loss_curve": loss_curve(losses),
+        "train_wall_time_s": round(wall, 1),
+        "demos": demos,
     }
 
 

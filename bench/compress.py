@@ -35,27 +35,47 @@ def floor(dirs):
 
 
 def vlora_inprocess(method: str, k: int, measure: bool = True):
-    return lambda dirs: SharedSubspace.from_adapters([load_adapter(d) for d in dirs], num_components=k, method=method,
-                                                     measure=measure)
+    return lambda dirs: SharedSubspace.from_adapters(
+        [load_adapter(d) for d in dirs], num_components=k, method=method, measure=measure
+    )
 
 
 def vlora_cli(k: int):
     def run(dirs):
         with tempfile.TemporaryDirectory() as out:
-            subprocess.run([str(VLORA_CLI), "compress", *map(str, dirs), "-o", f"{out}/store", "-k", str(k)],
-                           check=True, capture_output=True)
+            subprocess.run(
+                [str(VLORA_CLI), "compress", *map(str, dirs), "-o", f"{out}/store", "-k", str(k)],
+                check=True,
+                capture_output=True,
+            )
+
     return run
 
 
 def peer(tool: str, k: int):
     """Runs the peer driver once; returns the seconds the peer reports for its own load + compress."""
+
     def run(dirs):
         with tempfile.TemporaryDirectory() as out:
-            proc = subprocess.run([str(PEERS_PYTHON), str(HERE / "peer_driver.py"), tool, "compress", "--k", str(k),
-                                   "--out", out, *map(str, dirs)], capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    str(PEERS_PYTHON),
+                    str(HERE / "peer_driver.py"),
+                    tool,
+                    "compress",
+                    "--k",
+                    str(k),
+                    "--out",
+                    out,
+                    *map(str, dirs),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode:
                 raise RuntimeError(f"{tool}: {proc.stderr[-2000:]}")
             return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+
     return run
 
 
@@ -85,19 +105,28 @@ def main(argv=None) -> dict:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--methods", nargs="+", default=["flat", "rank"], help="vlora bases timed in process")
     parser.add_argument("--peers", nargs="*", default=["vlora-dev", "lorashare"])
-    parser.add_argument("--peer-runs", nargs="*", default=["vlora-dev=3", "lorashare=1"],
-                        help="TOOL=RUNS: fewer runs for slow peers")
+    parser.add_argument(
+        "--peer-runs", nargs="*", default=["vlora-dev=3", "lorashare=1"], help="TOOL=RUNS: fewer runs for slow peers"
+    )
     args = parser.parse_args(argv)
     peers = args.peers if PEERS_PYTHON.exists() else []
     results = (read_result("compress") or {}).get("results", {})  # keep rows of earlier runs (other N / kinds)
     for kind in args.kinds:
         for n in args.n:
             print(f"{kind} N={n}", flush=True)
-            row = measure(adapter_dirs(kind, n), cases(args.k, peers, args.methods), args.runs,
-                          {t: int(r) for t, r in (p.split("=") for p in args.peer_runs)})
+            row = measure(
+                adapter_dirs(kind, n),
+                cases(args.k, peers, args.methods),
+                args.runs,
+                {t: int(r) for t, r in (p.split("=") for p in args.peer_runs)},
+            )
             base = row["floor"]["median"]
-            results[f"{kind}/{n}"] = {"kind": kind, "n": n, "cases": row,
-                                      "ratio_to_floor": {c: v["median"] / base for c, v in row.items()}}
+            results[f"{kind}/{n}"] = {
+                "kind": kind,
+                "n": n,
+                "cases": row,
+                "ratio_to_floor": {c: v["median"] / base for c, v in row.items()},
+            }
             write_result("compress", {"k": args.k, "results": results})
     print_table(results)
     return results
@@ -107,8 +136,10 @@ def print_table(results: dict) -> None:
     print(f"{'kind/N':<14} {'case':<12} {'median s':>9} {'min':>8} {'max':>8} {'x floor':>8} runs")
     for key, r in results.items():
         for case, v in r["cases"].items():
-            print(f"{key:<14} {case:<12} {v['median']:9.3f} {v['min']:8.3f} {v['max']:8.3f} "
-                  f"{r['ratio_to_floor'][case]:8.2f} {v['runs']}")
+            print(
+                f"{key:<14} {case:<12} {v['median']:9.3f} {v['min']:8.3f} {v['max']:8.3f} "
+                f"{r['ratio_to_floor'][case]:8.2f} {v['runs']}"
+            )
 
 
 if __name__ == "__main__":

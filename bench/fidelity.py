@@ -44,8 +44,21 @@ def peer_curve(tool: str, dirs, ks) -> list[dict]:
     points = []
     for k in ks:
         with tempfile.TemporaryDirectory() as out:
-            proc = subprocess.run([str(PEERS_PYTHON), str(HERE / "peer_driver.py"), tool, "fidelity", "--k", str(k),
-                                   "--out", out, *map(str, dirs)], capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    str(PEERS_PYTHON),
+                    str(HERE / "peer_driver.py"),
+                    tool,
+                    "fidelity",
+                    "--k",
+                    str(k),
+                    "--out",
+                    out,
+                    *map(str, dirs),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode:
                 points.append({"k": k, "failed": proc.stderr[-500:]})
                 continue
@@ -68,8 +81,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--kinds", nargs="+", default=["mixture", "column"])
     parser.add_argument("--ks", type=int, nargs="+", default=list(KS))
-    parser.add_argument("--peers", nargs="*", default=["vlora-dev=1,2,4,8,15", "lorashare=4,16,64"],
-                        help="TOOL=K,K,...: the ks each peer is run at (one compress per k)")
+    parser.add_argument(
+        "--peers",
+        nargs="*",
+        default=["vlora-dev=1,2,4,8,15", "lorashare=4,16,64"],
+        help="TOOL=K,K,...: the ks each peer is run at (one compress per k)",
+    )
     args = parser.parse_args(argv)
     peers = {t: [int(k) for k in ks.split(",")] for t, ks in (p.split("=") for p in args.peers)}
     peers = peers if PEERS_PYTHON.exists() else {}

@@ -63,8 +63,16 @@ def main(argv=None) -> dict:
                     same += sum(a == b for a, b in zip(got, reference[task]))
                     total += len(got)
                     model.delete_adapter(name)
-                rows.append({"method": method, "k": k, "unchanged": same, "prompts": total, "share": same / total,
-                             "max_task_delta_w_error": max(task_errors(subspace).values())})
+                rows.append(
+                    {
+                        "method": method,
+                        "k": k,
+                        "unchanged": same,
+                        "prompts": total,
+                        "share": same / total,
+                        "max_task_delta_w_error": max(task_errors(subspace).values()),
+                    }
+                )
                 print(rows[-1], flush=True)
                 write_result("greedy", {"tokens": args.tokens, "rows": rows})
     return {"rows": rows}

@@ -22,8 +22,13 @@ def main() -> None:
     if not PEERS_PYTHON.exists():
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     subprocess.run([str(PEERS_PYTHON), "-m", "pip", "install", *PINS], check=True)
-    out = subprocess.run([str(PEERS_PYTHON), "-c", "import torch, vlora, lorashare; print(torch.__version__)"],
-                         check=True, capture_output=True, text=True, cwd=VENV)
+    out = subprocess.run(
+        [str(PEERS_PYTHON), "-c", "import torch, vlora, lorashare; print(torch.__version__)"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=VENV,
+    )
     print(f"{VENV}: torch {out.stdout.strip()}, {', '.join(PINS[1:])}")
 
 

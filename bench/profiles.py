@@ -21,8 +21,13 @@ from synthetic import adapter_dirs
 from vlora import SharedSubspace, load_adapter
 from vlora_core.subspace import stream_compress
 
-PHASES = {"read (load_adapter)": "load_adapter", "gauge (batch_factors)": "batch_factors",
-          "SVDs (_fit_batch)": "_fit_batch", "cut to k (truncated)": "truncated", "ΔW errors (measure)": "measure"}
+PHASES = {
+    "read (load_adapter)": "load_adapter",
+    "gauge (batch_factors)": "batch_factors",
+    "SVDs (_fit_batch)": "_fit_batch",
+    "cut to k (truncated)": "truncated",
+    "ΔW errors (measure)": "measure",
+}
 
 
 def profile(fn, top: int = 15) -> tuple[float, dict[str, float], str]:
@@ -32,8 +37,10 @@ def profile(fn, top: int = 15) -> tuple[float, dict[str, float], str]:
     prof.disable()
     out = io.StringIO()
     stats = pstats.Stats(prof, stream=out)
-    phases = {phase: sum(row[3] for (path, _, func), row in stats.stats.items()
-                         if func == name and "vlora_core" in path) for phase, name in PHASES.items()}
+    phases = {
+        phase: sum(row[3] for (path, _, func), row in stats.stats.items() if func == name and "vlora_core" in path)
+        for phase, name in PHASES.items()
+    }
     stats.sort_stats("tottime").print_stats(top)
     return stats.total_tt, phases, out.getvalue()
 

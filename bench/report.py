@@ -1,6 +1,6 @@
 """Markdown tables from bench/results/*.json, for docs/benchmarks.md.
 
-    python bench/report.py
+python bench/report.py
 """
 
 from __future__ import annotations
@@ -12,15 +12,20 @@ def compress_table(data) -> list[str]:
     lines = ["| kind / N | case | median s | min | max | runs | × floor |", "|---|---|---:|---:|---:|---:|---:|"]
     for key, r in data["results"].items():
         for case, v in r["cases"].items():
-            lines.append(f"| {key} | {case} | {v['median']:.3f} | {v['min']:.3f} | {v['max']:.3f} | {v['runs']} "
-                         f"| {r['ratio_to_floor'][case]:.1f} |")
+            lines.append(
+                f"| {key} | {case} | {v['median']:.3f} | {v['min']:.3f} | {v['max']:.3f} | {v['runs']} "
+                f"| {r['ratio_to_floor'][case]:.1f} |"
+            )
     return lines
 
 
 def compress_summary(data) -> list[str]:
     """The targets' ratios per kind and N: medians against the floor and against each peer."""
-    lines = ["| kind / N | vlora flat × floor | same, no errors × floor | vlora-dev ÷ vlora flat | "
-             "(no errors) | lorashare ÷ vlora flat | (no errors) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| kind / N | vlora flat × floor | same, no errors × floor | vlora-dev ÷ vlora flat | "
+        "(no errors) | lorashare ÷ vlora flat | (no errors) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for key, r in data["results"].items():
         med = {case: v["median"] for case, v in r["cases"].items()}
         ours, bare = med.get("vlora flat"), med.get("vlora flat, no errors")
@@ -28,8 +33,10 @@ def compress_summary(data) -> list[str]:
         def speedup(peer, mine, med=med):
             return f"{med[peer] / mine:.1f}×" if peer in med and mine else "–"
 
-        lines.append(f"| {key} | {ours / med['floor']:.1f} | {bare / med['floor']:.1f} | {speedup('vlora-dev', ours)} | "
-                     f"{speedup('vlora-dev', bare)} | {speedup('lorashare', ours)} | {speedup('lorashare', bare)} |")
+        lines.append(
+            f"| {key} | {ours / med['floor']:.1f} | {bare / med['floor']:.1f} | {speedup('vlora-dev', ours)} | "
+            f"{speedup('vlora-dev', bare)} | {speedup('lorashare', ours)} | {speedup('lorashare', bare)} |"
+        )
     return lines
 
 
@@ -49,18 +56,28 @@ def fidelity_table(data) -> list[str]:
 
 
 def scale_table(data) -> list[str]:
-    lines = ["| N | hidden | input MiB | seconds | RSS after imports MiB | peak RSS MiB |", "|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| N | hidden | input MiB | seconds | RSS after imports MiB | peak RSS MiB |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in data["rows"]:
-        lines.append(f"| {r['n']} | {r['hidden']} | {r['input_mib']:.0f} | {r['seconds']:.1f} | "
-                     f"{r['baseline_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} |")
+        lines.append(
+            f"| {r['n']} | {r['hidden']} | {r['input_mib']:.0f} | {r['seconds']:.1f} | "
+            f"{r['baseline_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} |"
+        )
     return lines
 
 
 def greedy_table(data) -> list[str]:
-    lines = ["| method | k | greedy answers unchanged | share | worst task's ΔW rel. error |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| method | k | greedy answers unchanged | share | worst task's ΔW rel. error |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in data["rows"]:
-        lines.append(f"| {r['method']} | {r['k']} | {r['unchanged']} / {r['prompts']} | {r['share']:.0%} | "
-                     f"{r['max_task_delta_w_error']:.3g} |")
+        lines.append(
+            f"| {r['method']} | {r['k']} | {r['unchanged']} / {r['prompts']} | {r['share']:.0%} | "
+            f"{r['max_task_delta_w_error']:.3g} |"
+        )
     return lines
 
 
@@ -68,14 +85,21 @@ def switching_table(data) -> list[str]:
     lines = ["| measure | unit | bare | PEFT | vlora |", "|---|---|---:|---:|---:|"]
     for r in data["results"].values():
         cells = [r.get(c) for c in ("bare", "peft", "vlora")]
-        lines.append(f"| {r['what']} | {r['unit']} | " + " | ".join("–" if c is None else f"{c:.4g}" for c in cells) + " |")
+        lines.append(
+            f"| {r['what']} | {r['unit']} | " + " | ".join("–" if c is None else f"{c:.4g}" for c in cells) + " |"
+        )
     return lines
 
 
 def main() -> None:
-    tables = (("compress", compress_summary), ("compress", compress_table), ("fidelity", fidelity_table),
-              ("greedy", greedy_table),
-              ("scale", scale_table), ("switching", switching_table))
+    tables = (
+        ("compress", compress_summary),
+        ("compress", compress_table),
+        ("fidelity", fidelity_table),
+        ("greedy", greedy_table),
+        ("scale", scale_table),
+        ("switching", switching_table),
+    )
     for name, fn in tables:
         data = read_result(name)
         if data:

@@ -31,9 +31,18 @@ def child(n: int, hidden: int, k: int, chunk: int, method: str) -> dict:
     sub = stream_compress(dirs, num_components=k, method=method, chunk=chunk)
     seconds = time.perf_counter() - start
     peak = _status_mib("VmHWM")
-    return {"n": n, "hidden": hidden, "k": k, "chunk": chunk, "method": method, "seconds": seconds,
-            "baseline_rss_mib": base, "peak_rss_mib": peak, "tasks": len(sub.tasks),
-            "input_mib": sum((d / "adapter_model.safetensors").stat().st_size for d in dirs) / 2**20}
+    return {
+        "n": n,
+        "hidden": hidden,
+        "k": k,
+        "chunk": chunk,
+        "method": method,
+        "seconds": seconds,
+        "baseline_rss_mib": base,
+        "peak_rss_mib": peak,
+        "tasks": len(sub.tasks),
+        "input_mib": sum((d / "adapter_model.safetensors").stat().st_size for d in dirs) / 2**20,
+    }
 
 
 def _status_mib(field: str) -> float:
@@ -59,8 +68,21 @@ def main(argv=None) -> dict:
     adapter_dirs("mixture", max(args.n), args.hidden)  # generate once, outside the measured processes
     rows = []
     for n in args.n:
-        cmd = [sys.executable, __file__, "--child", "--n", str(n), "--hidden", str(args.hidden), "--k", str(args.k),
-               "--chunk", str(args.chunk), "--method", args.method]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--n",
+            str(n),
+            "--hidden",
+            str(args.hidden),
+            "--k",
+            str(args.k),
+            "--chunk",
+            str(args.chunk),
+            "--method",
+            args.method,
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(rows[-1], flush=True)

@@ -50,31 +50,59 @@ def load_models(copies: int):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         print(f"bundled model unavailable ({error}); using a config-built Llama of SmolLM2's shape")
-        config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                             num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+        config = LlamaConfig(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=49152,
+            tie_word_embeddings=True,
+        )
         model, name, source = LlamaForCausalLM(config), "config-built Llama (SmolLM2 shape)", "config"
     model = model.eval().requires_grad_(False)
     return name, source, [model] + [copy.deepcopy(model) for _ in range(copies - 1)]
 
 
 def target_shapes(model) -> dict[str, tuple[int, int]]:
-    return {name: (m.in_features, m.out_features) for name, m in model.named_modules()
-            if name.rsplit(".", 1)[-1] in TARGETS and isinstance(m, torch.nn.Linear)}
+    return {
+        name: (m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if name.rsplit(".", 1)[-1] in TARGETS and isinstance(m, torch.nn.Linear)
+    }
 
 
 def write_adapters(root: Path, shapes: dict, num_tasks: int, rank: int, prototypes: int = 8) -> list[Path]:
     """Random PEFT adapters: mixtures of a few shared prototype factors plus a little noise of their own."""
     gen = torch.Generator().manual_seed(0)
-    protos = {n: (torch.randn(prototypes, rank, d_in, generator=gen) * 0.02,
-                  torch.randn(prototypes, d_out, rank, generator=gen) * 0.02) for n, (d_in, d_out) in shapes.items()}
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-              "target_modules": list(TARGETS), "lora_dropout": 0.0, "bias": "none", "base_model_name_or_path": None}
+    protos = {
+        n: (
+            torch.randn(prototypes, rank, d_in, generator=gen) * 0.02,
+            torch.randn(prototypes, d_out, rank, generator=gen) * 0.02,
+        )
+        for n, (d_in, d_out) in shapes.items()
+    }
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": list(TARGETS),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "base_model_name_or_path": None,
+    }
     dirs = []
     for i in range(num_tasks):
-        mix = torch.randn(prototypes, generator=gen) / prototypes ** 0.5
-        layers = {n: LoRALayer(A=torch.einsum("p,prd->rd", mix, A) + 0.002 * torch.randn(A.shape[1:], generator=gen),
-                               B=torch.einsum("p,pdr->dr", mix, B) + 0.002 * torch.randn(B.shape[1:], generator=gen),
-                               scaling=2.0) for n, (A, B) in protos.items()}
+        mix = torch.randn(prototypes, generator=gen) / prototypes**0.5
+        layers = {
+            n: LoRALayer(
+                A=torch.einsum("p,prd->rd", mix, A) + 0.002 * torch.randn(A.shape[1:], generator=gen),
+                B=torch.einsum("p,pdr->dr", mix, B) + 0.002 * torch.randn(B.shape[1:], generator=gen),
+                scaling=2.0,
+            )
+            for n, (A, B) in protos.items()
+        }
         dirs.append(save_adapter(LoRAAdapter(f"task{i:03d}", config, layers), root / f"task{i:03d}"))
     return dirs
 
@@ -113,8 +141,9 @@ def forward(model, ids, **kwargs):
 
 
 def decode(model, ids, new_tokens: int):
-    return lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                  pad_token_id=0)
+    return lambda: model.generate(
+        ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+    )
 
 
 def cycle(switch, ids: list[str]):
@@ -129,39 +158,56 @@ def cycle(switch, ids: list[str]):
 
 # ---- the measurements ------------------------------------------------------------------------------
 def measure_switch(peft, vlora, task_ids, args) -> dict:
-    times = interleaved({"peft": cycle(peft.set_adapter, task_ids), "vlora": cycle(vlora.set_task, task_ids)},
-                        args.rounds, repeat=50)
+    times = interleaved(
+        {"peft": cycle(peft.set_adapter, task_ids), "vlora": cycle(vlora.set_task, task_ids)}, args.rounds, repeat=50
+    )
     return {"what": "set_task vs set_adapter, one call", "unit": "ms", **_ms(times)}
 
 
 def measure_forward(bare, peft, vlora, task_ids, args) -> dict:
     ids = torch.randint(0, 1000, (1, args.seq))
     peft.set_adapter(task_ids[0]), vlora.set_task(task_ids[0])
-    times = interleaved({"bare": forward(bare, ids), "peft": forward(peft, ids), "vlora": forward(vlora, ids)},
-                        args.rounds, repeat=2)
+    times = interleaved(
+        {"bare": forward(bare, ids), "peft": forward(peft, ids), "vlora": forward(vlora, ids)}, args.rounds, repeat=2
+    )
     vlora.merge_task(task_ids[0])
     merged = interleaved({"bare": forward(bare, ids), "vlora": forward(vlora, ids)}, args.rounds, repeat=2)
     vlora.unmerge()
-    return {"what": f"forward of 1 x {args.seq} tokens, one task active", "unit": "ms", **_ms(times),
-            "vlora_merged": merged["vlora"] * 1e3, "bare_merged_round": merged["bare"] * 1e3}
+    return {
+        "what": f"forward of 1 x {args.seq} tokens, one task active",
+        "unit": "ms",
+        **_ms(times),
+        "vlora_merged": merged["vlora"] * 1e3,
+        "bare_merged_round": merged["bare"] * 1e3,
+    }
 
 
 def measure_decode(bare, peft, vlora, task_ids, args) -> dict:
     ids = torch.randint(0, 1000, (1, 16))
     peft.set_adapter(task_ids[0]), vlora.set_task(task_ids[0])
     n = args.new_tokens
-    times = interleaved({"bare": decode(bare, ids, n), "peft": decode(peft, ids, n), "vlora": decode(vlora, ids, n)},
-                        args.rounds, repeat=1)
-    return {"what": f"greedy generate of {n} tokens (per token)", "unit": "ms",
-            **{k: v * 1e3 / n for k, v in times.items()}}
+    times = interleaved(
+        {"bare": decode(bare, ids, n), "peft": decode(peft, ids, n), "vlora": decode(vlora, ids, n)},
+        args.rounds,
+        repeat=1,
+    )
+    return {
+        "what": f"greedy generate of {n} tokens (per token)",
+        "unit": "ms",
+        **{k: v * 1e3 / n for k, v in times.items()},
+    }
 
 
 def measure_mixed(peft, vlora, task_ids, args) -> dict:
     rows = task_ids[: args.batch]
     ids = torch.randint(0, 1000, (len(rows), args.seq))
     peft.set_adapter(rows[0]), vlora.set_task(rows[0])
-    cases = {"peft": forward(peft, ids, adapter_names=rows), "vlora": forward(vlora, ids, task_ids=rows),
-             "peft_one_task": forward(peft, ids), "vlora_one_task": forward(vlora, ids)}
+    cases = {
+        "peft": forward(peft, ids, adapter_names=rows),
+        "vlora": forward(vlora, ids, task_ids=rows),
+        "peft_one_task": forward(peft, ids),
+        "vlora_one_task": forward(vlora, ids),
+    }
     times = interleaved(cases, args.rounds, repeat=1)
     return {"what": f"forward of {len(rows)} x {args.seq}, a different task per row", "unit": "ms", **_ms(times)}
 
@@ -171,9 +217,15 @@ def measure_memory(peft, vlora, num_tasks: int) -> dict:
     basis = sum(layer.P_A.nbytes + layer.P_B.nbytes for layer in vlora.targets.values())
     task = next(iter(vlora.subspace.tasks.values()))
     per_task = sum(t.nbytes for sides in task.loadings.values() for t in sides.values())
-    return {"what": f"adapter bytes for {num_tasks} tasks", "unit": "MB", "peft": peft_bytes / 1e6,
-            "vlora": (basis + num_tasks * per_task) / 1e6, "peft_per_task": peft_bytes / num_tasks / 1e6,
-            "vlora_per_task": per_task / 1e6, "vlora_shared_basis": basis / 1e6}
+    return {
+        "what": f"adapter bytes for {num_tasks} tasks",
+        "unit": "MB",
+        "peft": peft_bytes / 1e6,
+        "vlora": (basis + num_tasks * per_task) / 1e6,
+        "peft_per_task": peft_bytes / num_tasks / 1e6,
+        "vlora_per_task": per_task / 1e6,
+        "vlora_shared_basis": basis / 1e6,
+    }
 
 
 def _ms(times: dict[str, float]) -> dict[str, float]:
@@ -209,8 +261,8 @@ def peer_ratios(results: dict, peer: dict | None) -> dict[str, float]:
         "forward overhead: vlora / vlora-dev": (f["vlora"] / f["bare"]) / own(peer["forward_ms"]),
         "decode: vlora-dev / bare": own(peer["decode_ms_per_token"]),
         "decode overhead: vlora / vlora-dev": (d["vlora"] / d["bare"]) / own(peer["decode_ms_per_token"]),
-        "memory: vlora / vlora-dev (stored + active ΔW)":
-            mem["vlora"] / (peer["stored_mb"] + peer["active_task_dense_delta_mb"]),
+        "memory: vlora / vlora-dev (stored + active ΔW)": mem["vlora"]
+        / (peer["stored_mb"] + peer["active_task_dense_delta_mb"]),
     }
 
 
@@ -238,8 +290,12 @@ def parse_args(argv=None):
     parser.add_argument("--seq", type=int, default=64, help="tokens per row in forward timings")
     parser.add_argument("--batch", type=int, default=4, help="rows (tasks) in the mixed batch")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated in the decode timing")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; 1 by default: on shared, busy cores more threads wait on each other")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1 by default: on shared, busy cores more threads wait on each other",
+    )
     return parser.parse_args(argv)
 
 
@@ -256,11 +312,13 @@ def build(dirs: list[Path], for_peft, for_vlora, args) -> tuple:
 
 
 def measure_all(bare, peft, vlora, task_ids: list[str], args) -> dict:
-    steps = {"switch": lambda: measure_switch(peft, vlora, task_ids, args),
-             "forward": lambda: measure_forward(bare, peft, vlora, task_ids, args),
-             "decode": lambda: measure_decode(bare, peft, vlora, task_ids, args),
-             "mixed": lambda: measure_mixed(peft, vlora, task_ids, args),
-             "memory": lambda: measure_memory(peft, vlora, args.tasks)}
+    steps = {
+        "switch": lambda: measure_switch(peft, vlora, task_ids, args),
+        "forward": lambda: measure_forward(bare, peft, vlora, task_ids, args),
+        "decode": lambda: measure_decode(bare, peft, vlora, task_ids, args),
+        "mixed": lambda: measure_mixed(peft, vlora, task_ids, args),
+        "memory": lambda: measure_memory(peft, vlora, args.tasks),
+    }
     results = {}
     with torch.inference_mode():
         for step, measure in steps.items():
@@ -275,9 +333,25 @@ def measure_peer(source: str, dirs: list[Path], args) -> dict | None:
     python = PEERS_VENV / "bin" / "python"
     if not python.exists():
         return None
-    command = [str(python), str(HERE / "switching_peer.py"), "--model", source, "--k", str(args.k),
-               "--rank", str(args.rank), "--seq", str(args.seq), "--new-tokens", str(args.new_tokens),
-               "--rounds", str(args.rounds), "--threads", str(args.threads), *map(str, dirs)]
+    command = [
+        str(python),
+        str(HERE / "switching_peer.py"),
+        "--model",
+        source,
+        "--k",
+        str(args.k),
+        "--rank",
+        str(args.rank),
+        "--seq",
+        str(args.seq),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--rounds",
+        str(args.rounds),
+        "--threads",
+        str(args.threads),
+        *map(str, dirs),
+    ]
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, timeout=3600, cwd=HERE, env=env)
@@ -298,14 +372,27 @@ def main(argv=None) -> dict:
         del peft, for_peft  # free memory before the peer process loads its copies
         peer = measure_peer(source, dirs, args)
     summary = ratios(results) | peer_ratios(results, peer)
-    report = {"model": name, "tasks": args.tasks, "method": args.method, "k": args.k, "rank": args.rank,
-              "targets": list(TARGETS), "threads": torch.get_num_threads(), "rounds": args.rounds,
-              "loadavg": os.getloadavg(), "setup_s": setup, "results": results, "ratios": summary,
-              "vlora_dev": peer if peer is not None else f"skipped: no venv at {PEERS_VENV}"}
+    report = {
+        "model": name,
+        "tasks": args.tasks,
+        "method": args.method,
+        "k": args.k,
+        "rank": args.rank,
+        "targets": list(TARGETS),
+        "threads": torch.get_num_threads(),
+        "rounds": args.rounds,
+        "loadavg": os.getloadavg(),
+        "setup_s": setup,
+        "results": results,
+        "ratios": summary,
+        "vlora_dev": peer if peer is not None else f"skipped: no venv at {PEERS_VENV}",
+    }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{name}: {args.tasks} tasks, {args.method} k={args.k}, r={args.rank}, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"{name}: {args.tasks} tasks, {args.method} k={args.k}, r={args.rank}, {torch.get_num_threads()} threads, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print_table(results, summary, peer)
     print(f"\nwrote {RESULTS.relative_to(HERE.parent)}")
     return report

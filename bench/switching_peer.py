@@ -27,8 +27,15 @@ def load_model(source: str):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if source == "config":  # the same fallback shape as bench/switching.py
-        config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                             num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+        config = LlamaConfig(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=49152,
+            tie_word_embeddings=True,
+        )
         return LlamaForCausalLM(config).eval()
     return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, local_files_only=True).eval()
 
@@ -48,8 +55,15 @@ def interleaved(cases: dict, rounds: int, repeat: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for flag, kind in (("--model", str), ("--k", int), ("--rank", int), ("--seq", int), ("--new-tokens", int),
-                       ("--rounds", int), ("--threads", int)):
+    for flag, kind in (
+        ("--model", str),
+        ("--k", int),
+        ("--rank", int),
+        ("--seq", int),
+        ("--new-tokens", int),
+        ("--rounds", int),
+        ("--threads", int),
+    ):
         parser.add_argument(flag, type=kind, required=True)
     parser.add_argument("dirs", nargs="+")
     args = parser.parse_args()
@@ -59,8 +73,9 @@ def main() -> None:
 
     bare = load_model(args.model).requires_grad_(False)
     ids = [Path(d).name for d in args.dirs]
-    subspace = vlora.SharedSubspace.from_adapters([vlora.load_adapter(d) for d in args.dirs], task_ids=ids,
-                                                  num_components=args.k)
+    subspace = vlora.SharedSubspace.from_adapters(
+        [vlora.load_adapter(d) for d in args.dirs], task_ids=ids, num_components=args.k
+    )
     model = vlora.VLoRAModel(copy.deepcopy(bare), subspace, lora_alpha=2 * args.rank)
     state = {"i": 0}
 
@@ -74,18 +89,28 @@ def main() -> None:
         switch_s = interleaved({"vlora_dev": switch}, args.rounds, repeat=10)
         model.set_task(ids[0])
         forward = interleaved({"bare": lambda: bare(x), "vlora_dev": lambda: model(x)}, args.rounds, repeat=2)
-        decode = interleaved({"bare": lambda: bare.generate(prompt, **gen),
-                              "vlora_dev": lambda: model.base_model.generate(prompt, **gen)}, args.rounds, repeat=1)
+        decode = interleaved(
+            {
+                "bare": lambda: bare.generate(prompt, **gen),
+                "vlora_dev": lambda: model.base_model.generate(prompt, **gen),
+            },
+            args.rounds,
+            repeat=1,
+        )
     stats = subspace.compression_stats()
     cached = sum(t.numel() * t.element_size() for t in (model._cached_deltas or {}).values())
-    print(json.dumps({
-        "switch_ms": switch_s["vlora_dev"] * 1e3,
-        "forward_ms": {k: v * 1e3 for k, v in forward.items()},
-        "decode_ms_per_token": {k: v * 1e3 / n for k, v in decode.items()},
-        "stored_mb": 4 * stats["total_params_compressed"] / 1e6,
-        "active_task_dense_delta_mb": cached / 1e6,
-        "mixed_batch": "not supported (one task per model)",
-    }))
+    print(
+        json.dumps(
+            {
+                "switch_ms": switch_s["vlora_dev"] * 1e3,
+                "forward_ms": {k: v * 1e3 for k, v in forward.items()},
+                "decode_ms_per_token": {k: v * 1e3 / n for k, v in decode.items()},
+                "stored_mb": 4 * stats["total_params_compressed"] / 1e6,
+                "active_task_dense_delta_mb": cached / 1e6,
+                "mixed_batch": "not supported (one task per model)",
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,9 +29,19 @@ def module_names(layers: int = LAYERS) -> list[str]:
 
 
 def adapter_config(rank: int) -> dict:
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-            "target_modules": list(TARGETS), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-            "use_rslora": False, "base_model_name_or_path": "synthetic-llama", "inference_mode": True}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": list(TARGETS),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "base_model_name_or_path": "synthetic-llama",
+        "inference_mode": True,
+    }
 
 
 def write_folder(path: Path, factors: dict, rank: int) -> None:
@@ -44,8 +54,9 @@ def write_folder(path: Path, factors: dict, rank: int) -> None:
     (path / "adapter_config.json").write_text(json.dumps(adapter_config(rank), indent=2) + "\n")
 
 
-def adapter_dirs(kind: str, n: int, hidden: int = HIDDEN, seed: int = 0, rank: int = RANK,
-                 layers: int = LAYERS) -> list[Path]:
+def adapter_dirs(
+    kind: str, n: int, hidden: int = HIDDEN, seed: int = 0, rank: int = RANK, layers: int = LAYERS
+) -> list[Path]:
     """Folders of the first n adapters of one kind, generated once; n = 8 is a prefix of n = 128."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose one of: {', '.join(KINDS)}")
@@ -53,7 +64,7 @@ def adapter_dirs(kind: str, n: int, hidden: int = HIDDEN, seed: int = 0, rank: i
     dirs = [root / f"task_{i:04d}" for i in range(n)]
     missing = [i for i, d in enumerate(dirs) if not (d / "adapter_model.safetensors").is_file()]
     for start in range(0, len(missing), 64):  # bounded memory: 64 adapters at a time
-        part = missing[start:start + 64]
+        part = missing[start : start + 64]
         for i, factors in zip(part, _generate(kind, seed, part, hidden, rank, layers)):
             write_folder(dirs[i], factors, rank)
     return dirs
@@ -65,8 +76,8 @@ def _generate(kind, seed, indices, d, rank, layers):
     M = len(names)
     structure = torch.Generator().manual_seed(seed)
     if kind == "mixture":
-        tA = torch.randn(M, TEMPLATES, rank, d, generator=structure) / d ** 0.5  # (M, T, r, d_in)
-        tB = torch.randn(M, TEMPLATES, d, rank, generator=structure) / rank ** 0.5  # (M, T, d_out, r)
+        tA = torch.randn(M, TEMPLATES, rank, d, generator=structure) / d**0.5  # (M, T, r, d_in)
+        tB = torch.randn(M, TEMPLATES, d, rank, generator=structure) / rank**0.5  # (M, T, d_out, r)
     else:
         QA = torch.linalg.qr(torch.randn(M, d, SHARED_DIM, generator=structure))[0]  # (M, d_in, s)
         QB = torch.linalg.qr(torch.randn(M, d, SHARED_DIM, generator=structure))[0]  # (M, d_out, s)
@@ -75,8 +86,8 @@ def _generate(kind, seed, indices, d, rank, layers):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i + 1)
         if kind == "mixture":
             w = torch.randn(M, TEMPLATES, generator=gen)  # (M, T)
-            A = torch.einsum("mt,mtrd->mrd", w, tA) + NOISE * torch.randn(M, rank, d, generator=gen) / d ** 0.5
-            B = torch.einsum("mt,mtdr->mdr", w, tB) + NOISE * torch.randn(M, d, rank, generator=gen) / rank ** 0.5
+            A = torch.einsum("mt,mtrd->mrd", w, tA) + NOISE * torch.randn(M, rank, d, generator=gen) / d**0.5
+            B = torch.einsum("mt,mtdr->mdr", w, tB) + NOISE * torch.randn(M, d, rank, generator=gen) / rank**0.5
         else:
             A = (QA @ torch.randn(M, SHARED_DIM, rank, generator=gen)).transpose(1, 2)  # (M, r, d_in)
             B = QB @ torch.randn(M, SHARED_DIM, rank, generator=gen)  # (M, d_out, r)

@@ -37,15 +37,26 @@ def adapters(num_tasks: int, blocks: int, rank: int, prototypes: int = 4) -> dic
     """Random adapters built from a few shared prototypes, as adapters trained from one base tend to be."""
     torch.manual_seed(0)
     names = [f"model.layers.{i}.self_attn.{m}" for i in range(blocks) for m in SHAPES]
-    protos = [{n: (torch.randn(rank, SHAPES[n.rsplit('.', 1)[1]][0]) * 0.1,
-                   torch.randn(SHAPES[n.rsplit('.', 1)[1]][1], rank) * 0.1) for n in names} for _ in range(prototypes)]
+    protos = [
+        {
+            n: (
+                torch.randn(rank, SHAPES[n.rsplit(".", 1)[1]][0]) * 0.1,
+                torch.randn(SHAPES[n.rsplit(".", 1)[1]][1], rank) * 0.1,
+            )
+            for n in names
+        }
+        for _ in range(prototypes)
+    ]
     out = {}
     for j in range(num_tasks):
         proto = protos[j % prototypes]
-        layers = {n: LoRALayer(A + 0.05 * torch.randn_like(A), B + 0.05 * torch.randn_like(B), 2.0)
-                  for n, (A, B) in proto.items()}
-        out[f"task{j:02d}"] = LoRAAdapter(f"task{j:02d}", {"r": rank, "lora_alpha": 2 * rank,
-                                                           "target_modules": list(SHAPES)}, layers)
+        layers = {
+            n: LoRALayer(A + 0.05 * torch.randn_like(A), B + 0.05 * torch.randn_like(B), 2.0)
+            for n, (A, B) in proto.items()
+        }
+        out[f"task{j:02d}"] = LoRAAdapter(
+            f"task{j:02d}", {"r": rank, "lora_alpha": 2 * rank, "target_modules": list(SHAPES)}, layers
+        )
     return out
 
 
@@ -76,12 +87,18 @@ def main() -> None:
         start = time.perf_counter()
         calls.compress(method, 4, True, 0.9, request)
         adaptive = time.perf_counter() - start
-        row = {"first_look_s": round(first, 2), "k_change_median_ms": round(1000 * statistics.median(times), 1),
-               "k_change_p90_ms": round(1000 * sorted(times)[int(0.9 * len(times))], 1),
-               "adaptive_change_s": round(adaptive, 2), "ks": [ks[0], ks[-1]]}
+        row = {
+            "first_look_s": round(first, 2),
+            "k_change_median_ms": round(1000 * statistics.median(times), 1),
+            "k_change_p90_ms": round(1000 * sorted(times)[int(0.9 * len(times))], 1),
+            "adaptive_change_s": round(adaptive, 2),
+            "ks": [ks[0], ks[-1]],
+        }
         results["methods"][method] = row
-        print(f"{method}: first look {row['first_look_s']} s; k change median {row['k_change_median_ms']} ms, "
-              f"p90 {row['k_change_p90_ms']} ms (target 50 ms); adaptive-k change {row['adaptive_change_s']} s")
+        print(
+            f"{method}: first look {row['first_look_s']} s; k change median {row['k_change_median_ms']} ms, "
+            f"p90 {row['k_change_p90_ms']} ms (target 50 ms); adaptive-k change {row['adaptive_change_s']} s"
+        )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -24,8 +24,16 @@ TARGETS = ("q_proj", "v_proj")
 
 
 def tiny_llama_config() -> LlamaConfig:
-    return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
+    return LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -40,8 +48,14 @@ def write_adapter(path, seed: int, *, r: int = 4, alpha: float = 8, targets=TARG
     set of adapters has structure in common (as adapters trained from one base usually do).
     """
     model = tiny_llama(0)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False,
-                        task_type="CAUSAL_LM", **lora_kwargs)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+        **lora_kwargs,
+    )
     peft_model = get_peft_model(model, config)
     torch.manual_seed(1000 + seed)
     with torch.no_grad():
@@ -85,8 +99,14 @@ def tiny_gpt2(seed: int = 0):
 
 def write_gpt2_adapter(path, seed: int, r: int = 4):
     """A real PEFT adapter on GPT-2's Conv1D attention (fan_in_fan_out=True)."""
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["c_attn"], fan_in_fan_out=True,
-                        init_lora_weights=False, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=["c_attn"],
+        fan_in_fan_out=True,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(tiny_gpt2(0), config)
     torch.manual_seed(2000 + seed)
     with torch.no_grad():
@@ -117,8 +137,9 @@ def run_cli(*args, subprocess_: bool = False) -> CliResult:
     """`vlora ARGS` in this process (fast; the same main() the console script calls), or in a new one."""
     args = [str(a) for a in args]
     if subprocess_:
-        done = subprocess.run([sys.executable, "-m", "vlora_core.cli", *args], capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "vlora_core.cli", *args], capture_output=True, text=True, timeout=300
+        )
         return CliResult(done.returncode, done.stdout, done.stderr)
     from vlora_core.cli import main
 
@@ -174,6 +195,7 @@ def launch(settings):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **launch_options(settings))
+    demo.launch(
+        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(settings)
+    )
     return demo

@@ -28,6 +28,7 @@ def run_child(kill_at: int, args: list[str]) -> None:
             if count[0] == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             return operation(*a, **k)
+
         return wrapper
 
     atomic.os = type("os_with_kill_points", (), {})()  # the module's view of os, with counted operations
@@ -41,7 +42,7 @@ def run_child(kill_at: int, args: list[str]) -> None:
 
 def main() -> None:
     store, out = Path(sys.argv[1]), Path(sys.argv[2])
-    args = sys.argv[sys.argv.index("--") + 1:]
+    args = sys.argv[sys.argv.index("--") + 1 :]
     pristine = out / "pristine"
     shutil.copytree(store, pristine)
     import torch

@@ -17,20 +17,29 @@ def _rewrite_keys(folder, rename):
     save_file({rename(k): v for k, v in state.items()}, path)
 
 
-@pytest.mark.parametrize("rename", [
-    lambda k: k,  # as PeftModel.save_pretrained writes it
-    lambda k: k.removeprefix("base_model.model."),  # no prefix
-    lambda k: k.replace(".weight", ".default.weight") if ".lora_" in k else k,  # in-memory adapter name
-])
+@pytest.mark.parametrize(
+    "rename",
+    [
+        lambda k: k,  # as PeftModel.save_pretrained writes it
+        lambda k: k.removeprefix("base_model.model."),  # no prefix
+        lambda k: k.replace(".weight", ".default.weight") if ".lora_" in k else k,  # in-memory adapter name
+    ],
+)
 def test_key_variants_give_the_same_layers(tmp_path, rename):
     reference = load_adapter(write_adapter(tmp_path / "ref", 0))
     variant_dir = write_adapter(tmp_path / "variant", 0)
     _rewrite_keys(variant_dir, rename)
     variant = load_adapter(variant_dir)
-    assert list(variant.layers) == list(reference.layers) == [
-        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
-        "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj",
-    ]
+    assert (
+        list(variant.layers)
+        == list(reference.layers)
+        == [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.self_attn.v_proj",
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.self_attn.v_proj",
+        ]
+    )
     for name, layer in reference.layers.items():
         assert torch.equal(variant.layers[name].A, layer.A) and torch.equal(variant.layers[name].B, layer.B)
 
@@ -41,8 +50,10 @@ def test_legacy_bin_is_read_with_weights_only(tmp_path):
     torch.save(state, folder / "adapter_model.bin")
     (folder / "adapter_model.safetensors").unlink()
     adapter = load_adapter(folder)
-    assert torch.equal(adapter.layers["model.layers.0.self_attn.q_proj"].A,
-                       state["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
+    assert torch.equal(
+        adapter.layers["model.layers.0.self_attn.q_proj"].A,
+        state["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"],
+    )
 
 
 def test_legacy_bin_with_code_is_refused(tmp_path):
@@ -54,8 +65,14 @@ def test_legacy_bin_with_code_is_refused(tmp_path):
 
 
 def test_scaling_follows_rslora_and_patterns(tmp_path):
-    folder = write_adapter(tmp_path / "patterns", 2, r=4, alpha=8,
-                           rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={"v_proj": 3})
+    folder = write_adapter(
+        tmp_path / "patterns",
+        2,
+        r=4,
+        alpha=8,
+        rank_pattern={"layers.1.self_attn.q_proj": 2},
+        alpha_pattern={"v_proj": 3},
+    )
     adapter = load_adapter(folder)
     assert adapter.ranks["model.layers.1.self_attn.q_proj"] == 2
     assert adapter.layers["model.layers.1.self_attn.q_proj"].scaling == pytest.approx(8 / 2)
@@ -83,9 +100,12 @@ def test_save_then_load_is_identity(tmp_path):
     adapter = load_adapter(write_adapter(tmp_path / "a", 4, modules_to_save=["lm_head"], use_rslora=True))
     again = load_adapter(save_adapter(adapter, tmp_path / "copy"))
     assert again.config == adapter.config
-    assert all(torch.equal(again.layers[n].A, l.A) and torch.equal(again.layers[n].B, l.B)
-               for n, l in adapter.layers.items())
-    assert torch.equal(again.extras["base_model.model.lm_head.weight"], adapter.extras["base_model.model.lm_head.weight"])
+    assert all(
+        torch.equal(again.layers[n].A, l.A) and torch.equal(again.layers[n].B, l.B) for n, l in adapter.layers.items()
+    )
+    assert torch.equal(
+        again.extras["base_model.model.lm_head.weight"], adapter.extras["base_model.model.lm_head.weight"]
+    )
 
 
 # ---- refusals: each names the problem and the file ---------------------------------------------------
@@ -97,11 +117,14 @@ def _with_extra_tensor(folder, key, tensor):
     return folder
 
 
-@pytest.mark.parametrize("key, shape, message", [
-    ("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", (32,), "lora_magnitude_vector"),
-    ("base_model.model.model.embed_tokens.lora_embedding_A", (4, 128), "lora_embedding_A"),
-    ("base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias", (32,), "lora_B.bias"),
-])
+@pytest.mark.parametrize(
+    "key, shape, message",
+    [
+        ("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", (32,), "lora_magnitude_vector"),
+        ("base_model.model.model.embed_tokens.lora_embedding_A", (4, 128), "lora_embedding_A"),
+        ("base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias", (32,), "lora_B.bias"),
+    ],
+)
 def test_unsupported_lora_kinds_name_the_key(tmp_path, key, shape, message):
     folder = _with_extra_tensor(write_adapter(tmp_path / "x", 0), key, torch.ones(shape))
     with pytest.raises(AdapterError, match=message):
@@ -116,17 +139,30 @@ def test_dora_config_is_refused(tmp_path):
         load_adapter(folder)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda f: (f / "adapter_config.json").unlink(), "no adapter_config.json"),
-    (lambda f: (f / "adapter_config.json").write_text("{not json"), "not valid JSON"),
-    (lambda f: (f / "adapter_config.json").write_text("[1, 2]"), "must hold a JSON object"),
-    (lambda f: (f / "adapter_config.json").write_text('{"r": 4}'), "no 'lora_alpha'"),
-    (lambda f: (f / "adapter_config.json").write_text('{"r": "four", "lora_alpha": 8}'), "'r' in adapter_config.json"),
-    (lambda f: (f / "adapter_model.safetensors").write_bytes((f / "adapter_model.safetensors").read_bytes()[:100]),
-     "not a readable safetensors file"),
-    (lambda f: (f / "adapter_model.safetensors").write_text("hello, not tensors"), "not a readable safetensors file"),
-    (lambda f: (f / "adapter_model.safetensors").unlink(), "no adapter_model.safetensors"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: (f / "adapter_config.json").unlink(), "no adapter_config.json"),
+        (lambda f: (f / "adapter_config.json").write_text("{not json"), "not valid JSON"),
+        (lambda f: (f / "adapter_config.json").write_text("[1, 2]"), "must hold a JSON object"),
+        (lambda f: (f / "adapter_config.json").write_text('{"r": 4}'), "no 'lora_alpha'"),
+        (
+            lambda f: (f / "adapter_config.json").write_text('{"r": "four", "lora_alpha": 8}'),
+            "'r' in adapter_config.json",
+        ),
+        (
+            lambda f: (f / "adapter_model.safetensors").write_bytes(
+                (f / "adapter_model.safetensors").read_bytes()[:100]
+            ),
+            "not a readable safetensors file",
+        ),
+        (
+            lambda f: (f / "adapter_model.safetensors").write_text("hello, not tensors"),
+            "not a readable safetensors file",
+        ),
+        (lambda f: (f / "adapter_model.safetensors").unlink(), "no adapter_model.safetensors"),
+    ],
+)
 def test_damaged_folders_get_clear_errors(tmp_path, damage, message):
     folder = write_adapter(tmp_path / "broken", 0)
     damage(folder)

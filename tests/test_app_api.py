@@ -93,13 +93,20 @@ def test_load_folder_path_demo_and_remove(client, adapter_dirs, tmp_path):
 
 
 # ---- 2. tuning k ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("method, k, adaptive, threshold", [
-    ("flat", 2, False, 0.9), ("rank", 3, False, 0.9), ("rank", 7, False, 0.9), ("flat", 1, True, 0.6),
-])
+@pytest.mark.parametrize(
+    "method, k, adaptive, threshold",
+    [
+        ("flat", 2, False, 0.9),
+        ("rank", 3, False, 0.9),
+        ("rank", 7, False, 0.9),
+        ("flat", 1, True, 0.6),
+    ],
+)
 def test_compress_matches_the_core(client, adapters_zip, adapter_dirs, method, k, adaptive, threshold):
     client.predict(handle_file(adapters_zip), api_name="/load_adapters")
     summary, variance, errors, storage, size, numbers, status = client.predict(
-        method, k, adaptive, threshold, api_name="/compress")
+        method, k, adaptive, threshold, api_name="/compress"
+    )
     adapters = [load_adapter(d) for d in sorted(adapter_dirs)]
     config = CompressConfig(k, method, adaptive, threshold)
     full = SharedSubspace.decompose(adapters, method=method)
@@ -109,8 +116,7 @@ def test_compress_matches_the_core(client, adapters_zip, adapter_dirs, method, k
     assert numbers["original_bytes"] == sum(a.num_bytes for a in adapters)
     expected = quality.task_errors(view)
     assert numbers["task_errors"] == pytest.approx(expected, abs=1e-5)
-    assert [(r["k_a"], r["k_b"]) for r in numbers["layers"]] == [
-        (v["A"], v["B"]) for v in view.layer_ks.values()]
+    assert [(r["k_a"], r["k_b"]) for r in numbers["layers"]] == [(v["A"], v["B"]) for v in view.layer_ks.values()]
     for plot in (variance, errors, storage, size):
         assert plot["type"] == "plotly" and json.loads(plot["plot"])["data"]
     stars = [t for t in json.loads(storage["plot"])["data"] if t.get("marker", {}).get("symbol") == "star"]
@@ -133,7 +139,8 @@ def test_ab_test_switches_tasks_on_the_shared_model(client, adapters_zip, adapte
     _numbers(client, k=1)
     prompt = "Tell me about the moon."
     text_a, stats_a, text_b, stats_b, numbers, status = client.predict(
-        "", prompt, "compressed: qa", "original: qa", 16, api_name="/ab_test")
+        "", prompt, "compressed: qa", "original: qa", 16, api_name="/ab_test"
+    )
     assert [n["choice"] for n in numbers] == ["compressed: qa", "original: qa"]
     assert all(n["tokens_per_s"] > 0 and n["switch_ms"] >= 0 and 0 < n["new_tokens"] <= 16 for n in numbers)
     assert "tokens/s" in stats_a and "switch" in stats_b
@@ -143,8 +150,9 @@ def test_ab_test_switches_tasks_on_the_shared_model(client, adapters_zip, adapte
 
     base, tokenizer = get_base_model(str(tiny_model_dir))  # the app's shared model (same process)
     assert not any(isinstance(m, SubspaceLayer) for m in base.modules())  # its own layers are back
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                           str(adapter_dirs[TASKS.index("qa")]))
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter_dirs[TASKS.index("qa")])
+    )
     assert text_b == generate_text(peft_model.eval(), tokenizer, chat_prompt(tokenizer, prompt), 16)
 
     _numbers(client, k=3)  # every direction: compressed is the original again
@@ -173,8 +181,9 @@ def test_demo_adapters_on_the_bundled_model(client):
     numbers, _ = _numbers(client, k=len(table["data"]) - 1)  # flat: every direction, so nothing is lost
     assert max(numbers["task_errors"].values()) < 1e-4
     prompt = "What is the tallest mountain in the world?"
-    text_a, _, text_b, _, timings, _ = client.predict("bundled", prompt, "compressed: shouting", "base model", 24,
-                                                      api_name="/ab_test")
+    text_a, _, text_b, _, timings, _ = client.predict(
+        "bundled", prompt, "compressed: shouting", "base model", 24, api_name="/ab_test"
+    )
     letters = [c for c in text_a if c.isalpha()]
     assert letters and sum(c.isupper() for c in letters) > 0.8 * len(letters), text_a
     assert text_b != text_a and all(t["tokens_per_s"] > 0 for t in timings)
@@ -187,8 +196,9 @@ def test_export_gives_peft_folders_and_the_store(client, adapters_zip, tmp_path,
 
     client.predict(handle_file(adapters_zip), api_name="/load_adapters")
     _numbers(client, method="rank", k=5)
-    adapters_zip_out, store_zip_out, status = client.predict(["qa", "sentiment"], None, "tiny/llama",
-                                                             api_name="/export")
+    adapters_zip_out, store_zip_out, status = client.predict(
+        ["qa", "sentiment"], None, "tiny/llama", api_name="/export"
+    )
     assert "Exported 2 tasks" in status
     with zipfile.ZipFile(adapters_zip_out) as zf:
         zf.extractall(tmp_path / "adapters")
@@ -219,14 +229,19 @@ def _evil_zip(path: Path, kind: str, adapter_dir: Path) -> Path:
             zf.writestr("/tmp/escaped.txt", "outside")
         elif kind == "symlink":
             info = zipfile.ZipInfo("good/link")
-            info.external_attr = (0o120777 << 16)
+            info.external_attr = 0o120777 << 16
             zf.writestr(info, "/etc/passwd")
     return path
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("dotdot", "climbs out of the archive"), ("absolute", "absolute path"), ("symlink", "symbolic link"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("dotdot", "climbs out of the archive"),
+        ("absolute", "absolute path"),
+        ("symlink", "symbolic link"),
+    ],
+)
 def test_unsafe_zip_is_refused_and_leaves_nothing(client, app, adapter_dirs, tmp_path, kind, message):
     evil = _evil_zip(tmp_path / f"{kind}.zip", kind, adapter_dirs[0])
     before = _files(app.root.parent)
@@ -236,11 +251,17 @@ def test_unsafe_zip_is_refused_and_leaves_nothing(client, app, adapter_dirs, tmp
     assert not Path("/tmp/escaped.txt").exists()
 
 
-@pytest.mark.parametrize("content, message", [
-    ({"notes/readme.txt": "hello"}, "holds no PEFT adapter folder"),
-    ({"broken/adapter_config.json": '{"r": 4, "lora_alpha": 8, "peft_type": "LORA"}'}, "no adapter_model.safetensors"),
-    (b"this is not a zip", "not a readable zip archive"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"notes/readme.txt": "hello"}, "holds no PEFT adapter folder"),
+        (
+            {"broken/adapter_config.json": '{"r": 4, "lora_alpha": 8, "peft_type": "LORA"}'},
+            "no adapter_model.safetensors",
+        ),
+        (b"this is not a zip", "not a readable zip archive"),
+    ],
+)
 def test_non_adapter_uploads_are_refused(client, app, tmp_path, content, message):
     path = tmp_path / "upload.zip"
     if isinstance(content, bytes):
@@ -289,16 +310,29 @@ def test_zip_limits(tmp_path, adapter_dirs):
 
 # ---- hostile task ids -----------------------------------------------------------------------------
 # A task id typed into the folder input's box: the id it becomes, or the start of the refusal.
-TYPED_IDS = [("../x", "../x"), ("a/b", "a/b"), ("", "adapter"), ("   ", "adapter"),
-             ("тест-ü-🙂", "тест-ü-🙂"), ("/etc/passwd", "/etc/passwd"), ("x" * 200, "x" * 200)]
-REFUSED_TYPED_IDS = [("x" * 300, "must be at most 200 printable characters"),
-                     ("a\x00b", "must be at most 200 printable characters"),
-                     ("a\nb", "must be at most 200 printable characters")]
+TYPED_IDS = [
+    ("../x", "../x"),
+    ("a/b", "a/b"),
+    ("", "adapter"),
+    ("   ", "adapter"),
+    ("тест-ü-🙂", "тест-ü-🙂"),
+    ("/etc/passwd", "/etc/passwd"),
+    ("x" * 200, "x" * 200),
+]
+REFUSED_TYPED_IDS = [
+    ("x" * 300, "must be at most 200 printable characters"),
+    ("a\x00b", "must be at most 200 printable characters"),
+    ("a\nb", "must be at most 200 printable characters"),
+]
 # A folder name inside an uploaded zip: the id it becomes, or the refusal (the name is never a path here).
 ZIP_FOLDER_IDS = [("тест-ü-🙂", "тест-ü-🙂"), ("a/b", "b"), ("y" * 200, "y" * 200)]
-REFUSED_ZIP_FOLDERS = [("../x", "climbs out of the archive"), ("y" * 220, "must be at most 200 printable"),
-                       ("y" * 300, "File name too long"), ("a\nb", "must be at most 200 printable"),
-                       ("nul\x00name", "appears twice")]  # zipfile cuts a name at NUL: both files become 'nul'
+REFUSED_ZIP_FOLDERS = [
+    ("../x", "climbs out of the archive"),
+    ("y" * 220, "must be at most 200 printable"),
+    ("y" * 300, "File name too long"),
+    ("a\nb", "must be at most 200 printable"),
+    ("nul\x00name", "appears twice"),
+]  # zipfile cuts a name at NUL: both files become 'nul'
 
 
 def _add_folder(client, adapter_dir: Path, task_id: str):
@@ -366,8 +400,9 @@ def test_unusable_typed_task_ids_are_refused_on_loading(client, adapter_dirs, ty
 @pytest.mark.parametrize("folder, task_id", ZIP_FOLDER_IDS, ids=lambda v: repr(v)[:20])
 def test_zip_folder_names_round_trip_safely(client, app, adapter_dirs, tmp_path, folder, task_id):
     before = _files(app.root.parent)
-    table, _ = client.predict(handle_file(_hostile_zip(tmp_path / "up.zip", folder, adapter_dirs)),
-                              api_name="/load_adapters")
+    table, _ = client.predict(
+        handle_file(_hostile_zip(tmp_path / "up.zip", folder, adapter_dirs)), api_name="/load_adapters"
+    )
     assert sorted(row[0] for row in table["data"]) == sorted([task_id, "other"])
     _check_round_trip(client, app, tmp_path, task_id, adapter_dirs[0], before)
 

@@ -29,7 +29,7 @@ def _zip(path, entries):
 def _central_entry(raw: bytearray, name: str) -> int:
     """Offset of ``name``'s central directory record (signature PK\\1\\2, file name at +46)."""
     at = raw.index(b"PK\x01\x02")
-    while raw[at + 46: at + 46 + len(name)] != name.encode():
+    while raw[at + 46 : at + 46 + len(name)] != name.encode():
         at = raw.index(b"PK\x01\x02", at + 1)
     return at
 
@@ -72,10 +72,13 @@ def test_duplicate_entries_are_refused_and_the_partial_folder_removed(tmp_path):
     assert not (tmp_path / "dest").exists()
 
 
-@pytest.mark.parametrize("limits, message", [
-    (dict(max_files=2), "holds 3 entries, more than the limit of 2"),
-    (dict(max_total_bytes=10), "expands to 15 bytes, more than the limit of 10"),
-])
+@pytest.mark.parametrize(
+    "limits, message",
+    [
+        (dict(max_files=2), "holds 3 entries, more than the limit of 2"),
+        (dict(max_total_bytes=10), "expands to 15 bytes, more than the limit of 10"),
+    ],
+)
 def test_caps_on_count_and_size(tmp_path, limits, message):
     archive = _zip(tmp_path / "up.zip", [("a/1", "12345"), ("a/2", "12345"), ("a/3", "12345")])
     with pytest.raises(ArchiveError, match=message):
@@ -97,7 +100,10 @@ def test_adapters_are_grouped_by_folder(tmp_path, adapter_dirs):
     dest = extract_zip(_zip(tmp_path / "up.zip", entries), tmp_path / "dest")
     found = adapter_folders(dest)
     assert [f.relative_to(dest).as_posix() for f in found] == [
-        f"nested/{adapter_dirs[0].name}", f"nested/{adapter_dirs[1].name}", "top"]
+        f"nested/{adapter_dirs[0].name}",
+        f"nested/{adapter_dirs[1].name}",
+        "top",
+    ]
     assert load_adapter(found[2]).ranks == load_adapter(adapter_dirs[2]).ranks
     assert not (dest / "__MACOSX").exists()
 

@@ -47,19 +47,32 @@ def _drop_config_key(f, key):
 
 
 CORPUS = {  # name -> (damage the folder, words the message must contain)
-    "truncated safetensors": (lambda f: _weights(f).write_bytes(_weights(f).read_bytes()[:-7]), "not a readable safetensors"),
-    "garbled safetensors": (lambda f: _weights(f).write_bytes(bytes(reversed(_weights(f).read_bytes()))),
-                            "not a readable safetensors"),
+    "truncated safetensors": (
+        lambda f: _weights(f).write_bytes(_weights(f).read_bytes()[:-7]),
+        "not a readable safetensors",
+    ),
+    "garbled safetensors": (
+        lambda f: _weights(f).write_bytes(bytes(reversed(_weights(f).read_bytes()))),
+        "not a readable safetensors",
+    ),
     "empty safetensors": (lambda f: _weights(f).write_bytes(b""), "not a readable safetensors"),
     "header claims gigabytes": (lambda f: _header_claiming(f, 8 * 2**30), "not a readable safetensors"),
-    "header length absurd": (lambda f: _weights(f).write_bytes(struct.pack("<Q", 2**62) + b"{}"), "not a readable safetensors"),
+    "header length absurd": (
+        lambda f: _weights(f).write_bytes(struct.pack("<Q", 2**62) + b"{}"),
+        "not a readable safetensors",
+    ),
     "integer tensor": (lambda f: _set_tensor(f, KEY_A, torch.ones(4, 32, dtype=torch.int32)), "must be floating point"),
     "NaN": (lambda f: _set_tensor(f, KEY_A, torch.full((4, 32), float("nan"))), "lora_A.weight' contains NaN"),
     "Inf": (lambda f: _set_tensor(f, KEY_B, torch.full((32, 4), float("inf"))), "lora_B.weight' contains NaN or Inf"),
-    "ranks disagree inside the adapter": (lambda f: _set_tensor(f, KEY_B, torch.ones(32, 3)), "rank dimensions must agree"),
+    "ranks disagree inside the adapter": (
+        lambda f: _set_tensor(f, KEY_B, torch.ones(32, 3)),
+        "rank dimensions must agree",
+    ),
     "3-D factor": (lambda f: _set_tensor(f, KEY_A, torch.ones(4, 32, 1)), "only 2-D"),
-    "lora_B missing": (lambda f: save_file({k: v for k, v in load_file(_weights(f)).items() if k != KEY_B}, _weights(f)),
-                       "has no lora_B weight"),
+    "lora_B missing": (
+        lambda f: save_file({k: v for k, v in load_file(_weights(f)).items() if k != KEY_B}, _weights(f)),
+        "has no lora_B weight",
+    ),
     "no LoRA tensors": (lambda f: save_file({"x.weight": torch.ones(2)}, _weights(f)), "no lora_A/lora_B tensors"),
     "config missing": (lambda f: (f / "adapter_config.json").unlink(), "no adapter_config.json"),
     "config not JSON": (lambda f: (f / "adapter_config.json").write_bytes(b"\xff\xfe garbage"), "not valid JSON"),
@@ -73,8 +86,10 @@ CORPUS = {  # name -> (damage the folder, words the message must contain)
     "config r disagrees": (lambda f: _set_config(f, r=16), "rank 4 in the weights but 16"),
     "not LoRA": (lambda f: _set_config(f, peft_type="IA3"), "peft_type is 'IA3'"),
     "DoRA": (lambda f: _set_config(f, use_dora=True), "DoRA"),
-    "DoRA magnitude tensor": (lambda f: _set_tensor(f, KEY_A.replace("lora_A.weight", "lora_magnitude_vector"),
-                                                    torch.ones(32)), "lora_magnitude_vector"),
+    "DoRA magnitude tensor": (
+        lambda f: _set_tensor(f, KEY_A.replace("lora_A.weight", "lora_magnitude_vector"), torch.ones(32)),
+        "lora_magnitude_vector",
+    ),
     "weights missing": (lambda f: _weights(f).unlink(), "no adapter_model.safetensors"),
     "rank mismatch with the store": (lambda f: None, "rank 8 differs from rank 4"),
     "module mismatch with the store": (lambda f: None, "targets different modules"),

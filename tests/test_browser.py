@@ -21,8 +21,14 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 README_SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 TIMEOUT_MS = 90_000
 
@@ -44,7 +50,9 @@ from vlora import SharedSubspace, VLoRAModel, load_adapter  # noqa: E402
 # VLORA_DEMO_ADAPTERS points at another folder of them.
 USE_DEMO = os.environ.get("VLORA_SCREENSHOTS_DEMO") == "1"
 K = 2 if USE_DEMO else 1  # the k the test moves to
-DEMO = Path(os.environ.get("VLORA_DEMO_ADAPTERS") or Path(__file__).resolve().parent.parent / "assets" / "demo_adapters")
+DEMO = Path(
+    os.environ.get("VLORA_DEMO_ADAPTERS") or Path(__file__).resolve().parent.parent / "assets" / "demo_adapters"
+)
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,8 @@ def test_info_table_and_json_agree(store):
 def test_export_all_and_add(store, adapter_dirs, tmp_path, input_ids):
     result = vlora("export", store, "-o", tmp_path / "all", "--all")
     assert result.returncode == 0 and sorted(p.name for p in (tmp_path / "all").iterdir()) == sorted(
-        d.name for d in adapter_dirs)
+        d.name for d in adapter_dirs
+    )
     copy = tmp_path / "store"
     copy.mkdir()
     for f in store.iterdir():
@@ -56,19 +57,22 @@ def test_export_all_and_add(store, adapter_dirs, tmp_path, input_ids):
     assert (peft_logits(tmp_path / "new_out", input_ids) - peft_logits(new, input_ids)).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("args, message", [
-    (["info", "{tmp}/nowhere"], "no such folder"),
-    (["info", "{tmp}"], "not a vlora store"),
-    (["export", "{store}", "nope", "-o", "{tmp}/x"], "unknown task 'nope'"),
-    (["export", "{store}", "-o", "{tmp}/x"], "give either a TASK or --all"),
-    (["add", "{store}", "{adapter}", "--task-id", "qa"], "already in this store"),
-    (["add", "{store}", "{rank8}", "--task-id", "r8"], "rank 8 differs from rank 4"),
-    (["add", "{store}", "{tmp}/empty"], "no adapter_config.json"),
-    (["compress", "{adapter}", "-o", "{tmp}/single"], "at least 2 adapters"),
-    (["compress", "{adapter}", "{adapter}", "-o", "{store}"], "used twice"),
-    (["compress", "{adapter}", "{rank8}", "-o", "{store}"], "must share a rank"),
-    (["compress", "{adapter}", "{other}", "-o", "{store}", "-k", "0"], "at least 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["info", "{tmp}/nowhere"], "no such folder"),
+        (["info", "{tmp}"], "not a vlora store"),
+        (["export", "{store}", "nope", "-o", "{tmp}/x"], "unknown task 'nope'"),
+        (["export", "{store}", "-o", "{tmp}/x"], "give either a TASK or --all"),
+        (["add", "{store}", "{adapter}", "--task-id", "qa"], "already in this store"),
+        (["add", "{store}", "{rank8}", "--task-id", "r8"], "rank 8 differs from rank 4"),
+        (["add", "{store}", "{tmp}/empty"], "no adapter_config.json"),
+        (["compress", "{adapter}", "-o", "{tmp}/single"], "at least 2 adapters"),
+        (["compress", "{adapter}", "{adapter}", "-o", "{store}"], "used twice"),
+        (["compress", "{adapter}", "{rank8}", "-o", "{store}"], "must share a rank"),
+        (["compress", "{adapter}", "{other}", "-o", "{store}", "-k", "0"], "at least 1"),
+    ],
+)
 def test_failures_exit_1_name_the_problem_and_keep_the_store(store, adapter_dirs, tmp_path, args, message):
     (tmp_path / "empty").mkdir()
     rank8 = write_adapter(tmp_path / "rank8", 9, r=8)

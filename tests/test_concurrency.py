@@ -67,8 +67,13 @@ def make_workload(folder: Path, session: int) -> Workload:
     full = SharedSubspace.decompose(adapters, method=METHOD)
     view = full.truncated(CompressConfig(K, METHOD))
     view.measure_against(full)
-    return Workload(zip_tree(folder, folder.with_suffix(".zip")), task_ids, quality.task_errors(view),
-                    quality.stored_bytes(view), sum(a.num_bytes for a in adapters))
+    return Workload(
+        zip_tree(folder, folder.with_suffix(".zip")),
+        task_ids,
+        quality.task_errors(view),
+        quality.stored_bytes(view),
+        sum(a.num_bytes for a in adapters),
+    )
 
 
 def run_session(url: str, work: Workload, start: Barrier) -> SimpleNamespace:
@@ -78,8 +83,14 @@ def run_session(url: str, work: Workload, start: Barrier) -> SimpleNamespace:
     table, _ = client.predict(handle_file(work.archive), api_name="/load_adapters")
     *_, numbers, _ = client.predict(METHOD, K, False, 0.9, api_name="/compress")
     adapters_zip, store_zip, status = client.predict([], None, "", api_name="/export")
-    return SimpleNamespace(client=client, work=work, table=[row[0] for row in table["data"]], numbers=numbers,
-                           files=(adapters_zip, store_zip), status=status)
+    return SimpleNamespace(
+        client=client,
+        work=work,
+        table=[row[0] for row in table["data"]],
+        numbers=numbers,
+        files=(adapters_zip, store_zip),
+        status=status,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +147,7 @@ def test_each_session_gets_exactly_its_own_results(sessions):
         assert list(s.numbers["task_errors"]) == ids
         assert s.numbers["task_errors"] == pytest.approx(s.work.task_errors, abs=1e-5)
         assert min(s.numbers["task_errors"].values()) > 0.01  # k = 1 < N - 1: the numbers are the session's own
-        assert (s.numbers["stored_bytes"], s.numbers["original_bytes"]) == (s.work.stored_bytes,
-                                                                            s.work.original_bytes)
+        assert (s.numbers["stored_bytes"], s.numbers["original_bytes"]) == (s.work.stored_bytes, s.work.original_bytes)
         assert f"Exported {len(ids)} tasks" in s.status and ", ".join(ids) in s.status
 
         adapters_zip, store_zip = (fetch(f["url"]) for f in s.files)

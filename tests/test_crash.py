@@ -23,11 +23,14 @@ def test_sigkill_at_every_write_leaves_a_loadable_store(command, adapter_dirs, t
     assert run_cli("compress", *adapter_dirs[:3], "-o", store, "-k", "2").returncode == 0
     old_ids = SharedSubspace.load(store).task_ids
     new = write_adapter(tmp_path / "late", 77)
-    args = {"add": ["add", str(store), str(new), "--incremental"],
-            "compress": ["compress", *map(str, adapter_dirs), "-o", str(store), "-k", "3"]}[command]
+    args = {
+        "add": ["add", str(store), str(new), "--incremental"],
+        "compress": ["compress", *map(str, adapter_dirs), "-o", str(store), "-k", "3"],
+    }[command]
     out = tmp_path / "runs"
-    done = subprocess.run([sys.executable, str(DRIVER), str(store), str(out), "--", *args],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(DRIVER), str(store), str(out), "--", *args], capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr
     kills = int(done.stdout.split("kills=")[1])
     assert "completed at kill point" in done.stdout and kills >= 8  # data files, manifest, clean-up

@@ -32,15 +32,25 @@ def test_export_reproduces_peft_logits(case, method, tmp_path, input_ids):
         out = export_task(store, folder.name, tmp_path / "out" / folder.name)
         assert (peft_logits(out, input_ids) - peft_logits(folder, input_ids)).abs().max() <= 1e-4
         original, exported = (json.loads((f / "adapter_config.json").read_text()) for f in (folder, out))
-        for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules",
-                    "task_type", "modules_to_save", "base_model_name_or_path"):
+        for key in (
+            "r",
+            "lora_alpha",
+            "rank_pattern",
+            "alpha_pattern",
+            "use_rslora",
+            "target_modules",
+            "task_type",
+            "modules_to_save",
+            "base_model_name_or_path",
+        ):
             assert exported[key] == original[key], key
 
 
 def test_alpha_and_base_model_overrides_keep_the_effect(adapter_dirs, tmp_path, input_ids):
     subspace = SharedSubspace.from_adapters([load_adapter(d) for d in adapter_dirs], num_components=64, method="rank")
-    out = export_task(subspace, "sentiment", tmp_path / "a32", alpha=32, base_model="org/base",
-                      target_modules=["q_proj", "v_proj"])
+    out = export_task(
+        subspace, "sentiment", tmp_path / "a32", alpha=32, base_model="org/base", target_modules=["q_proj", "v_proj"]
+    )
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["lora_alpha"] == 32 and config["base_model_name_or_path"] == "org/base"
     assert (peft_logits(out, input_ids) - peft_logits(adapter_dirs[0], input_ids)).abs().max() <= 1e-4

@@ -165,7 +165,7 @@ def test_mixed_batch_equals_each_row_alone(llama):
     assert llama.active_task == b and all(layer.rows is None for layer in llama.targets.values())
     for i, task_id in enumerate(rows):
         llama.clear_task() if task_id is None else llama.set_task(task_id)
-        torch.testing.assert_close(mixed[i], logits(llama, input_ids[i:i + 1])[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(mixed[i], logits(llama, input_ids[i : i + 1])[0], atol=1e-5, rtol=0)
 
 
 def test_generate_follows_the_task_and_each_rows_task(llama, adapter_dirs):
@@ -225,8 +225,11 @@ def test_unknown_task_lists_the_known_ones(llama, input_ids):
 def test_missing_layers_are_named_with_the_nearest(adapter_dirs):
     config = tiny_llama_config()
     config.num_hidden_layers = 1
-    with pytest.raises(CompatibilityError, match=r"model\.layers\.1\.self_attn\.q_proj.*nearest.*"
-                                                 r"model\.layers\.0\.self_attn\.q_proj"):
+    with pytest.raises(
+        CompatibilityError,
+        match=r"model\.layers\.1\.self_attn\.q_proj.*nearest.*"
+        r"model\.layers\.0\.self_attn\.q_proj",
+    ):
         VLoRAModel(LlamaForCausalLM(config), full_store(adapter_dirs, "flat"))
 
 

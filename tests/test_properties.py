@@ -20,14 +20,15 @@ def adapter_sets(draw, min_n=2, max_n=5):
     dims = draw(st.lists(st.tuples(st.integers(rank, 12), st.integers(rank, 12)), min_size=1, max_size=3))
     seed = draw(st.integers(0, 2**16))
     gen = torch.Generator().manual_seed(seed)
-    config = CONFIG | {"r": rank, "lora_alpha": draw(st.sampled_from([1, 8, 16])),
-                       "use_rslora": draw(st.booleans())}
+    config = CONFIG | {"r": rank, "lora_alpha": draw(st.sampled_from([1, 8, 16])), "use_rslora": draw(st.booleans())}
     adapters = []
     for i in range(n):
         layers = {}
         for j, (d_in, d_out) in enumerate(dims):
             A, B = torch.randn(rank, d_in, generator=gen), torch.randn(d_out, rank, generator=gen)
-            layers[f"layers.{j}.q"] = LoRALayer(A, B, config["lora_alpha"] / (rank ** 0.5 if config["use_rslora"] else rank))
+            layers[f"layers.{j}.q"] = LoRALayer(
+                A, B, config["lora_alpha"] / (rank**0.5 if config["use_rslora"] else rank)
+            )
         adapters.append(LoRAAdapter(f"task{i}", config, layers))
     return adapters, draw(st.sampled_from(["flat", "rank"]))
 

@@ -44,8 +44,14 @@ def workdir(tmp_path, monkeypatch):
 def run_shell(block, cwd):
     bin_dir = Path(sys.executable).parent  # the venv's bin, where `pip install -e .` put the `vlora` command
     assert (bin_dir / "vlora").is_file(), "the vlora command is not installed in this environment"
-    result = subprocess.run(["bash", "-ec", block], cwd=cwd, capture_output=True, text=True, timeout=300,
-                            env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        ["bash", "-ec", block],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr
     return result
 
@@ -62,7 +68,11 @@ def test_step1_and_step2_commands_run_verbatim(workdir):
     from vlora import SharedSubspace
 
     assert SharedSubspace.load(workdir / "shared_subspace").task_ids == [
-        "sentiment", "summarization", "translation", "new_task"]
+        "sentiment",
+        "summarization",
+        "translation",
+        "new_task",
+    ]
 
 
 def test_step1_python_runs_verbatim(workdir):

@@ -77,14 +77,22 @@ def test_damage_is_detected_and_named(adapters, tmp_path):
         SharedSubspace.load(store)
 
 
-@pytest.mark.parametrize("setup, message", [
-    (lambda p: p.mkdir(), "not a vlora store"),
-    (lambda p: None, "no such folder"),
-    (lambda p: (p.mkdir(), (p / "manifest.json").write_text("{")), "damaged manifest"),
-    (lambda p: (p.mkdir(), (p / "manifest.json").write_text('{"format": "other"}')), "not a vlora store manifest"),
-    (lambda p: (p.mkdir(), (p / "manifest.json").write_text('{"format": "vlora-subspace", "format_version": 99}')),
-     "format version 99"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: p.mkdir(), "not a vlora store"),
+        (lambda p: None, "no such folder"),
+        (lambda p: (p.mkdir(), (p / "manifest.json").write_text("{")), "damaged manifest"),
+        (lambda p: (p.mkdir(), (p / "manifest.json").write_text('{"format": "other"}')), "not a vlora store manifest"),
+        (
+            lambda p: (
+                p.mkdir(),
+                (p / "manifest.json").write_text('{"format": "vlora-subspace", "format_version": 99}'),
+            ),
+            "format version 99",
+        ),
+    ],
+)
 def test_not_a_store(tmp_path, setup, message):
     setup(tmp_path / "x")
     with pytest.raises(StoreError, match=message):

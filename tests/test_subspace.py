@@ -21,8 +21,9 @@ def _task_delta(subspace, task_id):
 
 
 def _worst_error(subspace, adapters):
-    return max(relative_error(_task_delta(subspace, a.name)[n], dw)
-               for a in adapters for n, dw in delta_weights(a).items())
+    return max(
+        relative_error(_task_delta(subspace, a.name)[n], dw) for a in adapters for n, dw in delta_weights(a).items()
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -84,8 +85,9 @@ def test_sweep_matches_direct_measurement(adapters, method):
     full = SharedSubspace.decompose(adapters, method=method)
     sweep = quality.sweep_ks(full)
     view = full.truncated(2)
-    direct = [max(relative_error(_task_delta(view, a.name)[n], dw) for n, dw in delta_weights(a).items())
-              for a in adapters]
+    direct = [
+        max(relative_error(_task_delta(view, a.name)[n], dw) for n, dw in delta_weights(a).items()) for a in adapters
+    ]
     swept = sweep.errors[sweep.ks.index(2)].max(dim=0).values
     assert torch.allclose(swept, torch.tensor(direct), atol=1e-4)
 
@@ -142,13 +144,18 @@ def test_project_keeps_the_basis_and_reports_the_error(adapters, method):
     subspace = SharedSubspace.from_adapters(adapters[:3], num_components=2, method=method)
     components = {n: {s: b.components.clone() for s, b in sides.items()} for n, sides in subspace.bases.items()}
     task = subspace.add(adapters[3], "projected")
-    assert all(torch.equal(subspace.bases[n][s].components, c) for n, sides in components.items() for s, c in sides.items())
+    assert all(
+        torch.equal(subspace.bases[n][s].components, c) for n, sides in components.items() for s, c in sides.items()
+    )
     expected = {n: subspace.bases[n]["A"].k for n in subspace.shapes}
     assert {n: t["A"].shape[-1] for n, t in task.loadings.items()} == expected
     reported = quality.task_errors(subspace)["projected"]
     delta, original = _task_delta(subspace, "projected"), delta_weights(adapters[3])
-    direct = (sum((delta[n] - d).norm() ** 2 for n, d in original.items()) /
-              sum(d.norm() ** 2 for d in original.values())).sqrt().item()
+    direct = (
+        (sum((delta[n] - d).norm() ** 2 for n, d in original.items()) / sum(d.norm() ** 2 for d in original.values()))
+        .sqrt()
+        .item()
+    )
     assert reported > 0.1 and reported == pytest.approx(direct, rel=1e-4)
 
 
@@ -216,7 +223,9 @@ def test_rank_mismatch_names_both_adapters(tmp_path, adapters):
 
 def test_module_mismatch_lists_the_modules(tmp_path, adapters):
     other = load_adapter(write_adapter(tmp_path / "qk", 9, targets=("q_proj", "k_proj")))
-    with pytest.raises(CompatibilityError, match=r"missing: model.layers.0.self_attn.v_proj.*extra: model.layers.0.self_attn.k_proj"):
+    with pytest.raises(
+        CompatibilityError, match=r"missing: model.layers.0.self_attn.v_proj.*extra: model.layers.0.self_attn.k_proj"
+    ):
         SharedSubspace.from_adapters([adapters[0], other])
 
 

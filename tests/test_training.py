@@ -119,11 +119,20 @@ def test_hugging_face_trainer_trains_the_loadings(adapter_dirs, tmp_path):
     data = [{"input_ids": row, "labels": torch.full_like(row, 5)} for row in ids]  # always say token 5
     with torch.no_grad():
         before = model(ids, labels=data[0]["labels"].expand_as(ids)).loss.item()
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=15, per_device_train_batch_size=8, use_cpu=True,
-                             report_to=[], save_strategy="no", logging_strategy="no", lr_scheduler_type="constant",
-                             remove_unused_columns=False)  # VLoRAModel.forward takes **kwargs
-    Trainer(model=model, args=args, train_dataset=data, optimizers=(sub.optimizer, None),
-            callbacks=[sub.callback()]).train()
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=15,
+        per_device_train_batch_size=8,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        lr_scheduler_type="constant",
+        remove_unused_columns=False,
+    )  # VLoRAModel.forward takes **kwargs
+    Trainer(
+        model=model, args=args, train_dataset=data, optimizers=(sub.optimizer, None), callbacks=[sub.callback()]
+    ).train()
     with torch.no_grad():
         after = model(ids, labels=data[0]["labels"].expand_as(ids)).loss.item()
     assert after < before - 0.05

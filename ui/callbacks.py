@@ -26,8 +26,10 @@ from .workbench import BASE_CHOICE, AdapterRow, KReport, Loaded, Workbench
 try:  # ZeroGPU on a Space; elsewhere the decorator changes nothing
     from spaces import GPU
 except ImportError:
+
     def GPU(fn=None, **_):
         return fn if fn is not None else (lambda f: f)
+
 
 TABLE_COLUMNS = ["task id", "rank", "alpha", "target modules", "layers", "size", "problem"]
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -48,16 +50,19 @@ class Callbacks:
             return self._listing(bench, bench.add_archive(archive), Path(archive).name)
 
     @user_errors
-    def load_folder(self, files: list[str] | None, task_id: str, request: gr.Request,
-                    progress=gr.Progress(track_tqdm=True)):
+    def load_folder(
+        self, files: list[str] | None, task_id: str, request: gr.Request, progress=gr.Progress(track_tqdm=True)
+    ):
         """Add one adapter from a folder upload, named ``task_id``. Returns (adapter table, status)."""
         if not files:
             raise gr.Error("choose an adapter folder first.")
         with self.sessions.open(request) as bench:
             loaded = bench.add_files(files, task_id or "")
             if loaded.ignored:
-                gr.Info(f"ignored {len(loaded.ignored)} files that are not part of a PEFT adapter: "
-                        f"{', '.join(loaded.ignored[:5])}{' ...' if len(loaded.ignored) > 5 else ''}")
+                gr.Info(
+                    f"ignored {len(loaded.ignored)} files that are not part of a PEFT adapter: "
+                    f"{', '.join(loaded.ignored[:5])}{' ...' if len(loaded.ignored) > 5 else ''}"
+                )
             return self._listing(bench, loaded, "the folder")
 
     @user_errors
@@ -68,8 +73,13 @@ class Callbacks:
         if not (path or "").strip():
             raise gr.Error("type the path of an adapter folder, or of a folder of them.")
         if self.sessions.holds(path.strip()):
-            raise gr.Error(html.escape(f"{path.strip()}: holds the workbench's own session files (other people's "
-                                       "uploads and exports); give a folder of your own adapters.", quote=False))
+            raise gr.Error(
+                html.escape(
+                    f"{path.strip()}: holds the workbench's own session files (other people's "
+                    "uploads and exports); give a folder of your own adapters.",
+                    quote=False,
+                )
+            )
         with self.sessions.open(request) as bench:
             return self._listing(bench, bench.add_path(path.strip()), path.strip())
 
@@ -94,8 +104,12 @@ class Callbacks:
         first = tasks[0] if tasks else None
         a = f"compressed: {first}" if first else BASE_CHOICE
         b = f"original: {first}" if first else BASE_CHOICE
-        return (gr.Dropdown(choices=tasks, value=[]), gr.Dropdown(choices=tasks, value=[]),
-                gr.Dropdown(choices=choices, value=a), gr.Dropdown(choices=choices, value=b))
+        return (
+            gr.Dropdown(choices=tasks, value=[]),
+            gr.Dropdown(choices=tasks, value=[]),
+            gr.Dropdown(choices=choices, value=a),
+            gr.Dropdown(choices=choices, value=b),
+        )
 
     def _listing(self, bench: Workbench, loaded: Loaded, label: str):
         rows = bench.table()
@@ -111,28 +125,55 @@ class Callbacks:
 
     # ---- 2. tuning k ------------------------------------------------------------------------------
     @user_errors
-    def compress(self, method: str, k: float, adaptive_k: bool, threshold: float, request: gr.Request,
-                 progress=gr.Progress(track_tqdm=True)):
+    def compress(
+        self,
+        method: str,
+        k: float,
+        adaptive_k: bool,
+        threshold: float,
+        request: gr.Request,
+        progress=gr.Progress(track_tqdm=True),
+    ):
         """The view at this setting. Returns (summary, variance plot, error plot, storage plot, bytes plot,
         numbers, status); SVDs run only the first time a basis is used."""
         config = CompressConfig(int(k), method, bool(adaptive_k), float(threshold))
         with self.sessions.open(request) as bench:
             report = bench.report(config, progress=True)
-        status = (f"Compressed ({plots.setting_label(report.config)}): ×{report.ratio:.1f} smaller, "
-                  f"mean ΔW error {report.mean_error:.1%}.")
-        return (summary(report), plots.variance_figure(report), plots.task_error_figure(report),
-                plots.storage_figure(report), plots.bytes_figure(report), numbers(report), status)
+        status = (
+            f"Compressed ({plots.setting_label(report.config)}): ×{report.ratio:.1f} smaller, "
+            f"mean ΔW error {report.mean_error:.1%}."
+        )
+        return (
+            summary(report),
+            plots.variance_figure(report),
+            plots.task_error_figure(report),
+            plots.storage_figure(report),
+            plots.bytes_figure(report),
+            numbers(report),
+            status,
+        )
 
     @user_errors
-    def overview(self, method: str, k: float, adaptive_k: bool, threshold: float, request: gr.Request,
-                 progress=gr.Progress(track_tqdm=True)):
+    def overview(
+        self,
+        method: str,
+        k: float,
+        adaptive_k: bool,
+        threshold: float,
+        request: gr.Request,
+        progress=gr.Progress(track_tqdm=True),
+    ):
         """After adapters are loaded (not an API endpoint): the k tab drawn at the current setting, the k
         slider sized, the tab shown — or, with fewer than two adapters, a word on what is missing."""
         with self.sessions.open(request) as bench:
             ready = len(bench.adapters) >= 2
         if not ready:
-            return (*[gr.skip()] * 6, "Add at least one more adapter: a shared subspace needs two or more.",
-                    gr.skip(), gr.skip())
+            return (
+                *[gr.skip()] * 6,
+                "Add at least one more adapter: a shared subspace needs two or more.",
+                gr.skip(),
+                gr.skip(),
+            )
         drawn = self.compress(method, k, adaptive_k, threshold, request)
         return (*drawn, self.k_range(method, k, request), gr.Tabs(selected="tune"))
 
@@ -154,8 +195,16 @@ class Callbacks:
         return f"Base model {source} ready ({millions:.0f}M parameters, shared by every session)."
 
     @user_errors
-    def ab_test(self, source: str, prompt: str, choice_a: str, choice_b: str, max_new_tokens: float,
-                request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+    def ab_test(
+        self,
+        source: str,
+        prompt: str,
+        choice_a: str,
+        choice_b: str,
+        max_new_tokens: float,
+        request: gr.Request,
+        progress=gr.Progress(track_tqdm=True),
+    ):
         """Generate for A and B on the shared base model.
 
         Returns (text A, stats A, text B, stats B, timings, status)."""
@@ -165,12 +214,28 @@ class Callbacks:
         progress(0.5, desc="generating")
         with self.sessions.open(request) as bench:
             runs = _generate(bench, model, tokenizer, prompt or "", [choice_a, choice_b], int(max_new_tokens))
-        stats = [f"switch {r.switch_ms:.2f} ms · {r.new_tokens} tokens in {r.seconds:.2f} s · "
-                 f"{r.tokens_per_s:.1f} tokens/s" for r in runs]
-        numbers_ = [{"choice": r.choice, "switch_ms": round(r.switch_ms, 3), "new_tokens": r.new_tokens,
-                     "seconds": round(r.seconds, 3), "tokens_per_s": round(r.tokens_per_s, 2)} for r in runs]
-        return (runs[0].text, stats[0], runs[1].text, stats[1], numbers_,
-                f"A/B test done on {source}: A {runs[0].choice}, B {runs[1].choice}.")
+        stats = [
+            f"switch {r.switch_ms:.2f} ms · {r.new_tokens} tokens in {r.seconds:.2f} s · {r.tokens_per_s:.1f} tokens/s"
+            for r in runs
+        ]
+        numbers_ = [
+            {
+                "choice": r.choice,
+                "switch_ms": round(r.switch_ms, 3),
+                "new_tokens": r.new_tokens,
+                "seconds": round(r.seconds, 3),
+                "tokens_per_s": round(r.tokens_per_s, 2),
+            }
+            for r in runs
+        ]
+        return (
+            runs[0].text,
+            stats[0],
+            runs[1].text,
+            stats[1],
+            numbers_,
+            f"A/B test done on {source}: A {runs[0].choice}, B {runs[1].choice}.",
+        )
 
     def _model_source(self, text: str | None) -> str:
         """The source to load; on a Space, only the default, the bundled model or a hub id."""
@@ -178,23 +243,35 @@ class Callbacks:
         if self.settings.allow_server_paths or source in (BUNDLED, self.settings.model_source):
             return source
         if Path(source).expanduser().exists() or not _HUB_ID.fullmatch(source):
-            raise gr.Error(f"{source!r}: model folders on the server are switched off here; "
-                           f"use {BUNDLED!r} or an 'org/name' hub id.")
+            raise gr.Error(
+                f"{source!r}: model folders on the server are switched off here; "
+                f"use {BUNDLED!r} or an 'org/name' hub id."
+            )
         return source
 
     # ---- 4. export --------------------------------------------------------------------------------
     @user_errors
-    def export(self, task_ids: list[str] | None, alpha: float | None, base_model: str, request: gr.Request,
-               progress=gr.Progress(track_tqdm=True)):
+    def export(
+        self,
+        task_ids: list[str] | None,
+        alpha: float | None,
+        base_model: str,
+        request: gr.Request,
+        progress=gr.Progress(track_tqdm=True),
+    ):
         """Export tasks (all when empty) at the current k. Returns (adapters zip, store zip, status)."""
         with self.sessions.open(request) as bench:
-            exported = bench.export(task_ids or None, alpha=alpha or None,
-                                    base_model=(base_model or "").strip() or None)
+            exported = bench.export(
+                task_ids or None, alpha=alpha or None, base_model=(base_model or "").strip() or None
+            )
         sizes = [plots.human_bytes(path.stat().st_size) for path in (exported.adapters_zip, exported.store_zip)]
-        return (str(exported.adapters_zip), str(exported.store_zip),
-                f"Exported {len(exported.task_ids)} tasks as PEFT folders ({plots.setting_label(exported.config)}; "
-                f"{', '.join(exported.task_ids)}): adapters zip {sizes[0]}, store zip {sizes[1]} — "
-                "use the download buttons.")
+        return (
+            str(exported.adapters_zip),
+            str(exported.store_zip),
+            f"Exported {len(exported.task_ids)} tasks as PEFT folders ({plots.setting_label(exported.config)}; "
+            f"{', '.join(exported.task_ids)}): adapters zip {sizes[0]}, store zip {sizes[1]} — "
+            "use the download buttons.",
+        )
 
     # ---- the session's end ------------------------------------------------------------------------
     def end_session(self, request: gr.Request) -> None:
@@ -208,30 +285,49 @@ def _generate(bench: Workbench, model, tokenizer, prompt: str, choices: list[str
 
 def adapter_table(rows: list[AdapterRow]) -> pd.DataFrame:
     return pd.DataFrame(
-        [[r.task_id, str(r.rank_min) if r.rank_min == r.rank_max else f"{r.rank_min}–{r.rank_max}", f"{r.alpha:g}",
-          r.target_modules, r.layers, plots.human_bytes(r.num_bytes), r.problem or "—"] for r in rows],
+        [
+            [
+                r.task_id,
+                str(r.rank_min) if r.rank_min == r.rank_max else f"{r.rank_min}–{r.rank_max}",
+                f"{r.alpha:g}",
+                r.target_modules,
+                r.layers,
+                plots.human_bytes(r.num_bytes),
+                r.problem or "—",
+            ]
+            for r in rows
+        ],
         columns=TABLE_COLUMNS,
     )
 
 
 def summary(report: KReport) -> str:
-    return (f"**×{report.ratio:.1f} smaller**: {plots.human_bytes(report.stored_bytes)} stored (shared basis "
-            f"{plots.human_bytes(report.basis_bytes)} + loadings) for {plots.human_bytes(report.original_bytes)} of "
-            f"adapters · mean ΔW error **{report.mean_error:.2%}** (worst {max(report.task_errors):.2%}) · "
-            f"{plots.setting_label(report.config)}" + (f"  \nNote: {report.note}" if report.note else ""))
+    return (
+        f"**×{report.ratio:.1f} smaller**: {plots.human_bytes(report.stored_bytes)} stored (shared basis "
+        f"{plots.human_bytes(report.basis_bytes)} + loadings) for {plots.human_bytes(report.original_bytes)} of "
+        f"adapters · mean ΔW error **{report.mean_error:.2%}** (worst {max(report.task_errors):.2%}) · "
+        f"{plots.setting_label(report.config)}" + (f"  \nNote: {report.note}" if report.note else "")
+    )
 
 
 def numbers(report: KReport) -> dict:
     """The report's numbers for the API and the "numbers" panel."""
     return {
-        "method": report.config.method, "adaptive_k": report.config.adaptive_k,
+        "method": report.config.method,
+        "adaptive_k": report.config.adaptive_k,
         "k": None if report.config.adaptive_k else report.config.num_components,
         "variance_threshold": report.config.variance_threshold if report.config.adaptive_k else None,
-        "stored_bytes": report.stored_bytes, "basis_bytes": report.basis_bytes,
-        "original_bytes": report.original_bytes, "ratio": round(report.ratio, 4), "k_max": report.k_max,
+        "stored_bytes": report.stored_bytes,
+        "basis_bytes": report.basis_bytes,
+        "original_bytes": report.original_bytes,
+        "ratio": round(report.ratio, 4),
+        "k_max": report.k_max,
         "task_errors": dict(zip(report.task_ids, report.task_errors)),
-        "layers": [{"layer": n, "k_a": ka, "k_b": kb, "variance_a": va, "variance_b": vb, "error": e}
-                   for n, ka, kb, va, vb, e in zip(report.layers, report.k_a, report.k_b, report.variance_a,
-                                                   report.variance_b, report.layer_errors)],
+        "layers": [
+            {"layer": n, "k_a": ka, "k_b": kb, "variance_a": va, "variance_b": vb, "error": e}
+            for n, ka, kb, va, vb, e in zip(
+                report.layers, report.k_a, report.k_b, report.variance_a, report.variance_b, report.layer_errors
+            )
+        ],
         "note": report.note,
     }

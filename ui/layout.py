@@ -61,35 +61,66 @@ def _adapters_tab(settings: AppSettings) -> dict:
                 load_zip = gr.Button("Load zip", variant="primary", elem_id="load-zip")
             with gr.Column():
                 folder = gr.File(label="One adapter folder", file_count="directory", elem_id="adapter-folder")
-                folder_id = gr.Textbox(label="Task id for this folder", placeholder="e.g. sentiment",
-                                       elem_id="folder-task-id")
+                folder_id = gr.Textbox(
+                    label="Task id for this folder", placeholder="e.g. sentiment", elem_id="folder-task-id"
+                )
                 load_folder = gr.Button("Add folder", elem_id="load-folder")
             with gr.Column():
-                path = gr.Textbox(label="Server path (localhost only)", placeholder="/data/adapters",
-                                  visible=settings.allow_server_paths, elem_id="server-path")
+                path = gr.Textbox(
+                    label="Server path (localhost only)",
+                    placeholder="/data/adapters",
+                    visible=settings.allow_server_paths,
+                    elem_id="server-path",
+                )
                 load_path = gr.Button("Load path", visible=settings.allow_server_paths, elem_id="load-path")
                 load_demo = gr.Button("Load demo adapters", elem_id="load-demo")
         table = gr.Dataframe(label="Adapters", interactive=False, wrap=True, elem_id="adapter-table")
         with gr.Row():
-            remove = gr.Dropdown(label="Tasks to remove (none chosen: all)", multiselect=True,
-                                 allow_custom_value=True, elem_id="remove-tasks")
+            remove = gr.Dropdown(
+                label="Tasks to remove (none chosen: all)",
+                multiselect=True,
+                allow_custom_value=True,
+                elem_id="remove-tasks",
+            )
             remove_button = gr.Button("Remove", elem_id="remove")
-    return dict(archive=archive, load_zip=load_zip, folder=folder, folder_id=folder_id, load_folder=load_folder,
-                path=path, load_path=load_path, load_demo=load_demo, table=table, remove=remove,
-                remove_button=remove_button)
+    return dict(
+        archive=archive,
+        load_zip=load_zip,
+        folder=folder,
+        folder_id=folder_id,
+        load_folder=load_folder,
+        path=path,
+        load_path=load_path,
+        load_demo=load_demo,
+        table=table,
+        remove=remove,
+        remove_button=remove_button,
+    )
 
 
 def _tune_tab() -> dict:
     with gr.Tab("2 · Tune k", id="tune"):
         with gr.Row():
-            method = gr.Radio(list(METHODS), value=DEFAULT_METHOD, label="Basis", elem_id="method",
-                              info=" · ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
-            k = gr.Slider(1, 64, value=DEFAULT_NUM_COMPONENTS, step=1, label="k (directions per layer side)",
-                          elem_id="k-slider")
+            method = gr.Radio(
+                list(METHODS),
+                value=DEFAULT_METHOD,
+                label="Basis",
+                elem_id="method",
+                info=" · ".join(f"{m.name}: {m.summary}" for m in METHODS.values()),
+            )
+            k = gr.Slider(
+                1, 64, value=DEFAULT_NUM_COMPONENTS, step=1, label="k (directions per layer side)", elem_id="k-slider"
+            )
         with gr.Row():
             adaptive = gr.Checkbox(label="Adaptive k per layer side", elem_id="adaptive-k")
-            threshold = gr.Slider(0.5, 1.0, value=DEFAULT_VARIANCE_THRESHOLD, step=0.01,
-                                  label="Variance to explain (adaptive k)", elem_id="threshold")
+            threshold = gr.Slider(
+                0.5,
+                1.0,
+                value=DEFAULT_VARIANCE_THRESHOLD,
+                step=0.01,
+                label="Variance to explain (adaptive k)",
+                elem_id="threshold",
+            )
         summary = gr.Markdown(label="summary", elem_id="k-summary")
         with gr.Row():
             variance = gr.Plot(label="Variance explained", elem_id="variance-plot")
@@ -99,29 +130,48 @@ def _tune_tab() -> dict:
             size = gr.Plot(label="Bytes", elem_id="bytes-plot")
         with gr.Accordion("Numbers", open=False):
             numbers = gr.JSON(label="numbers", elem_id="k-numbers")
-    return dict(method=method, k=k, adaptive=adaptive, threshold=threshold, summary=summary, variance=variance,
-                errors=errors, storage=storage, size=size, numbers=numbers)
+    return dict(
+        method=method,
+        k=k,
+        adaptive=adaptive,
+        threshold=threshold,
+        summary=summary,
+        variance=variance,
+        errors=errors,
+        storage=storage,
+        size=size,
+        numbers=numbers,
+    )
 
 
 def _ab_tab(settings: AppSettings) -> dict:
     prompts = demo_prompts(settings.demo_prompts) or FALLBACK_PROMPTS
     with gr.Tab("3 · A/B test", id="ab"):
         with gr.Row():
-            source = gr.Textbox(settings.model_source, label="Base model", elem_id="model-source",
-                                info="'bundled' (SmolLM2-135M, offline), a local folder (localhost only) "
-                                     "or an org/name hub id")
+            source = gr.Textbox(
+                settings.model_source,
+                label="Base model",
+                elem_id="model-source",
+                info="'bundled' (SmolLM2-135M, offline), a local folder (localhost only) or an org/name hub id",
+            )
             load_model = gr.Button("Load model", elem_id="load-model")
         prompt = gr.Textbox(prompts[0], label="Prompt", lines=2, elem_id="prompt")
         gr.Examples([[p] for p in prompts], inputs=[prompt], label="Example prompts")
-        gr.Markdown("A and B: *base model*, or a task — " + "; ".join(
-            f"*{kind}*: {what}" for kind, what in CHOICE_KINDS.items()) + ".")
+        gr.Markdown(
+            "A and B: *base model*, or a task — "
+            + "; ".join(f"*{kind}*: {what}" for kind, what in CHOICE_KINDS.items())
+            + "."
+        )
         with gr.Row():
-            choice_a = gr.Dropdown([BASE_CHOICE], value=BASE_CHOICE, label="A", allow_custom_value=True,
-                                   elem_id="choice-a")
-            choice_b = gr.Dropdown([BASE_CHOICE], value=BASE_CHOICE, label="B", allow_custom_value=True,
-                                   elem_id="choice-b")
-            max_new_tokens = gr.Slider(8, 256, value=DEFAULT_MAX_NEW_TOKENS, step=8, label="New tokens",
-                                       elem_id="max-new-tokens")
+            choice_a = gr.Dropdown(
+                [BASE_CHOICE], value=BASE_CHOICE, label="A", allow_custom_value=True, elem_id="choice-a"
+            )
+            choice_b = gr.Dropdown(
+                [BASE_CHOICE], value=BASE_CHOICE, label="B", allow_custom_value=True, elem_id="choice-b"
+            )
+            max_new_tokens = gr.Slider(
+                8, 256, value=DEFAULT_MAX_NEW_TOKENS, step=8, label="New tokens", elem_id="max-new-tokens"
+            )
         run = gr.Button("Generate A and B", variant="primary", elem_id="run-ab")
         with gr.Row():
             with gr.Column():
@@ -132,25 +182,46 @@ def _ab_tab(settings: AppSettings) -> dict:
                 stats_b = gr.Markdown(label="stats B", elem_id="stats-b")
         with gr.Accordion("Numbers", open=False):
             numbers = gr.JSON(label="timings", elem_id="ab-numbers")
-    return dict(source=source, load_model=load_model, prompt=prompt, choice_a=choice_a, choice_b=choice_b,
-                max_new_tokens=max_new_tokens, run=run, text_a=text_a, stats_a=stats_a, text_b=text_b,
-                stats_b=stats_b, numbers=numbers)
+    return dict(
+        source=source,
+        load_model=load_model,
+        prompt=prompt,
+        choice_a=choice_a,
+        choice_b=choice_b,
+        max_new_tokens=max_new_tokens,
+        run=run,
+        text_a=text_a,
+        stats_a=stats_a,
+        text_b=text_b,
+        stats_b=stats_b,
+        numbers=numbers,
+    )
 
 
 def _export_tab() -> dict:
     with gr.Tab("4 · Export", id="export"):
-        tasks = gr.Dropdown(label="Tasks to export (none chosen: all)", multiselect=True, allow_custom_value=True,
-                            elem_id="export-tasks")
+        tasks = gr.Dropdown(
+            label="Tasks to export (none chosen: all)",
+            multiselect=True,
+            allow_custom_value=True,
+            elem_id="export-tasks",
+        )
         with gr.Row():
-            alpha = gr.Number(None, label="lora_alpha to write (ΔW is unchanged)", placeholder="each adapter's own",
-                              minimum=0, elem_id="export-alpha")
+            alpha = gr.Number(
+                None,
+                label="lora_alpha to write (ΔW is unchanged)",
+                placeholder="each adapter's own",
+                minimum=0,
+                elem_id="export-alpha",
+            )
             base_model = gr.Textbox(label="base_model_name_or_path to write (blank: keep)", elem_id="export-base")
         run = gr.Button("Export at the current k", variant="primary", elem_id="run-export")
         with gr.Row():
             adapters_zip = gr.DownloadButton("Download PEFT adapters (zip)", elem_id="download-adapters")
             store_zip = gr.DownloadButton("Download the vlora store (zip)", elem_id="download-store")
-    return dict(tasks=tasks, alpha=alpha, base_model=base_model, run=run, adapters_zip=adapters_zip,
-                store_zip=store_zip)
+    return dict(
+        tasks=tasks, alpha=alpha, base_model=base_model, run=run, adapters_zip=adapters_zip, store_zip=store_zip
+    )
 
 
 # ---- the events -----------------------------------------------------------------------------------
@@ -161,29 +232,49 @@ def _wire(calls: Callbacks, status, tabs, a: dict, k: dict, ab: dict, ex: dict) 
     lists_out = [a["remove"], ex["tasks"], ab["choice_a"], ab["choice_b"]]
 
     # the public endpoints first: private events that reuse a function would take the plain api_name
-    gr.on([k["k"].change, k["adaptive"].change, k["threshold"].change], calls.compress, settings_in, plots_out,
-          api_name="compress", trigger_mode="always_last", show_progress="minimal")
+    gr.on(
+        [k["k"].change, k["adaptive"].change, k["threshold"].change],
+        calls.compress,
+        settings_in,
+        plots_out,
+        api_name="compress",
+        trigger_mode="always_last",
+        show_progress="minimal",
+    )
     k["method"].change(calls.compress, settings_in, plots_out, api_visibility="private").success(
-        calls.k_range, [k["method"], k["k"]], [k["k"]], api_visibility="private")
+        calls.k_range, [k["method"], k["k"]], [k["k"]], api_visibility="private"
+    )
 
     def after_loading(event):
         """Refresh the task lists; then draw the k tab at the current setting, size the slider, show the tab."""
         event.success(calls.adapter_lists, None, lists_out, api_visibility="private").success(
-            calls.overview, settings_in, plots_out + [k["k"], tabs], api_visibility="private")
+            calls.overview, settings_in, plots_out + [k["k"], tabs], api_visibility="private"
+        )
 
     after_loading(a["load_zip"].click(calls.load_adapters, [a["archive"]], listing, api_name="load_adapters"))
-    after_loading(a["load_folder"].click(calls.load_folder, [a["folder"], a["folder_id"]], listing,
-                                         api_name="load_folder"))
+    after_loading(
+        a["load_folder"].click(calls.load_folder, [a["folder"], a["folder_id"]], listing, api_name="load_folder")
+    )
     after_loading(a["load_path"].click(calls.load_path, [a["path"]], listing, api_name="load_path"))
     after_loading(a["load_demo"].click(calls.load_demo, None, listing, api_name="load_demo"))
     a["remove_button"].click(calls.remove_adapters, [a["remove"]], listing, api_name="remove_adapters").success(
-        calls.adapter_lists, None, lists_out, api_visibility="private")
+        calls.adapter_lists, None, lists_out, api_visibility="private"
+    )
 
-    ab["load_model"].click(calls.load_model, [ab["source"]], [status], api_name="load_model",
-                           concurrency_id=BASE_MODEL_QUEUE)
-    ab["run"].click(calls.ab_test, [ab["source"], ab["prompt"], ab["choice_a"], ab["choice_b"], ab["max_new_tokens"]],
-                    [ab["text_a"], ab["stats_a"], ab["text_b"], ab["stats_b"], ab["numbers"], status],
-                    api_name="ab_test", concurrency_id=BASE_MODEL_QUEUE)
+    ab["load_model"].click(
+        calls.load_model, [ab["source"]], [status], api_name="load_model", concurrency_id=BASE_MODEL_QUEUE
+    )
+    ab["run"].click(
+        calls.ab_test,
+        [ab["source"], ab["prompt"], ab["choice_a"], ab["choice_b"], ab["max_new_tokens"]],
+        [ab["text_a"], ab["stats_a"], ab["text_b"], ab["stats_b"], ab["numbers"], status],
+        api_name="ab_test",
+        concurrency_id=BASE_MODEL_QUEUE,
+    )
 
-    ex["run"].click(calls.export, [ex["tasks"], ex["alpha"], ex["base_model"]],
-                    [ex["adapters_zip"], ex["store_zip"], status], api_name="export")
+    ex["run"].click(
+        calls.export,
+        [ex["tasks"], ex["alpha"], ex["base_model"]],
+        [ex["adapters_zip"], ex["store_zip"], status],
+        api_name="export",
+    )

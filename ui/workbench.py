@@ -149,8 +149,9 @@ class Workbench:
         label = label or Path(zip_path).name
         with self._scratch("uploads") as root:
             folder = root / (Path(label).stem or "adapter")
-            archive.extract_zip(zip_path, folder, max_files=self.settings.max_files,
-                                max_total_bytes=self.settings.max_total_bytes)
+            archive.extract_zip(
+                zip_path, folder, max_files=self.settings.max_files, max_total_bytes=self.settings.max_total_bytes
+            )
             return self._add_folders(archive.adapter_folders(folder), root, label)
 
     def add_files(self, files: list[str | Path], task_id: str) -> Loaded:
@@ -170,8 +171,10 @@ class Workbench:
     def add_demo(self) -> Loaded:
         demo = self.settings.demo_adapters
         if demo is None or not demo.is_dir():
-            raise VLoRAError(f"{demo}: the demo adapters are missing; make them with "
-                             "`python assets/make_demo_adapters.py`, or upload your own.")
+            raise VLoRAError(
+                f"{demo}: the demo adapters are missing; make them with "
+                "`python assets/make_demo_adapters.py`, or upload your own."
+            )
         return self._add_folders(archive.adapter_folders(demo), demo, "demo adapters")
 
     def remove(self, task_ids: list[str]) -> list[str]:
@@ -187,11 +190,15 @@ class Workbench:
 
     def _add_folders(self, folders: list[Path], root: Path, label: str, names: list[str] | None = None) -> Loaded:
         if not folders:
-            raise archive.ArchiveError(f"{label}: holds no PEFT adapter folder (a folder with adapter_config.json "
-                                       "and adapter_model.safetensors); upload a zip of adapter folders.")
+            raise archive.ArchiveError(
+                f"{label}: holds no PEFT adapter folder (a folder with adapter_config.json "
+                "and adapter_model.safetensors); upload a zip of adapter folders."
+            )
         if len(self.adapters) + len(folders) > self.settings.max_adapters:
-            raise VLoRAError(f"{label}: {len(folders)} more adapters would pass the limit of "
-                             f"{self.settings.max_adapters} per session; remove some first.")
+            raise VLoRAError(
+                f"{label}: {len(folders)} more adapters would pass the limit of "
+                f"{self.settings.max_adapters} per session; remove some first."
+            )
         loaded = [self._load(f, root) for f in tqdm(folders, desc="reading adapters", leave=False)]
         names = names or [a.name for a in loaded]
         added = self._free_ids(names, label)
@@ -245,12 +252,24 @@ class Workbench:
             layer_errors = [r.error for r in quality.layer_reports(view)]
         self._view, self.config, self._measured = view, config, view is not None
         return KReport(
-            config=config, layers=[r.layer for r in reports], k_a=[r.k_a for r in reports],
-            k_b=[r.k_b for r in reports], variance_a=[r.variance_a for r in reports],
-            variance_b=[r.variance_b for r in reports], layer_errors=layer_errors, task_ids=found.full.task_ids,
-            task_errors=task_errors, curve_ks=sweep.ks, curve_bytes=sweep.bytes, curve_mean_errors=found.curve_mean,
-            curve_max_errors=found.curve_max, stored_bytes=stored, basis_bytes=quality.stored_bytes(outline),
-            original_bytes=found.original_bytes, k_max=sweep.ks[-1], note=outline.clipping_note(),
+            config=config,
+            layers=[r.layer for r in reports],
+            k_a=[r.k_a for r in reports],
+            k_b=[r.k_b for r in reports],
+            variance_a=[r.variance_a for r in reports],
+            variance_b=[r.variance_b for r in reports],
+            layer_errors=layer_errors,
+            task_ids=found.full.task_ids,
+            task_errors=task_errors,
+            curve_ks=sweep.ks,
+            curve_bytes=sweep.bytes,
+            curve_mean_errors=found.curve_mean,
+            curve_max_errors=found.curve_max,
+            stored_bytes=stored,
+            basis_bytes=quality.stored_bytes(outline),
+            original_bytes=found.original_bytes,
+            k_max=sweep.ks[-1],
+            note=outline.clipping_note(),
         )
 
     @property
@@ -267,23 +286,31 @@ class Workbench:
     def _decomposition(self, method: str, progress: bool) -> _Decomposition:
         if method not in self._decompositions:
             if not self.adapters:
-                raise VLoRAError("no adapters loaded yet; upload a zip of adapter folders, "
-                                 "or load the demo adapters, first.")
-            full = SharedSubspace.decompose(list(self.adapters.values()), list(self.adapters), method=method,
-                                            progress=progress)
+                raise VLoRAError(
+                    "no adapters loaded yet; upload a zip of adapter folders, or load the demo adapters, first."
+                )
+            full = SharedSubspace.decompose(
+                list(self.adapters.values()), list(self.adapters), method=method, progress=progress
+            )
             k_max = max(b.k for sides in full.bases.values() for b in sides.values())
             ks = sorted(set(range(1, min(k_max, SWEEP_EVERY_K_UP_TO) + 1)) | set(quality.k_grid(k_max)))
             sweep = quality.sweep_ks(full, ks, progress=_bar("k sweep") if progress else None)
             errors = [sweep.task_errors(k) for k in sweep.ks]
             shell = SharedSubspace(full.method, full.shapes, full.bases, {})
             self._decompositions[method] = _Decomposition(
-                full, shell, sweep, [e.mean().item() for e in errors], [e.max().item() for e in errors],
-                sum(a.num_bytes for a in self.adapters.values()))
+                full,
+                shell,
+                sweep,
+                [e.mean().item() for e in errors],
+                [e.max().item() for e in errors],
+                sum(a.num_bytes for a in self.adapters.values()),
+            )
         return self._decompositions[method]
 
     # ---- exporting --------------------------------------------------------------------------------
-    def export(self, task_ids: list[str] | None = None, *, alpha: float | None = None,
-               base_model: str | None = None) -> Exported:
+    def export(
+        self, task_ids: list[str] | None = None, *, alpha: float | None = None, base_model: str | None = None
+    ) -> Exported:
         """The chosen tasks (default all) at the current k as PEFT folders, plus the store, each zipped."""
         view = self._current_view()
         ids = list(task_ids or view.task_ids)
@@ -435,9 +462,16 @@ def demo_prompts(path: Path | None) -> list[str]:
 def _row(task_id: str, adapter: LoRAAdapter, problem: str) -> AdapterRow:
     ranks = adapter.ranks.values()
     targets = adapter.config.get("target_modules") or []
-    return AdapterRow(task_id, min(ranks), max(ranks), adapter.config.get("lora_alpha"),
-                      targets if isinstance(targets, str) else ", ".join(sorted(targets)),
-                      len(adapter.layers), adapter.num_bytes, problem)
+    return AdapterRow(
+        task_id,
+        min(ranks),
+        max(ranks),
+        adapter.config.get("lora_alpha"),
+        targets if isinstance(targets, str) else ", ".join(sorted(targets)),
+        len(adapter.layers),
+        adapter.num_bytes,
+        problem,
+    )
 
 
 def _bar(desc: str):

@@ -11,7 +11,23 @@ from .subspace import SharedSubspace, stream_compress
 from .training import SubspaceTrainer, orthogonal_init
 
 __all__ = [
-    "AdapterError", "CompatibilityError", "CompressConfig", "LayerShape", "LoRAAdapter", "LoRALayer",
-    "SharedSubspace", "StoreError", "SubspaceTrainer", "Task", "TaskError", "VLoRAError", "VLoRAModel", "export_all",
-    "export_task", "load_adapter", "orthogonal_init", "save_adapter", "stream_compress",
+    "AdapterError",
+    "CompatibilityError",
+    "CompressConfig",
+    "LayerShape",
+    "LoRAAdapter",
+    "LoRALayer",
+    "SharedSubspace",
+    "StoreError",
+    "SubspaceTrainer",
+    "Task",
+    "TaskError",
+    "VLoRAError",
+    "VLoRAModel",
+    "export_all",
+    "export_task",
+    "load_adapter",
+    "orthogonal_init",
+    "save_adapter",
+    "stream_compress",
 ]

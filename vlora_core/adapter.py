@@ -109,7 +109,7 @@ def adapter_from_state_dict(state: dict[str, torch.Tensor], config: dict, name: 
     extras: dict[str, torch.Tensor] = {}
     _check_tensors(state, source)
     for key, tensor in state.items():
-        short = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        short = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         match = _LORA_KEY.match(short)
         if match:
             side = parts.setdefault(match["module"], {})
@@ -149,7 +149,9 @@ def _check_tensors(state: dict, source: str) -> None:
         if not isinstance(tensor, torch.Tensor):
             raise AdapterError(f"{source}: entry {key!r} is a {type(tensor).__name__}, not a tensor.")
         if not tensor.is_floating_point():
-            raise AdapterError(f"{source}: tensor {key!r} has dtype {tensor.dtype}; adapter weights must be floating point.")
+            raise AdapterError(
+                f"{source}: tensor {key!r} has dtype {tensor.dtype}; adapter weights must be floating point."
+            )
     sums = [tensor.sum(dtype=torch.float32) for tensor in state.values()]
     if sums and torch.stack(sums).isfinite().all():
         return

@@ -51,8 +51,9 @@ def fit(vectors: torch.Tensor, centre: bool, rtol: float = 1e-6) -> tuple[Basis,
     return fit_many(vectors[None], centre, rtol)[0]
 
 
-def fit_many(vectors: torch.Tensor, centre: bool, rtol: float = 1e-6,
-             max_k: int | None = None) -> list[tuple[Basis, torch.Tensor]]:
+def fit_many(
+    vectors: torch.Tensor, centre: bool, rtol: float = 1e-6, max_k: int | None = None
+) -> list[tuple[Basis, torch.Tensor]]:
     """``fit`` for L layers of one shape at once: vectors (L, N, g, D) -> L (basis, loadings (N, g, k)).
 
     Directions whose singular value is below ``rtol`` of the largest carry no data and are not kept;
@@ -68,14 +69,18 @@ def fit_many(vectors: torch.Tensor, centre: bool, rtol: float = 1e-6,
     for i in range(L):
         largest = S[i, 0] if m else 0
         kept = min(int((S[i, :m] > rtol * largest).sum()) if largest > 0 else 0, Vh.shape[1])
-        basis = Basis(components=Vh[i, :kept].contiguous(), spectrum=S[i, :m].contiguous(),
-                      mean=None if mean is None else mean[i, 0])
+        basis = Basis(
+            components=Vh[i, :kept].contiguous(),
+            spectrum=S[i, :m].contiguous(),
+            mean=None if mean is None else mean[i, 0],
+        )
         out.append((basis, (U[i, :, :kept] * S[i, :kept]).reshape(N, g, kept)))
     return out
 
 
-def _thin_svd(X: torch.Tensor, centred: bool = False,
-              top: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _thin_svd(
+    X: torch.Tensor, centred: bool = False, top: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U (..., R, k), S (..., m), Vh (..., k, D) of X (..., R, D), or of X minus its row mean if ``centred``.
 
     With fewer rows than columns (the usual case) this goes through R x R Grams, never a D x D one, in
@@ -97,7 +102,7 @@ def _thin_svd(X: torch.Tensor, centred: bool = False,
     U1 = U1 if top is None else U1[..., :top]
     Y = U1.mT.float() @ X
     lam, U2 = _eigh(Y @ Y.mT, False)
-    S = torch.cat([lam, lam1[..., U1.shape[-1]:]], dim=-1).clamp(min=0).sqrt()
+    S = torch.cat([lam, lam1[..., U1.shape[-1] :]], dim=-1).clamp(min=0).sqrt()
     k = U2.shape[-1]
     Vh = (U2.mT / S[..., :k].clamp(min=1e-30)[..., None]).float() @ Y  # rows along the principal axes
     return (U1 @ U2).float(), S.float(), Vh
@@ -120,7 +125,7 @@ def _eigh(G: torch.Tensor, centred: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _complement_of_ones(R: int, device) -> torch.Tensor:
     """R − 1 orthonormal columns orthogonal to (1, ..., 1): a Householder reflection of e_R onto it."""
-    w = torch.full((R,), R ** -0.5, dtype=torch.float64, device=device)
+    w = torch.full((R,), R**-0.5, dtype=torch.float64, device=device)
     w[-1] -= 1
     H = torch.eye(R, dtype=torch.float64, device=device)
     if w.norm() > 0:
@@ -154,8 +159,9 @@ def choose_k(spectrum: torch.Tensor, threshold: float) -> int:
     return min(max(k, 1), len(spectrum))
 
 
-def extend(basis: Basis, loadings: torch.Tensor, vectors: torch.Tensor, rtol: float = 1e-5,
-           max_k: int | None = None) -> tuple[Basis, torch.Tensor]:
+def extend(
+    basis: Basis, loadings: torch.Tensor, vectors: torch.Tensor, rtol: float = 1e-5, max_k: int | None = None
+) -> tuple[Basis, torch.Tensor]:
     """Add tasks' vectors (c, g, D) without the original data of the tasks already stored.
 
     The basis grows by the directions of the new vectors it lacks (residual above ``rtol``), then is

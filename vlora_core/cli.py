@@ -23,13 +23,19 @@ def compress(args) -> None:
     if args.stream:
         if args.adaptive_k:
             raise VLoRAError("--stream keeps a fixed k; drop --adaptive-k or --stream.")
-        subspace = stream_compress(args.adapters, args.task_ids, args.k, method=args.method, chunk=args.stream,
-                                   progress=True)
+        subspace = stream_compress(
+            args.adapters, args.task_ids, args.k, method=args.method, chunk=args.stream, progress=True
+        )
     else:
         adapters = [load_adapter(path) for path in _progress(args.adapters, "reading adapters")]
         subspace = SharedSubspace.from_adapters(
-            adapters, task_ids=args.task_ids, num_components=args.k, method=args.method,
-            adaptive_k=args.adaptive_k, variance_threshold=args.threshold, progress=True,
+            adapters,
+            task_ids=args.task_ids,
+            num_components=args.k,
+            method=args.method,
+            adaptive_k=args.adaptive_k,
+            variance_threshold=args.threshold,
+            progress=True,
         )
     subspace.save(args.output)
     print(f"stored {len(subspace.tasks)} tasks in {args.output} ({subspace!r})")
@@ -39,8 +45,13 @@ def compress(args) -> None:
 def info(args) -> None:
     subspace = SharedSubspace.load(args.store)
     if args.json:
-        print(json.dumps({"summary": quality.summary(subspace),
-                          "layers": [vars(r) for r in quality.layer_reports(subspace)]}, indent=2, default=str))
+        print(
+            json.dumps(
+                {"summary": quality.summary(subspace), "layers": [vars(r) for r in quality.layer_reports(subspace)]},
+                indent=2,
+                default=str,
+            )
+        )
         return
     print(f"{args.store}: {subspace!r}")
     print(f"{'layer':<48} {'k_A':>4} {'k_B':>4} {'var_A':>7} {'var_B':>7} {'ΔW err':>8}")
@@ -72,8 +83,10 @@ def add(args) -> None:
 
 def _print_summary(subspace: SharedSubspace) -> None:
     s = quality.summary(subspace)
-    print(f"k per layer side: {s['k_min']}..{s['k_max']}; variance explained: "
-          f"A {s['variance_a_mean']:.2%}, B {s['variance_b_mean']:.2%} (mean over layers)")
+    print(
+        f"k per layer side: {s['k_min']}..{s['k_max']}; variance explained: "
+        f"A {s['variance_a_mean']:.2%}, B {s['variance_b_mean']:.2%} (mean over layers)"
+    )
     print(f"parameters: basis {s['basis_parameters']:,}, per task {s['parameters_per_task']:,}")
     for task_id, error in s["task_errors"].items():
         print(f"  {task_id}: ΔW relative error {error:.4f}")
@@ -92,17 +105,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("compress", help="compress PEFT adapter folders into a store")
     p.add_argument("adapters", nargs="+", help="PEFT adapter folders (task ids default to folder names)")
     p.add_argument("-o", "--output", required=True, help="store folder to write")
-    p.add_argument("-k", "--num-components", dest="k", type=int, default=DEFAULT_NUM_COMPONENTS,
-                   help=f"directions kept per layer and side (default {DEFAULT_NUM_COMPONENTS})")
+    p.add_argument(
+        "-k",
+        "--num-components",
+        dest="k",
+        type=int,
+        default=DEFAULT_NUM_COMPONENTS,
+        help=f"directions kept per layer and side (default {DEFAULT_NUM_COMPONENTS})",
+    )
     p.add_argument("--adaptive-k", action="store_true", help="choose k per layer and side from --threshold")
-    p.add_argument("--threshold", type=float, default=DEFAULT_VARIANCE_THRESHOLD,
-                   help=f"variance adaptive k must explain (default {DEFAULT_VARIANCE_THRESHOLD})")
-    p.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD,
-                   help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_VARIANCE_THRESHOLD,
+        help=f"variance adaptive k must explain (default {DEFAULT_VARIANCE_THRESHOLD})",
+    )
+    p.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default=DEFAULT_METHOD,
+        help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()),
+    )
     p.add_argument("--task-ids", nargs="+", help="one id per adapter, in order")
-    p.add_argument("--stream", type=int, metavar="CHUNK", nargs="?", const=DEFAULT_CHUNK,
-                   help=f"read adapters CHUNK at a time (default {DEFAULT_CHUNK}): memory does not grow with "
-                        "their number (incremental PCA; close to, not equal to, the one-pass basis)")
+    p.add_argument(
+        "--stream",
+        type=int,
+        metavar="CHUNK",
+        nargs="?",
+        const=DEFAULT_CHUNK,
+        help=f"read adapters CHUNK at a time (default {DEFAULT_CHUNK}): memory does not grow with "
+        "their number (incremental PCA; close to, not equal to, the one-pass basis)",
+    )
     p.set_defaults(run=compress)
 
     p = commands.add_parser("info", help="variance explained and ΔW error per layer and task")
@@ -124,8 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("adapter", help="PEFT adapter folder")
     p.add_argument("--task-id", help="id of the new task (default: the folder name)")
-    p.add_argument("--incremental", action="store_true",
-                   help="grow the basis so the new task is stored exactly; stored tasks stay exactly as they were")
+    p.add_argument(
+        "--incremental",
+        action="store_true",
+        help="grow the basis so the new task is stored exactly; stored tasks stay exactly as they were",
+    )
     p.set_defaults(run=add)
     return parser
 

@@ -41,8 +41,15 @@ _BATCH_NUMBERS = 1 << 21
 
 
 # ---- fitting ----------------------------------------------------------------------------------------
-def fit(adapters: list[LoRAAdapter], task_ids: list[str] | None, method: str, *,
-        config: CompressConfig | None = None, measure: bool = True, progress: bool = False) -> Pieces:
+def fit(
+    adapters: list[LoRAAdapter],
+    task_ids: list[str] | None,
+    method: str,
+    *,
+    config: CompressConfig | None = None,
+    measure: bool = True,
+    progress: bool = False,
+) -> Pieces:
     """Shapes, bases and tasks of ``adapters``: every direction, or cut to ``config``'s k.
 
     Layers are gauged and fitted a batch of one shape at a time, then cut and measured, so the canonical
@@ -65,20 +72,21 @@ def fit(adapters: list[LoRAAdapter], task_ids: list[str] | None, method: str, *,
     return shapes, _in_order(bases, tasks, shapes), tasks
 
 
-def fit_factors(method: str, shapes: dict[str, LayerShape], factors: dict[str, Factors],
-                tasks: list[Task]) -> Bases:
+def fit_factors(method: str, shapes: dict[str, LayerShape], factors: dict[str, Factors], tasks: list[Task]) -> Bases:
     """Bases of every direction from canonical factors; ``tasks`` (in the factors' N order) get loadings."""
     bases: Bases = {}
     first = {name: tuple(F[0] for F in pair) for name, pair in factors.items()}
-    for batch in _batches(list(shapes), key=lambda n: tuple(F.shape for F in first[n]),
-                          size=lambda n: sum(F.numel() for F in factors[n])):
+    for batch in _batches(
+        list(shapes), key=lambda n: tuple(F.shape for F in first[n]), size=lambda n: sum(F.numel() for F in factors[n])
+    ):
         stacked = tuple(torch.stack([factors[n][i] for n in batch]) for i in range(2))
         _fit_batch(method, batch, stacked, bases, tasks)
     return {name: bases[name] for name in shapes}
 
 
-def _fit_batch(method: str, names: list[str], stacked: Factors, bases: Bases, tasks: Iterable[Task],
-               top: int | None = None) -> None:
+def _fit_batch(
+    method: str, names: list[str], stacked: Factors, bases: Bases, tasks: Iterable[Task], top: int | None = None
+) -> None:
     """Fit same-shape layers from F_A (L, N, d_in, r), F_B (L, N, d_out, r), forming at most ``top``
     directions each; ``tasks`` (N of them) get their loadings."""
     rule = get_method(method)
@@ -127,16 +135,20 @@ def _cut_layers(bases: Bases, tasks: Iterable[Task], names: list[str], config: C
 
 
 # ---- reconstruction and ΔW errors -------------------------------------------------------------------
-def reconstruct(method: str, shape: LayerShape, sides: dict[str, basis_math.Basis],
-                loadings: list[dict[str, torch.Tensor]]) -> Factors:
+def reconstruct(
+    method: str, shape: LayerShape, sides: dict[str, basis_math.Basis], loadings: list[dict[str, torch.Tensor]]
+) -> Factors:
     """F_A (N, d_in, r), F_B (N, d_out, r) of N tasks' loadings (side -> (g, k)) at one layer."""
     rule = get_method(method)
-    return tuple(rule.factors(sides[side], torch.stack([L[side] for L in loadings]), shape.dim(side), shape.rank)
-                 for side in SIDES)
+    return tuple(
+        rule.factors(sides[side], torch.stack([L[side] for L in loadings]), shape.dim(side), shape.rank)
+        for side in SIDES
+    )
 
 
-def measure_errors(method: str, shapes: dict[str, LayerShape], bases: Bases, reference: dict[str, Factors],
-                   tasks: list[Task]) -> None:
+def measure_errors(
+    method: str, shapes: dict[str, LayerShape], bases: Bases, reference: dict[str, Factors], tasks: list[Task]
+) -> None:
     """Record each task's ΔW error per layer against reference factors (of ``tasks``, in order)."""
     for name, factors in reference.items():
         approx = reconstruct(method, shapes[name], bases[name], [t.loadings[name] for t in tasks])
@@ -155,8 +167,14 @@ def project(method: str, bases: Bases, adapter: LoRAAdapter, task_id: str, facto
     return task
 
 
-def extend(method: str, bases: Bases, stored: list[Task], factors: dict[str, Factors], new: list[Task],
-           max_k: int | None = None) -> None:
+def extend(
+    method: str,
+    bases: Bases,
+    stored: list[Task],
+    factors: dict[str, Factors],
+    new: list[Task],
+    max_k: int | None = None,
+) -> None:
     """Grow each basis by what new adapters need (their canonical ``factors``) and give every task,
     stored and new, its loadings. Exact for stored tasks unless ``max_k`` caps the basis (streaming)."""
     rule = get_method(method)
@@ -178,8 +196,16 @@ def new_task_id(tasks: dict[str, Task], task_id: str) -> str:
 
 
 # ---- streaming --------------------------------------------------------------------------------------
-def stream(paths: list[str | Path], task_ids: list[str] | None, config: CompressConfig, *, chunk: int,
-           headroom: int, measure: bool, progress: bool) -> Pieces:
+def stream(
+    paths: list[str | Path],
+    task_ids: list[str] | None,
+    config: CompressConfig,
+    *,
+    chunk: int,
+    headroom: int,
+    measure: bool,
+    progress: bool,
+) -> Pieces:
     """``fit`` a chunk of adapter folders at a time: the first chunk is decomposed, each later one extends
     the bases, dropping the weakest directions beyond ``headroom · k``; then all is cut to k. A second
     pass over the files measures each task's ΔW error."""
@@ -197,15 +223,22 @@ def stream(paths: list[str | Path], task_ids: list[str] | None, config: Compress
         for adapter in adapters:
             check_layers(shapes, adapter, "this store")
             new.append(Task.from_adapter(adapter, new_task_id(tasks | {t.id: t for t in new}, adapter.name)))
-        extend(config.method, bases, list(tasks.values()), layer_factors(adapters, list(shapes)), new,
-               max_k=cap.num_components)
+        extend(
+            config.method,
+            bases,
+            list(tasks.values()),
+            layer_factors(adapters, list(shapes)),
+            new,
+            max_k=cap.num_components,
+        )
         tasks.update({t.id: t for t in new})
     bases, tasks = cut(bases, tasks, layer_ks(bases, config))
     if measure:
         for part in chunks:
             adapters = [load_adapter(paths[i], ids[i]) for i in part]
-            measure_errors(config.method, shapes, bases, layer_factors(adapters, list(shapes)),
-                           [tasks[a.name] for a in adapters])
+            measure_errors(
+                config.method, shapes, bases, layer_factors(adapters, list(shapes)), [tasks[a.name] for a in adapters]
+            )
     return shapes, bases, tasks
 
 
@@ -213,8 +246,11 @@ def stream(paths: list[str | Path], task_ids: list[str] | None, config: Compress
 def layer_batches(adapters: list[LoRAAdapter], names: list[str]) -> list[list[str]]:
     """Layer names in batches of one shape, each about _BATCH_NUMBERS numbers of factors over all adapters."""
     first = adapters[0].layers
-    return _batches(names, key=lambda n: (first[n].A.shape, first[n].B.shape),
-                    size=lambda n: len(adapters) * (first[n].A.numel() + first[n].B.numel()))
+    return _batches(
+        names,
+        key=lambda n: (first[n].A.shape, first[n].B.shape),
+        size=lambda n: len(adapters) * (first[n].A.numel() + first[n].B.numel()),
+    )
 
 
 def layer_factors(adapters: list[LoRAAdapter], names: list[str]) -> dict[str, Factors]:
@@ -242,7 +278,7 @@ def _batches(items: list, key: Callable, size: Callable) -> list[list]:
     out = []
     for group in groups.values():
         step = max(1, _BATCH_NUMBERS // max(size(group[0]), 1))
-        out += [group[i:i + step] for i in range(0, len(group), step)]
+        out += [group[i : i + step] for i in range(0, len(group), step)]
     return out
 
 
@@ -315,4 +351,3 @@ def check_layers(shapes: dict[str, LayerShape], adapter: LoRAAdapter, reference:
                 f"{adapter.describe()}: {name} is {layer.B.shape[0]}x{layer.A.shape[1]} (d_out x d_in) but "
                 f"{shape.d_out}x{shape.d_in} in {reference}; these adapters are for different base models."
             )
-

@@ -30,6 +30,4 @@ class CompressConfig:
             )
         get_method(self.method)  # unknown names: an error listing the known ones
         if not 0.0 < self.variance_threshold <= 1.0:
-            raise VLoRAError(
-                f"variance threshold must be in (0, 1], got {self.variance_threshold}; for example 0.9."
-            )
+            raise VLoRAError(f"variance threshold must be in (0, 1], got {self.variance_threshold}; for example 0.9.")

@@ -21,8 +21,15 @@ if TYPE_CHECKING:  # annotations only: the container imports this module
     from .subspace import SharedSubspace
 
 
-def export_task(subspace: SharedSubspace, task_id: str, out: str | Path, *, alpha: float | None = None,
-                base_model: str | None = None, target_modules: list[str] | None = None) -> Path:
+def export_task(
+    subspace: SharedSubspace,
+    task_id: str,
+    out: str | Path,
+    *,
+    alpha: float | None = None,
+    base_model: str | None = None,
+    target_modules: list[str] | None = None,
+) -> Path:
     """Write ``task_id`` as a PEFT adapter folder at ``out`` (atomically). ΔW is kept for any alpha.
 
     Args:
@@ -46,12 +53,20 @@ def export_task(subspace: SharedSubspace, task_id: str, out: str | Path, *, alph
 def export_all(subspace: SharedSubspace, out: str | Path, **overrides) -> dict[str, Path]:
     """Every task in its own folder under ``out`` (ids are not trusted as file names)."""
     names = folder_names(subspace.task_ids)
-    return {task_id: export_task(subspace, task_id, Path(out) / names[task_id], **overrides)
-            for task_id in subspace.task_ids}
+    return {
+        task_id: export_task(subspace, task_id, Path(out) / names[task_id], **overrides)
+        for task_id in subspace.task_ids
+    }
 
 
-def task_adapter(subspace: SharedSubspace, task_id: str, *, alpha: float | None = None, base_model: str | None = None,
-                 target_modules: list[str] | None = None) -> LoRAAdapter:
+def task_adapter(
+    subspace: SharedSubspace,
+    task_id: str,
+    *,
+    alpha: float | None = None,
+    base_model: str | None = None,
+    target_modules: list[str] | None = None,
+) -> LoRAAdapter:
     """The task as PEFT factors under its own config (or overrides), in its original dtype."""
     task = subspace.task(task_id)
     config = export_config(task.config, alpha, base_model, target_modules, list(subspace.shapes))
@@ -64,8 +79,9 @@ def task_adapter(subspace: SharedSubspace, task_id: str, *, alpha: float | None 
     return LoRAAdapter(task_id, config, layers, dict(task.extras), source=f"task {task_id!r}")
 
 
-def export_config(config: dict, alpha: float | None, base_model: str | None,
-                  target_modules: list[str] | None, layers: list[str]) -> dict:
+def export_config(
+    config: dict, alpha: float | None, base_model: str | None, target_modules: list[str] | None, layers: list[str]
+) -> dict:
     """The task's own adapter_config.json, with the overrides the user asked for."""
     config = dict(config)
     if alpha is not None:
@@ -97,4 +113,3 @@ def folder_names(task_ids: list[str]) -> dict[str, str]:
         names[task_id] = name
         taken.add(name)
     return names
-

@@ -74,6 +74,7 @@ def layer_kind(module: nn.Module) -> Kind | None:
 @dataclass
 class Rows:
     """A mixed batch at one layer: n distinct tasks, and which of them each row uses."""
+
     L_A: torch.Tensor  # (n, g, k_A)
     L_B: torch.Tensor  # (n, g, k_B)
     gain: torch.Tensor  # (n, 1, 1); 0 for rows that run the bare base model

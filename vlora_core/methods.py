@@ -82,25 +82,29 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-register(Method(
-    name="flat",
-    summary="each factor flattened, centred PCA across tasks: k loadings per layer and side",
-    k_limit="N - 1 for the flat basis",
-    centre=True,
-    to_vectors=lambda F_: F_.reshape(F_.shape[0], 1, -1),
-    from_vectors=lambda V, d, r: V.reshape(V.shape[0], d, r),
-    projection=_flat_projection,
-    expand=_flat_expand,
-    factor=_flat_factor,
-))
-register(Method(
-    name="rank",
-    summary="rank columns of all tasks share k directions (Share): k x r loadings per layer and side",
-    k_limit="min(N x r, d) for the rank basis",
-    centre=False,
-    to_vectors=lambda F_: F_.transpose(1, 2),
-    from_vectors=lambda V, d, r: V.transpose(1, 2),
-    projection=lambda basis, d, r: basis.components,
-    expand=lambda L, r: L,
-    factor=lambda L, P, r: L @ P,
-))
+register(
+    Method(
+        name="flat",
+        summary="each factor flattened, centred PCA across tasks: k loadings per layer and side",
+        k_limit="N - 1 for the flat basis",
+        centre=True,
+        to_vectors=lambda F_: F_.reshape(F_.shape[0], 1, -1),
+        from_vectors=lambda V, d, r: V.reshape(V.shape[0], d, r),
+        projection=_flat_projection,
+        expand=_flat_expand,
+        factor=_flat_factor,
+    )
+)
+register(
+    Method(
+        name="rank",
+        summary="rank columns of all tasks share k directions (Share): k x r loadings per layer and side",
+        k_limit="min(N x r, d) for the rank basis",
+        centre=False,
+        to_vectors=lambda F_: F_.transpose(1, 2),
+        from_vectors=lambda V, d, r: V.transpose(1, 2),
+        projection=lambda basis, d, r: basis.components,
+        expand=lambda L, r: L,
+        factor=lambda L, P, r: L @ P,
+    )
+)

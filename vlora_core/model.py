@@ -35,8 +35,10 @@ class VLoRAModel(nn.Module):
     def __init__(self, base_model: nn.Module, subspace: SharedSubspace, lora_alpha: float | None = None):
         super().__init__()
         if lora_alpha is not None and not lora_alpha > 0:
-            raise VLoRAError(f"lora_alpha must be a positive number, got {lora_alpha!r}; or leave it None "
-                             "to use each task's own adapter_config.json.")
+            raise VLoRAError(
+                f"lora_alpha must be a positive number, got {lora_alpha!r}; or leave it None "
+                "to use each task's own adapter_config.json."
+            )
         self._trainable = [p for p in base_model.parameters() if p.requires_grad]  # given back by unload()
         base_model.requires_grad_(False)  # only task loadings ever train
         self.base_model = base_model
@@ -92,8 +94,10 @@ class VLoRAModel(nn.Module):
         """Within this block each input row runs its own task: the basis once, then each row's loadings."""
         ids = list(task_ids)
         if batch is not None and len(ids) != batch:
-            raise VLoRAError(f"{len(ids)} task ids for a batch of {batch} rows; give one task id "
-                             "(or None for the base model) per row of input_ids.")
+            raise VLoRAError(
+                f"{len(ids)} task ids for a batch of {batch} rows; give one task id "
+                "(or None for the base model) per row of input_ids."
+            )
         self._refuse_while_merged("run a batch with task_ids")
         distinct = list(dict.fromkeys(ids))
         tasks = [None if t is None else self.subspace.task(t) for t in distinct]
@@ -141,8 +145,12 @@ class VLoRAModel(nn.Module):
     # ---- internals --------------------------------------------------------------------------------
     def _point(self, task: Task) -> None:
         if task.extras and task.id != self._active:
-            log.warning("task %r carries %d non-LoRA tensors (modules_to_save); VLoRAModel applies only its "
-                        "LoRA layers — export the task for the full PEFT behaviour.", task.id, len(task.extras))
+            log.warning(
+                "task %r carries %d non-LoRA tensors (modules_to_save); VLoRAModel applies only its "
+                "LoRA layers — export the task for the full PEFT behaviour.",
+                task.id,
+                len(task.extras),
+            )
         gains = self._gains(task)
         for name, layer in self.targets.items():
             sides = task.loadings[name]
@@ -165,8 +173,10 @@ class VLoRAModel(nn.Module):
         if self.lora_alpha is None:
             return {}
         override = {**task.config, "lora_alpha": self.lora_alpha, "alpha_pattern": {}}
-        return {name: lora_scaling(override, name, s.rank) / lora_scaling(task.config, name, s.rank)
-                for name, s in self.subspace.shapes.items()}
+        return {
+            name: lora_scaling(override, name, s.rank) / lora_scaling(task.config, name, s.rank)
+            for name, s in self.subspace.shapes.items()
+        }
 
     def _rows(self, name: str, tasks: list[Task | None], gains: list[dict], index: torch.Tensor) -> Rows:
         shape = self.subspace.shapes[name]
@@ -181,8 +191,9 @@ class VLoRAModel(nn.Module):
 
     def _refuse_while_merged(self, action: str) -> None:
         if self._merged is not None:
-            raise VLoRAError(f"cannot {action}: task {self._merged!r} is merged into the base weights; "
-                             "call unmerge() first.")
+            raise VLoRAError(
+                f"cannot {action}: task {self._merged!r} is merged into the base weights; call unmerge() first."
+            )
 
     def __getattr__(self, name: str):
         """Anything else (config, device, generation_config, ...) is the base model's."""
@@ -194,8 +205,10 @@ class VLoRAModel(nn.Module):
             return getattr(self.base_model, name)
 
     def __repr__(self) -> str:
-        return (f"VLoRAModel({type(self.base_model).__name__}, layers={len(self.targets)}, "
-                f"tasks={len(self.subspace.tasks)}, active={self._active!r}, merged={self._merged!r})")
+        return (
+            f"VLoRAModel({type(self.base_model).__name__}, layers={len(self.targets)}, "
+            f"tasks={len(self.subspace.tasks)}, active={self._active!r}, merged={self._merged!r})"
+        )
 
 
 # ---- wrapping the base model ----------------------------------------------------------------------
@@ -238,8 +251,7 @@ def _layer_problem(name: str, module: nn.Module, shape: LayerShape) -> str | Non
         return f"{name} is a {type(module).__name__}, not a linear or Conv1D layer"
     d_in, d_out = kind.features(module)
     if (d_in, d_out) != (shape.d_in, shape.d_out):
-        return (f"{name} is {d_out}x{d_in} (d_out x d_in) in this model but {shape.d_out}x{shape.d_in} "
-                "in the store")
+        return f"{name} is {d_out}x{d_in} (d_out x d_in) in this model but {shape.d_out}x{shape.d_in} in the store"
     return None
 
 
@@ -255,4 +267,3 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
     inputs = kwargs.get("input_ids", args[0] if args else None)
     inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
     return inputs.shape[0] if isinstance(inputs, torch.Tensor) else None
-

@@ -29,8 +29,9 @@ def delta_w_errors(reference: tuple[torch.Tensor, torch.Tensor], approx: tuple[t
         return (X * Y).sum(dim=(1, 2))
 
     FbFb = gram(F_B, F_B)
-    err = (inner(gram(E_B, E_B), gram(G_A, G_A)) + inner(FbFb, gram(E_A, E_A))
-           + 2 * inner(gram(E_B, F_B), gram(G_A, E_A)))
+    err = (
+        inner(gram(E_B, E_B), gram(G_A, G_A)) + inner(FbFb, gram(E_A, E_A)) + 2 * inner(gram(E_B, F_B), gram(G_A, E_A))
+    )
     norm = inner(FbFb, gram(F_A, F_A)).clamp(min=0).sqrt()
     err = err.clamp(min=0).sqrt()
     return torch.where(norm > 0, err / norm.clamp(min=1e-30), err), norm
@@ -159,7 +160,7 @@ class _Growing:
     def at(self, k: int) -> torch.Tensor:
         k = min(k, self.basis.k)
         if k > self.k:  # ks only rise within a sweep
-            self.vectors += self.loadings[..., self.k:k] @ self.basis.components[self.k:k]
+            self.vectors += self.loadings[..., self.k : k] @ self.basis.components[self.k : k]
             self.k = k
         return self.vectors
 
@@ -174,5 +175,5 @@ def k_grid(k_max: int, dense_up_to: int = 16, points: int = 40) -> list[int]:
     if k_max <= dense_up_to:
         return dense
     ratio = (k_max / dense_up_to) ** (1 / max(1, points - dense_up_to))
-    tail = sorted({min(k_max, round(dense_up_to * ratio ** i)) for i in range(1, points - dense_up_to + 1)})
+    tail = sorted({min(k_max, round(dense_up_to * ratio**i)) for i in range(1, points - dense_up_to + 1)})
     return dense + [k for k in tail if k > dense_up_to] + ([k_max] if k_max not in tail else [])

@@ -1,8 +1,8 @@
 """The plain records a store is made of: a layer's shape and a task. No math, no files.
 
-    LayerShape   d_in, d_out and rank of one targeted layer (the same in every task of a store)
-    Task         one adapter in the store: its loadings on the shared basis, its own config and extras
-    Factors      a layer's canonical factors F_A (N, d_in, r), F_B (N, d_out, r), scaling folded in
+LayerShape   d_in, d_out and rank of one targeted layer (the same in every task of a store)
+Task         one adapter in the store: its loadings on the shared basis, its own config and extras
+Factors      a layer's canonical factors F_A (N, d_in, r), F_B (N, d_out, r), scaling folded in
 """
 
 from __future__ import annotations
@@ -61,8 +61,10 @@ class Task:
     def padded(self, ks: LayerKs) -> Task:
         """The task with zero loadings past its own k, up to ``ks``: on a basis that starts with this task's
         directions (the untruncated one it was cut from) it stands for the same ΔW."""
-        loadings = {n: {s: torch.nn.functional.pad(t, (0, ks[n][s] - t.shape[-1])) for s, t in sides.items()}
-                    for n, sides in self.loadings.items()}
+        loadings = {
+            n: {s: torch.nn.functional.pad(t, (0, ks[n][s] - t.shape[-1])) for s, t in sides.items()}
+            for n, sides in self.loadings.items()
+        }
         return replace(self, loadings=loadings)
 
 

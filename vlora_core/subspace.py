@@ -45,8 +45,14 @@ class SharedSubspace:
         >>> subspace.save("store/"); SharedSubspace.load("store/").task_ids
     """
 
-    def __init__(self, method: str, shapes: dict[str, LayerShape], bases: dict[str, dict[str, Basis]],
-                 tasks: dict[str, Task], k_requested: int | None = None):
+    def __init__(
+        self,
+        method: str,
+        shapes: dict[str, LayerShape],
+        bases: dict[str, dict[str, Basis]],
+        tasks: dict[str, Task],
+        k_requested: int | None = None,
+    ):
         self.method = method
         self.shapes = shapes
         self.bases = bases
@@ -55,10 +61,18 @@ class SharedSubspace:
 
     # ---- building ---------------------------------------------------------------------------------
     @classmethod
-    def from_adapters(cls, adapters: list[LoRAAdapter], task_ids: list[str] | None = None,
-                      num_components: int = DEFAULT_NUM_COMPONENTS, *, method: str = DEFAULT_METHOD,
-                      adaptive_k: bool = False, variance_threshold: float = DEFAULT_VARIANCE_THRESHOLD,
-                      measure: bool = True, progress: bool = False) -> SharedSubspace:
+    def from_adapters(
+        cls,
+        adapters: list[LoRAAdapter],
+        task_ids: list[str] | None = None,
+        num_components: int = DEFAULT_NUM_COMPONENTS,
+        *,
+        method: str = DEFAULT_METHOD,
+        adaptive_k: bool = False,
+        variance_threshold: float = DEFAULT_VARIANCE_THRESHOLD,
+        measure: bool = True,
+        progress: bool = False,
+    ) -> SharedSubspace:
         """Compress adapters into a shared subspace with k (or adaptive k) directions per layer and side.
 
         Args:
@@ -85,8 +99,14 @@ class SharedSubspace:
         return subspace
 
     @classmethod
-    def decompose(cls, adapters: list[LoRAAdapter], task_ids: list[str] | None = None, *,
-                  method: str = DEFAULT_METHOD, progress: bool = False) -> SharedSubspace:
+    def decompose(
+        cls,
+        adapters: list[LoRAAdapter],
+        task_ids: list[str] | None = None,
+        *,
+        method: str = DEFAULT_METHOD,
+        progress: bool = False,
+    ) -> SharedSubspace:
         """Every direction the data has (no truncation): ``truncated(k)`` then costs no SVD."""
         return cls(get_method(method).name, *compress.fit(adapters, task_ids, method, progress=progress))
 
@@ -97,8 +117,9 @@ class SharedSubspace:
         """
         config = k if isinstance(k, CompressConfig) else CompressConfig(k, self.method)
         bases, tasks = compress.cut(self.bases, self.tasks, compress.layer_ks(self.bases, config), copy)
-        return SharedSubspace(self.method, self.shapes, bases, tasks,
-                              None if config.adaptive_k else config.num_components)
+        return SharedSubspace(
+            self.method, self.shapes, bases, tasks, None if config.adaptive_k else config.num_components
+        )
 
     # ---- facts ------------------------------------------------------------------------------------
     @property
@@ -114,17 +135,21 @@ class SharedSubspace:
         """Where the requested k was more than the data allows, in words (None if nowhere)."""
         if self.k_requested is None:
             return None
-        short = [f"{n}.{s}={k}" for n, sides in self.layer_ks.items() for s, k in sides.items()
-                 if k < self.k_requested]
+        short = [f"{n}.{s}={k}" for n, sides in self.layer_ks.items() for s, k in sides.items() if k < self.k_requested]
         if not short:
             return None
-        return (f"k={self.k_requested} is more than the data allows ({get_method(self.method).k_limit}) in "
-                f"{len(short)} layer sides; clipped there: {', '.join(short[:4])}{' ...' if len(short) > 4 else ''}")
+        return (
+            f"k={self.k_requested} is more than the data allows ({get_method(self.method).k_limit}) in "
+            f"{len(short)} layer sides; clipped there: {', '.join(short[:4])}{' ...' if len(short) > 4 else ''}"
+        )
 
     def num_parameters(self) -> dict[str, int]:
         """Stored numbers: the shared basis, and the loadings of one task."""
-        shared = sum(b.components.numel() + (0 if b.mean is None else b.mean.numel())
-                     for sides in self.bases.values() for b in sides.values())
+        shared = sum(
+            b.components.numel() + (0 if b.mean is None else b.mean.numel())
+            for sides in self.bases.values()
+            for b in sides.values()
+        )
         task = next(iter(self.tasks.values()), None)
         per_task = 0 if task is None else sum(t.numel() for sides in task.loadings.values() for t in sides.values())
         return {"basis": shared, "per_task": per_task}
@@ -147,8 +172,14 @@ class SharedSubspace:
         tasks = list(self.tasks.values()) if tasks is None else tasks
         return compress.reconstruct(self.method, self.shapes[name], self.bases[name], [t.loadings[name] for t in tasks])
 
-    def to_adapter(self, task_id: str, *, alpha: float | None = None, base_model: str | None = None,
-                   target_modules: list[str] | None = None) -> LoRAAdapter:
+    def to_adapter(
+        self,
+        task_id: str,
+        *,
+        alpha: float | None = None,
+        base_model: str | None = None,
+        target_modules: list[str] | None = None,
+    ) -> LoRAAdapter:
         """The task as PEFT factors under its own config (or overrides); ΔW is the same for any alpha."""
         return export.task_adapter(self, task_id, alpha=alpha, base_model=base_model, target_modules=target_modules)
 
@@ -174,16 +205,19 @@ class SharedSubspace:
         Returns the new task; every task's ΔW error is re-measured against the rebuilt data."""
         task_id, new_factors = self._new_adapter(adapter, task_id)
         ks = self.layer_ks
-        factors = {name: tuple(torch.cat(pair) for pair in zip(self.stacked_factors(name), new_factors[name]))
-                   for name in self.shapes}
+        factors = {
+            name: tuple(torch.cat(pair) for pair in zip(self.stacked_factors(name), new_factors[name]))
+            for name in self.shapes
+        }
         tasks = {i: t.bare() for i, t in self.tasks.items()} | {task_id: Task.from_adapter(adapter, task_id)}
         full = compress.fit_factors(self.method, self.shapes, factors, list(tasks.values()))
         self.bases, self.tasks = compress.cut(full, tasks, ks, copy=True)
         compress.measure_errors(self.method, self.shapes, self.bases, factors, list(self.tasks.values()))
         return self.tasks[task_id]
 
-    def _new_adapter(self, adapter: LoRAAdapter, task_id: str | None,
-                     check_free: bool = True) -> tuple[str, dict[str, Factors]]:
+    def _new_adapter(
+        self, adapter: LoRAAdapter, task_id: str | None, check_free: bool = True
+    ) -> tuple[str, dict[str, Factors]]:
         """A valid task id for ``adapter`` (free in this store), checked against its layers, and its factors."""
         task_id = task_id or adapter.name
         task_id = compress.new_task_id(self.tasks, task_id) if check_free else check_task_id(task_id)
@@ -216,14 +250,23 @@ class SharedSubspace:
 
     def __repr__(self) -> str:
         ks = sorted({k for sides in self.layer_ks.values() for k in sides.values()})
-        return (f"SharedSubspace(method={self.method!r}, tasks={len(self.tasks)}, layers={len(self.shapes)}, "
-                f"k={ks[0] if len(ks) == 1 else ks})")
+        return (
+            f"SharedSubspace(method={self.method!r}, tasks={len(self.tasks)}, layers={len(self.shapes)}, "
+            f"k={ks[0] if len(ks) == 1 else ks})"
+        )
 
 
-def stream_compress(paths: list[str | Path], task_ids: list[str] | None = None,
-                    num_components: int = DEFAULT_NUM_COMPONENTS, *, method: str = DEFAULT_METHOD,
-                    chunk: int = DEFAULT_CHUNK, headroom: int = 2, measure: bool = True,
-                    progress: bool = False) -> SharedSubspace:
+def stream_compress(
+    paths: list[str | Path],
+    task_ids: list[str] | None = None,
+    num_components: int = DEFAULT_NUM_COMPONENTS,
+    *,
+    method: str = DEFAULT_METHOD,
+    chunk: int = DEFAULT_CHUNK,
+    headroom: int = 2,
+    measure: bool = True,
+    progress: bool = False,
+) -> SharedSubspace:
     """Compress adapter folders a chunk at a time: peak memory is set by the chunk and the basis, not by N.
 
     The first chunk is decomposed; each later chunk extends the bases and the weakest directions beyond
@@ -245,6 +288,7 @@ def stream_compress(paths: list[str | Path], task_ids: list[str] | None = None,
         >>> stream_compress(sorted(Path("adapters").iterdir()), num_components=8, chunk=32).save("store/")
     """
     config = CompressConfig(num_components, method)
-    pieces = compress.stream(paths, task_ids, config, chunk=chunk, headroom=headroom, measure=measure,
-                             progress=progress)
+    pieces = compress.stream(
+        paths, task_ids, config, chunk=chunk, headroom=headroom, measure=measure, progress=progress
+    )
     return SharedSubspace(config.method, *pieces, config.num_components)

@@ -30,15 +30,18 @@ DEFAULT_NEW_COMPONENTS = 4  # directions orthogonal_init adds per layer and side
 _RTOL = 1e-5  # a direction whose residual is below this share of its norm is already in the span
 
 
-def orthogonal_init(subspace: SharedSubspace, task_id: str, num_new_components: int = DEFAULT_NEW_COMPONENTS,
-                    *, seed: int = 0) -> Task:
+def orthogonal_init(
+    subspace: SharedSubspace, task_id: str, num_new_components: int = DEFAULT_NEW_COMPONENTS, *, seed: int = 0
+) -> Task:
     """Add task ``task_id`` with ΔW = 0 exactly, on bases widened by ``num_new_components`` new directions."""
     task_id = new_task_id(subspace.tasks, task_id)
     if not subspace.tasks:
         raise VLoRAError("orthogonal_init needs a store with at least one task (its config is the template).")
     if isinstance(num_new_components, bool) or not isinstance(num_new_components, int) or num_new_components < 0:
-        raise VLoRAError(f"num_new_components must be a whole number >= 0, got {num_new_components!r}; "
-                         f"for example {DEFAULT_NEW_COMPONENTS}.")
+        raise VLoRAError(
+            f"num_new_components must be a whole number >= 0, got {num_new_components!r}; "
+            f"for example {DEFAULT_NEW_COMPONENTS}."
+        )
     generator = torch.Generator().manual_seed(seed)
     stored = list(subspace.tasks.values())
     loadings = {}
@@ -58,8 +61,9 @@ def orthogonal_init(subspace: SharedSubspace, task_id: str, num_new_components: 
     return task
 
 
-def widen(basis: Basis, loadings: torch.Tensor, num_new: int, generator: torch.Generator, *,
-          zero_mean: bool = False) -> tuple[Basis, torch.Tensor]:
+def widen(
+    basis: Basis, loadings: torch.Tensor, num_new: int, generator: torch.Generator, *, zero_mean: bool = False
+) -> tuple[Basis, torch.Tensor]:
     """Grow a basis by random orthonormal directions (and, with ``zero_mean``, by its mean).
 
     loadings (N, g, k) of the stored tasks -> the new basis and their loadings (N, g, k'), re-expressed so
@@ -112,12 +116,21 @@ def new_task_config(subspace: SharedSubspace) -> dict:
 class SubspaceTrainer:
     """Trains one task's loadings (k numbers per layer and side) with a torch optimizer."""
 
-    def __init__(self, subspace: SharedSubspace, task_id: str, lr: float = 1e-3, *,
-                 optimizer: type[torch.optim.Optimizer] = torch.optim.Adam, **optimizer_kwargs):
+    def __init__(
+        self,
+        subspace: SharedSubspace,
+        task_id: str,
+        lr: float = 1e-3,
+        *,
+        optimizer: type[torch.optim.Optimizer] = torch.optim.Adam,
+        **optimizer_kwargs,
+    ):
         if task_id not in subspace.tasks:
             known = ", ".join(repr(t) for t in subspace.tasks) or "none"
-            raise TaskError(f"task {task_id!r} is not initialised in this store (it holds: {known}); start it "
-                            f"with orthogonal_init(subspace, {task_id!r}) before training.")
+            raise TaskError(
+                f"task {task_id!r} is not initialised in this store (it holds: {known}); start it "
+                f"with orthogonal_init(subspace, {task_id!r}) before training."
+            )
         self.subspace, self.task_id = subspace, task_id
         task = subspace.tasks[task_id]
         self.params = [t.requires_grad_(True) for sides in task.loadings.values() for t in sides.values()]
@@ -168,8 +181,10 @@ class SubspaceTrainer:
         return WriteBack()
 
     def _not_connected(self) -> VLoRAError:
-        return VLoRAError(f"the loss does not depend on task {self.task_id!r}'s loadings; compute it with a "
-                          f"VLoRAModel on this store after model.set_task({self.task_id!r}).")
+        return VLoRAError(
+            f"the loss does not depend on task {self.task_id!r}'s loadings; compute it with a "
+            f"VLoRAModel on this store after model.set_task({self.task_id!r})."
+        )
 
     def __repr__(self) -> str:
         return f"SubspaceTrainer(task={self.task_id!r}, params={self.num_trainable_params}, steps={self.steps})"

@@ -30,8 +30,9 @@ class ArchiveError(AdapterError):
     """An uploaded archive (or set of files) is unsafe, too big, or holds no adapter."""
 
 
-def extract_zip(archive: str | Path, dest: str | Path, *, max_files: int = MAX_FILES,
-                max_total_bytes: int = MAX_TOTAL_BYTES) -> Path:
+def extract_zip(
+    archive: str | Path, dest: str | Path, *, max_files: int = MAX_FILES, max_total_bytes: int = MAX_TOTAL_BYTES
+) -> Path:
     """Extract ``archive`` into the new folder ``dest``; every entry is checked before anything is written."""
     archive, dest = Path(archive), Path(dest)
     label = archive.name
@@ -47,8 +48,9 @@ def extract_zip(archive: str | Path, dest: str | Path, *, max_files: int = MAX_F
                 shutil.rmtree(dest, ignore_errors=True)
                 raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as error:
-        raise ArchiveError(f"{label}: not a readable zip archive ({error}); "
-                           "upload a .zip of adapter folders.") from None
+        raise ArchiveError(
+            f"{label}: not a readable zip archive ({error}); upload a .zip of adapter folders."
+        ) from None
     except FileExistsError:
         raise ArchiveError(f"{label}: cannot extract into {dest}: it already exists.") from None
     return dest
@@ -64,11 +66,13 @@ def member_path(info: zipfile.ZipInfo, label: str) -> PurePosixPath | None:
         raise ArchiveError(f"{label}: entry {info.filename!r} climbs out of the archive with '..'; refusing it.")
     kind = stat.S_IFMT(info.external_attr >> 16)
     if kind == stat.S_IFLNK:
-        raise ArchiveError(f"{label}: entry {info.filename!r} is a symbolic link; "
-                           "archives of adapters hold plain files.")
+        raise ArchiveError(
+            f"{label}: entry {info.filename!r} is a symbolic link; archives of adapters hold plain files."
+        )
     if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-        raise ArchiveError(f"{label}: entry {info.filename!r} is a special file; "
-                           "archives of adapters hold plain files.")
+        raise ArchiveError(
+            f"{label}: entry {info.filename!r} is a special file; archives of adapters hold plain files."
+        )
     if info.flag_bits & 0x1:
         raise ArchiveError(f"{label}: entry {info.filename!r} is encrypted; upload an archive without a password.")
     if not parts or parts[0] in SKIPPED_FOLDERS:
@@ -78,8 +82,10 @@ def member_path(info: zipfile.ZipInfo, label: str) -> PurePosixPath | None:
 
 def _check_sizes(infos: list[zipfile.ZipInfo], label: str, max_files: int, max_total_bytes: int) -> None:
     if len(infos) > max_files:
-        raise ArchiveError(f"{label}: holds {len(infos)} entries, more than the limit of {max_files}; "
-                           "zip only the adapter folders (adapter_config.json and the weights).")
+        raise ArchiveError(
+            f"{label}: holds {len(infos)} entries, more than the limit of {max_files}; "
+            "zip only the adapter folders (adapter_config.json and the weights)."
+        )
     declared = sum(info.file_size for info in infos)
     if declared > max_total_bytes:
         raise ArchiveError(f"{label}: expands to {declared:,} bytes, more than the limit of {max_total_bytes:,}.")
@@ -96,8 +102,9 @@ def _write_entries(zf: zipfile.ZipFile, entries, dest: Path, label: str, max_tot
             target.parent.mkdir(parents=True, exist_ok=True)
             out = open(target, "xb")  # never follows or replaces anything already there
         except FileExistsError:
-            raise ArchiveError(f"{label}: entry {info.filename!r} appears twice; "
-                               "refusing an ambiguous archive.") from None
+            raise ArchiveError(
+                f"{label}: entry {info.filename!r} appears twice; refusing an ambiguous archive."
+            ) from None
         except OSError as error:
             raise ArchiveError(f"{label}: entry {info.filename!r} cannot be extracted ({error.strerror}).") from None
         with out, zf.open(info) as source:
@@ -125,13 +132,17 @@ def stage_files(files: list[str | Path], dest: str | Path) -> tuple[Path, list[s
         if file.name not in ADAPTER_FILES:
             ignored.append(file.name)
         elif file.name in kept:
-            raise ArchiveError(f"this upload holds two {file.name} files; upload one adapter folder per input, "
-                               "or a zip of several adapter folders.")
+            raise ArchiveError(
+                f"this upload holds two {file.name} files; upload one adapter folder per input, "
+                "or a zip of several adapter folders."
+            )
         else:
             kept[file.name] = file
     if ADAPTER_CONFIG not in kept:
-        raise ArchiveError(f"this upload has no {ADAPTER_CONFIG}; choose a PEFT adapter folder "
-                           "(the one peft_model.save_pretrained wrote).")
+        raise ArchiveError(
+            f"this upload has no {ADAPTER_CONFIG}; choose a PEFT adapter folder "
+            "(the one peft_model.save_pretrained wrote)."
+        )
     dest.mkdir(parents=True)
     for name, file in kept.items():
         shutil.copyfile(file, dest / name)

@@ -35,8 +35,14 @@ Bases = dict[str, dict[str, Basis]]  # layer -> side -> Basis
 Store = tuple[str, dict[str, LayerShape], Bases, dict[str, Task], "int | None"]  # method, shapes, bases, tasks, k
 
 
-def save_store(path: str | Path, method: str, shapes: dict[str, LayerShape], bases: Bases,
-               tasks: dict[str, Task], k_requested: int | None) -> Path:
+def save_store(
+    path: str | Path,
+    method: str,
+    shapes: dict[str, LayerShape],
+    bases: Bases,
+    tasks: dict[str, Task],
+    k_requested: int | None,
+) -> Path:
     """Write a store's pieces to the folder ``path``; see the module's docstring for the order of writes."""
     folder = Path(path)
     _check_writable(folder)
@@ -47,9 +53,17 @@ def save_store(path: str | Path, method: str, shapes: dict[str, LayerShape], bas
     entries = []
     for task in tasks.values():
         file = _write_data(folder, "task", _task_tensors(task, names), checksums)
-        entries.append({"id": task.id, "file": file, "source": task.source, "dtype": task.dtype,
-                        "config": task.config, "extras": list(task.extras),
-                        "quality": {n: list(task.errors[n]) for n in names if n in task.errors}})
+        entries.append(
+            {
+                "id": task.id,
+                "file": file,
+                "source": task.source,
+                "dtype": task.dtype,
+                "config": task.config,
+                "extras": list(task.extras),
+                "quality": {n: list(task.errors[n]) for n in names if n in task.errors},
+            }
+        )
     manifest = {
         "format": STORE_FORMAT,
         "format_version": STORE_FORMAT_VERSION,
@@ -71,11 +85,15 @@ def load_store(path: str | Path) -> Store:
     manifest = read_manifest(folder)
     problems = verify_files(folder, manifest)
     if problems:
-        raise StoreError(f"{folder}: the store is damaged: {'; '.join(problems)}. Restore it from a copy or rebuild it.")
+        raise StoreError(
+            f"{folder}: the store is damaged: {'; '.join(problems)}. Restore it from a copy or rebuild it."
+        )
     try:
         return _build(folder, manifest)
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
-        raise StoreError(f"{folder}: the store's files do not match its manifest ({error}); rebuild the store.") from None
+        raise StoreError(
+            f"{folder}: the store's files do not match its manifest ({error}); rebuild the store."
+        ) from None
 
 
 def read_manifest(folder: Path) -> dict:
@@ -159,7 +177,9 @@ def _read_data(folder: Path, name: str) -> dict[str, torch.Tensor]:
     try:
         return load_bytes((folder / name).read_bytes())
     except (SafetensorError, OSError) as error:
-        raise StoreError(f"{folder / name}: unreadable ({error}); restore the store from a copy or rebuild it.") from None
+        raise StoreError(
+            f"{folder / name}: unreadable ({error}); restore the store from a copy or rebuild it."
+        ) from None
 
 
 def _build(folder: Path, manifest: dict) -> Store:
@@ -168,8 +188,10 @@ def _build(folder: Path, manifest: dict) -> Store:
     names = list(shapes)
     raw = _read_data(folder, manifest["basis_file"])
     bases = {
-        name: {side: Basis(raw[f"{i}.{side}.components"], raw[f"{i}.{side}.spectrum"], raw.get(f"{i}.{side}.mean"))
-               for side in SIDES}
+        name: {
+            side: Basis(raw[f"{i}.{side}.components"], raw[f"{i}.{side}.spectrum"], raw.get(f"{i}.{side}.mean"))
+            for side in SIDES
+        }
         for i, name in enumerate(names)
     }
     tasks = {}
@@ -178,6 +200,13 @@ def _build(folder: Path, manifest: dict) -> Store:
         loadings = {name: {side: data[f"{i}.{side}"] for side in SIDES} for i, name in enumerate(names)}
         extras = {key: data[f"extra.{key}"] for key in entry.get("extras", [])}
         errors = {n: tuple(v) for n, v in entry.get("quality", {}).items()}
-        tasks[entry["id"]] = Task(entry["id"], loadings, entry["config"], extras, entry.get("source", ""),
-                                  entry.get("dtype", "float32"), errors)
+        tasks[entry["id"]] = Task(
+            entry["id"],
+            loadings,
+            entry["config"],
+            extras,
+            entry.get("source", ""),
+            entry.get("dtype", "float32"),
+            errors,
+        )
     return manifest["method"], shapes, bases, tasks, manifest.get("k_requested")
