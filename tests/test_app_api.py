@@ -20,6 +20,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 gr = pytest.importorskip("gradio")
+pytestmark = pytest.mark.slow  # a real server per module, ~1 s per call
 import torch  # noqa: E402
 from conftest import launch, make_tiny_model, write_adapter, zip_tree  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402

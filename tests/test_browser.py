@@ -33,7 +33,10 @@ README_SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screensh
 TIMEOUT_MS = 90_000
 
 playwright = pytest.importorskip("playwright.sync_api")
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed")
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed"),
+]
 
 import torch  # noqa: E402
 from conftest import (  # noqa: E402

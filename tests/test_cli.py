@@ -84,6 +84,7 @@ def test_failures_exit_1_name_the_problem_and_keep_the_store(store, adapter_dirs
     assert snapshot(store) == before
 
 
+@pytest.mark.slow  # new processes
 def test_the_installed_command_exits_with_the_documented_codes(store, tmp_path):
     ok = vlora("info", store, subprocess_=True)
     failed = vlora("info", tmp_path, subprocess_=True)

@@ -31,6 +31,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 gr = pytest.importorskip("gradio")
+pytestmark = pytest.mark.slow  # ten concurrent sessions
 import httpx  # noqa: E402
 from conftest import (  # noqa: E402
     launch,

@@ -14,6 +14,8 @@ from conftest import run_cli, write_adapter
 from vlora import SharedSubspace
 from vlora_core.io.store_files import read_manifest, verify_files
 
+pytestmark = pytest.mark.slow  # a killed process at every file operation
+
 DRIVER = Path(__file__).with_name("crash_driver.py")
 
 

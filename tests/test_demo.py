@@ -14,6 +14,8 @@ from peft import PeftModel
 from vlora import SharedSubspace, VLoRAModel, load_adapter
 from vlora_core.base_model import chat_prompt, generate_text, load_base_model
 
+pytestmark = pytest.mark.slow  # the bundled 135M model
+
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEMO = ASSETS / "demo_adapters"
 TOKENS = 16

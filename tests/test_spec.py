@@ -56,6 +56,7 @@ def run_shell(block, cwd):
     return result
 
 
+@pytest.mark.slow  # the vlora command in new processes
 def test_step1_and_step2_commands_run_verbatim(workdir):
     compress, export, add = blocks("bash")[:3]
     assert compress.startswith("vlora compress") and export.startswith("vlora export") and add.startswith("vlora add")
