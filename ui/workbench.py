@@ -132,6 +132,8 @@ class _Decomposition:
 
 
 class Workbench:
+    """One person's session: the adapters they brought, a decomposition and k sweep per basis, the current k."""
+
     def __init__(self, folder: str | Path, settings: AppSettings = AppSettings(), downloads: str | Path | None = None):
         self.folder = Path(folder)
         self.downloads = Path(downloads) if downloads else self.folder / "downloads"  # export zips, see above

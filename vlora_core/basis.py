@@ -20,6 +20,8 @@ import torch
 
 @dataclass(frozen=True)
 class Basis:
+    """One layer side's shared directions: ``reconstruct(basis, loadings)`` gives every task's vectors back."""
+
     components: torch.Tensor  # (k, D), orthonormal rows, by decreasing singular value
     spectrum: torch.Tensor  # (m,) every singular value of the fitted (centred) data, descending
     mean: torch.Tensor | None = None  # (D,) for centring methods

@@ -32,6 +32,20 @@ log = logging.getLogger("vlora")
 
 
 class VLoRAModel(nn.Module):
+    """A base model serving every task of a SharedSubspace; a task switch moves pointers only.
+
+    Args:
+        base_model: a transformers model (or any module) with the layers the store targets; wrapped in place
+            (``unload()`` gives it back unchanged) and frozen.
+        subspace: the store (``SharedSubspace.load(...)``).
+        lora_alpha: one lora_alpha for every task instead of each task's own config (None: their own).
+
+    Example:
+        >>> model = VLoRAModel(base_model, SharedSubspace.load("store/"), lora_alpha=32)
+        >>> model.set_task("sentiment"); model(input_ids)
+        >>> model(input_ids, task_ids=["sentiment", "translation"])  # a task per row, one forward
+    """
+
     def __init__(self, base_model: nn.Module, subspace: SharedSubspace, lora_alpha: float | None = None):
         super().__init__()
         if lora_alpha is not None and not lora_alpha > 0:

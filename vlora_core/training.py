@@ -33,7 +33,20 @@ _RTOL = 1e-5  # a direction whose residual is below this share of its norm is al
 def orthogonal_init(
     subspace: SharedSubspace, task_id: str, num_new_components: int = DEFAULT_NEW_COMPONENTS, *, seed: int = 0
 ) -> Task:
-    """Add task ``task_id`` with ΔW = 0 exactly, on bases widened by ``num_new_components`` new directions."""
+    """Add task ``task_id`` with ΔW = 0 exactly, on bases widened by ``num_new_components`` new directions.
+
+    Args:
+        subspace: the store to add the task to (changed in place; its stored tasks keep their ΔW exactly).
+        task_id: the new task's id (free in the store).
+        num_new_components: directions added per layer and side, orthogonal to the stored ones: room to learn.
+        seed: for the random A-side loadings and directions.
+
+    Returns:
+        The new Task; train it with ``SubspaceTrainer(subspace, task_id)``.
+
+    Example:
+        >>> orthogonal_init(subspace, "new_task"); trainer = SubspaceTrainer(subspace, "new_task", lr=1e-3)
+    """
     task_id = new_task_id(subspace.tasks, task_id)
     if not subspace.tasks:
         raise VLoRAError("orthogonal_init needs a store with at least one task (its config is the template).")

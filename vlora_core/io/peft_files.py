@@ -17,7 +17,18 @@ from .atomic import atomic_folder
 
 
 def load_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
-    """Read a PEFT LoRA adapter folder. The task id defaults to the folder's name."""
+    """Read a PEFT LoRA adapter folder (adapter_model.safetensors + adapter_config.json).
+
+    Args:
+        path: the folder.
+        name: the task id it will have; default: the folder's name.
+
+    Returns:
+        A ``LoRAAdapter``; anything vlora cannot store exactly is an ``AdapterError`` naming the file and the fix.
+
+    Example:
+        >>> load_adapter("adapters/sentiment").ranks
+    """
     folder = Path(path)
     source = str(path)
     if not folder.is_dir():
