@@ -192,7 +192,11 @@ class Callbacks:
         progress(0, desc=f"loading {source}")
         model, _ = get_base_model(source)
         millions = sum(p.numel() for p in model.parameters()) / 1e6
-        return f"Base model {source} ready ({millions:.0f}M parameters, shared by every session)."
+        weight = next(model.parameters())
+        return (
+            f"Base model {source} ready ({millions:.0f}M parameters on {weight.device}, "
+            f"{str(weight.dtype).removeprefix('torch.')}; shared by every session)."
+        )
 
     @user_errors
     def ab_test(
