@@ -264,3 +264,26 @@ def test_unload_gives_the_base_model_back_bit_for_bit(adapter_dirs, input_ids, d
         assert torch.equal(p, value) and p.dtype == dtype, name
         assert p.requires_grad == requires_grad, name
     assert model.targets == {} and model.active_task is None
+
+
+# ---- device and dtype -------------------------------------------------------------------------------
+def test_loadings_are_placed_once_and_follow_the_model(adapter_dirs, input_ids):
+    subspace = full_store(adapter_dirs, "rank")
+    model = VLoRAModel(tiny_llama(0), subspace)
+    task = model.available_tasks[1]
+    model.set_task(task)
+    layer = next(iter(model.targets.values()))
+    assert layer.loadings[0] is subspace.tasks[task].loadings[layer_name(model, layer)]["A"]  # same dtype: a pointer
+    fp32 = logits(model, input_ids)
+
+    model.to(torch.bfloat16)  # the basis and the active task's loadings follow, once
+    assert layer.P_A.dtype == torch.bfloat16 and layer.loadings[0].dtype == torch.bfloat16
+    placed = layer.loadings[0]
+    logits(model, input_ids)
+    assert layer.loadings[0] is placed  # not converted again by a forward
+    assert subspace.tasks[task].loadings[layer_name(model, layer)]["A"].dtype == torch.float32  # the store is not
+    torch.testing.assert_close(logits(model, input_ids).float(), fp32, atol=0.15, rtol=0.05)
+
+
+def layer_name(model, layer) -> str:
+    return next(name for name, other in model.targets.items() if other is layer)

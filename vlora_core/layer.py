@@ -119,9 +119,14 @@ class SubspaceLayer(nn.Module):
         return self.source is not None and self.source[0] is A and self.source[1] is B
 
     def point(self, L_A: torch.Tensor | None, L_B: torch.Tensor | None, gain: float = 1.0) -> None:
-        """Make a task active (or none): pointers only, nothing is computed or copied."""
-        self.loadings = None if L_A is None else (L_A, L_B)
+        """Make a task active (or none). Loadings already on this layer's device and dtype are pointed at, as
+        are ones being trained (so gradients reach them); others are copied there once, here, not per forward."""
+        self.loadings = None if L_A is None else (self._placed(L_A, self.P_A), self._placed(L_B, self.P_B))
         self.gain = gain
+
+    @staticmethod
+    def _placed(L: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+        return L if L.requires_grad else L.to(P.device, P.dtype)
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -171,6 +171,13 @@ class VLoRAModel(nn.Module):
             layer.point(sides["A"], sides["B"], gains.get(name, 1.0))
         self._active = task.id
 
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()``, ``.cuda()``, ``.half()``...: the bases move with the model; the active task's loadings follow."""
+        super()._apply(fn, *args, **kwargs)
+        if self._active is not None and self._merged is None:
+            self._point(self.subspace.tasks[self._active])
+        return self
+
     def _sync_bases(self) -> None:
         """Re-cut a layer's projections if its basis object changed (e.g. grown by orthogonal_init)."""
         stale = [name for name, layer in self.targets.items() if not layer.cut_from(**self.subspace.bases[name])]
