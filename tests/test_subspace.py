@@ -247,3 +247,14 @@ def test_streaming_compress_is_close_to_one_pass(adapter_dirs, tmp_path, method)
     assert mean(pass_err) - 1e-6 <= mean(stream_err) <= mean(pass_err) * 1.15
     full = stream_compress(dirs, num_components=64, method=method, chunk=2)  # nothing dropped: exact
     assert max(quality.task_errors(full).values()) < 1e-4
+
+
+def test_compress_on_a_named_device_gives_the_same_store(adapter_dirs):
+    """Every device code path runs here with device="cpu" (a GPU machine runs the same with "cuda")."""
+    adapters = [load_adapter(d) for d in adapter_dirs]
+    default = SharedSubspace.from_adapters(adapters, num_components=2, method="rank")
+    placed = SharedSubspace.from_adapters(adapters, num_components=2, method="rank", device="cpu")
+    for name, sides in default.bases.items():
+        for side, basis in sides.items():
+            assert torch.equal(placed.bases[name][side].components, basis.components)
+    assert {t.id: t.errors for t in placed.tasks.values()} == {t.id: t.errors for t in default.tasks.values()}

@@ -35,6 +35,11 @@ class Basis:
         kept = self.components[:k]
         return replace(self, components=kept.clone() if copy and k < self.k else kept)
 
+    def to(self, device: str | torch.device) -> Basis:
+        """The same basis on ``device``."""
+        mean = None if self.mean is None else self.mean.to(device)
+        return Basis(self.components.to(device), self.spectrum.to(device), mean)
+
     def variance_explained(self, k: int | None = None) -> float:
         """Share of the data's (centred) energy that the first k directions carry."""
         energy = self.spectrum.double() ** 2

@@ -36,6 +36,7 @@ def compress(args) -> None:
             adaptive_k=args.adaptive_k,
             variance_threshold=args.threshold,
             progress=True,
+            device=args.device,
         )
     subspace.save(args.output)
     print(f"stored {len(subspace.tasks)} tasks in {args.output} ({subspace!r})")
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()),
     )
     p.add_argument("--task-ids", nargs="+", help="one id per adapter, in order")
+    p.add_argument(
+        "--device", help="where the SVDs run, e.g. cuda (default: the CPU); results equal within fp32 rounding"
+    )
     p.add_argument(
         "--stream",
         type=int,

@@ -49,12 +49,14 @@ def fit(
     config: CompressConfig | None = None,
     measure: bool = True,
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> Pieces:
     """Shapes, bases and tasks of ``adapters``: every direction, or cut to ``config``'s k.
 
     Layers are gauged and fitted a batch of one shape at a time, then cut and measured, so the canonical
     factors of only one batch are ever held. A fixed k forms only k directions (the spectrum stays whole).
-    Each task's ΔW error per layer is recorded when cutting, unless ``measure=False``.
+    Each task's ΔW error per layer is recorded when cutting, unless ``measure=False``. With ``device``
+    (e.g. "cuda") the gauge and the SVDs of each batch run there; what is kept comes back to the CPU.
     """
     ids = resolve_task_ids(adapters, task_ids)
     shapes = check_compatible(adapters)
@@ -62,8 +64,11 @@ def fit(
     top = None if config is None or config.adaptive_k else config.num_components
     bases: Bases = {}
     for batch in tqdm(layer_batches(adapters, list(shapes)), desc="compress", disable=not progress, leave=False):
-        stacked = batch_factors(adapters, batch)  # F_A (L, N, d_in, r), F_B (L, N, d_out, r)
+        stacked = batch_factors(adapters, batch, device)  # F_A (L, N, d_in, r), F_B (L, N, d_out, r)
         _fit_batch(method, batch, stacked, bases, tasks.values(), top)
+        if device is not None:
+            _to_cpu(bases, tasks.values(), batch)
+            stacked = tuple(F.cpu() for F in stacked)
         if config is not None:
             _cut_layers(bases, tasks.values(), batch, config)
             if measure:
@@ -97,6 +102,13 @@ def _fit_batch(
             bases.setdefault(name, {})[side] = basis
             for task, rows in zip(tasks, loadings):
                 task.loadings.setdefault(name, {})[side] = rows
+
+
+def _to_cpu(bases: Bases, tasks: Iterable[Task], names: list[str]) -> None:
+    for name in names:
+        bases[name] = {s: b.to("cpu") for s, b in bases[name].items()}
+        for task in tasks:
+            task.loadings[name] = {s: t.cpu() for s, t in task.loadings[name].items()}
 
 
 def _in_order(bases: Bases, tasks: dict[str, Task], shapes: dict[str, LayerShape]) -> Bases:
@@ -262,11 +274,12 @@ def layer_factors(adapters: list[LoRAAdapter], names: list[str]) -> dict[str, Fa
     return out
 
 
-def batch_factors(adapters: list[LoRAAdapter], names: list[str]) -> Factors:
-    """Canonical factors of same-shape layers: F_A (L, N, d_in, r), F_B (L, N, d_out, r), one gauge call."""
-    A = torch.stack([a.layers[n].A for n in names for a in adapters])  # (L·N, r, d_in)
-    B = torch.stack([a.layers[n].B for n in names for a in adapters])
-    scaling = torch.tensor([a.layers[n].scaling for n in names for a in adapters])
+def batch_factors(adapters: list[LoRAAdapter], names: list[str], device: str | torch.device | None = None) -> Factors:
+    """Canonical factors of same-shape layers: F_A (L, N, d_in, r), F_B (L, N, d_out, r), one gauge call
+    (on ``device`` if given)."""
+    A = torch.stack([a.layers[n].A for n in names for a in adapters]).to(device)  # (L·N, r, d_in)
+    B = torch.stack([a.layers[n].B for n in names for a in adapters]).to(device)
+    scaling = torch.tensor([a.layers[n].scaling for n in names for a in adapters], device=device)
     return tuple(F.unflatten(0, (len(names), len(adapters))) for F in canonical_factors(A, B, scaling))
 
 

@@ -72,6 +72,7 @@ class SharedSubspace:
         variance_threshold: float = DEFAULT_VARIANCE_THRESHOLD,
         measure: bool = True,
         progress: bool = False,
+        device: str | None = None,
     ) -> SharedSubspace:
         """Compress adapters into a shared subspace with k (or adaptive k) directions per layer and side.
 
@@ -83,6 +84,7 @@ class SharedSubspace:
             adaptive_k: choose k per layer and side as the fewest directions explaining ``variance_threshold``.
             measure: record each task's ΔW error per layer (about a quarter of the time).
             progress: show a progress bar.
+            device: where the gauge and the SVDs run ("cuda" on a GPU; default: the CPU). The result is on the CPU.
 
         Returns:
             The subspace; ``vlora_core.quality`` reports its variance explained and ΔW errors.
@@ -91,7 +93,9 @@ class SharedSubspace:
             >>> SharedSubspace.from_adapters(adapters, task_ids=["a", "b", "c"], num_components=4)
         """
         config = CompressConfig(num_components, method, adaptive_k, variance_threshold)
-        pieces = compress.fit(adapters, task_ids, config.method, config=config, measure=measure, progress=progress)
+        pieces = compress.fit(
+            adapters, task_ids, config.method, config=config, measure=measure, progress=progress, device=device
+        )
         subspace = cls(config.method, *pieces, None if config.adaptive_k else config.num_components)
         note = subspace.clipping_note()
         if note:
