@@ -159,17 +159,22 @@ def snapshot(folder) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def make_tiny_model(folder: Path) -> Path:
-    """A tiny Llama (hidden 32, 2 layers, as above) with a byte-level BPE tokenizer, all offline."""
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges (257 tokens), built offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab["<eos>"] = len(vocab)
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
+
+
+def make_tiny_model(folder: Path) -> Path:
+    """A tiny Llama (hidden 32, 2 layers, as above) with a byte-level BPE tokenizer, all offline."""
+    tokenizer = byte_tokenizer()
     config = tiny_llama_config()
     config.vocab_size = len(tokenizer)
     torch.manual_seed(0)

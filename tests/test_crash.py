@@ -27,7 +27,7 @@ def test_sigkill_at_every_write_leaves_a_loadable_store(command, adapter_dirs, t
     new = write_adapter(tmp_path / "late", 77)
     args = {
         "add": ["add", str(store), str(new), "--incremental"],
-        "compress": ["compress", *map(str, adapter_dirs), "-o", str(store), "-k", "3"],
+        "compress": ["compress", *map(str, adapter_dirs), "-o", str(store), "-k", "3", "--force"],
     }[command]
     out = tmp_path / "runs"
     done = subprocess.run(

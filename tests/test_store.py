@@ -1,5 +1,6 @@
 """The store on disk: exact round trip, hostile task ids, checksums, atomic saves."""
 
+import errno
 import json
 
 import pytest
@@ -44,15 +45,28 @@ def test_hostile_task_ids_round_trip_and_write_nothing_outside(adapters, tmp_pat
     assert all(p.parent == store for p in store.rglob("*"))
 
 
-def test_saving_twice_is_byte_identical_and_cleans_old_files(adapters, tmp_path):
+def test_saves_keep_the_files_of_two_generations_and_no_more(adapters, tmp_path):
+    def data_files(store):
+        return {p.name for p in store.iterdir() if p.name.startswith(("basis-", "task-"))}
+
+    def manifest(store):
+        return json.loads((store / "manifest.json").read_text())
+
     subspace = SharedSubspace.from_adapters(adapters, num_components=2)
     store = subspace.save(tmp_path / "s")
-    first = _files(store)
-    subspace.save(store)
-    assert _files(store) == first
-    SharedSubspace.from_adapters(adapters, num_components=3).save(store)
-    manifest = json.loads((store / "manifest.json").read_text())
-    assert set(p.name for p in store.iterdir()) == {"manifest.json", *manifest["checksums"]}
+    first = data_files(store)
+    subspace.save(store)  # the same content: the same files, the next generation
+    assert data_files(store) == first and manifest(store)["generation"] == 2
+    other = SharedSubspace.from_adapters(adapters, num_components=3)
+    with pytest.raises(StoreError, match="already holds a vlora store"):
+        other.save(store)  # a store it was not loaded from is not replaced unasked
+    assert data_files(store) == first and manifest(store)["generation"] == 2
+    other.save(store, force=True)
+    third = set(manifest(store)["checksums"])
+    assert data_files(store) == first | third  # a reader still on generation 2 finds its files
+    SharedSubspace.from_adapters(adapters, num_components=1).save(store, force=True)
+    assert data_files(store) == third | set(manifest(store)["checksums"])  # generation 2's files are gone
+    assert {p.name for p in store.iterdir()} - data_files(store) <= {"manifest.json", ".vlora.lock"}
 
 
 def test_refuses_to_write_into_a_foreign_folder(adapters, tmp_path):
@@ -105,12 +119,16 @@ def test_a_failed_save_leaves_the_old_store(adapters, tmp_path, monkeypatch):
     bigger = SharedSubspace.from_adapters(adapters, num_components=3)
     import vlora_core.io.store_files as store_files
 
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
+    write = store_files.write_bytes_atomic
 
-    monkeypatch.setattr(store_files, "write_json_atomic", crash)  # dies after the data files, before the manifest
-    with pytest.raises(OSError):
-        bigger.save(store)
+    def full_at_the_manifest(path, data):  # the data files are written, then the disk fills up
+        if path.name == "manifest.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(path, data)
+
+    monkeypatch.setattr(store_files, "write_bytes_atomic", full_at_the_manifest)
+    with pytest.raises(StoreError, match="the disk is full — free some space; the store was left as it was"):
+        bigger.save(store, force=True)
     monkeypatch.undo()
-    assert {k: v for k, v in _files(store).items() if k in before} == before
+    assert _files(store) == before  # byte for byte: what the failed save wrote is gone
     assert {n: s["A"] for n, s in SharedSubspace.load(store).layer_ks.items()} == {n: 2 for n in bigger.shapes}

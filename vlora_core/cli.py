@@ -15,6 +15,7 @@ from .config import DEFAULT_METHOD, DEFAULT_NUM_COMPONENTS, DEFAULT_VARIANCE_THR
 from .errors import VLoRAError
 from .export import export_all, export_task
 from .io.peft_files import load_adapter
+from .io.store_files import store_lock
 from .methods import METHODS
 from .subspace import DEFAULT_CHUNK, SharedSubspace, stream_compress
 
@@ -38,7 +39,7 @@ def compress(args) -> None:
             progress=True,
             device=args.device,
         )
-    subspace.save(args.output)
+    subspace.save(args.output, force=args.force)
     print(f"stored {len(subspace.tasks)} tasks in {args.output} ({subspace!r})")
     _print_summary(subspace)
 
@@ -74,9 +75,11 @@ def export(args) -> None:
 
 
 def add(args) -> None:
-    subspace = SharedSubspace.load(args.store)
-    task = subspace.add(load_adapter(args.adapter), args.task_id, incremental=args.incremental)
-    subspace.save(args.store)
+    adapter = load_adapter(args.adapter)
+    with store_lock(args.store):  # load, add and save as one step: a concurrent add waits, no task is lost
+        subspace = SharedSubspace.load(args.store)
+        task = subspace.add(adapter, args.task_id, incremental=args.incremental)
+        subspace.save(args.store)
     error = quality.task_errors(subspace)[task.id]
     how = "basis extended" if args.incremental else "projected on the fixed basis"
     print(f"added {task.id!r} to {args.store} ({how}; ΔW relative error {error:.4f}; {subspace!r})")
@@ -105,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("compress", help="compress PEFT adapter folders into a store")
     p.add_argument("adapters", nargs="+", help="PEFT adapter folders (task ids default to folder names)")
-    p.add_argument("-o", "--output", required=True, help="store folder to write")
+    p.add_argument("-o", "--output", required=True, help="store folder to write (new or empty)")
+    p.add_argument("--force", action="store_true", help="replace the vlora store already at --output")
     p.add_argument(
         "-k",
         "--num-components",

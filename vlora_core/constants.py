@@ -5,8 +5,9 @@ ADAPTER_WEIGHTS_LEGACY = "adapter_model.bin"
 ADAPTER_CONFIG = "adapter_config.json"
 
 STORE_MANIFEST = "manifest.json"
+STORE_LOCK = ".vlora.lock"  # writers hold it (filelock); readers never need it
 STORE_FORMAT = "vlora-subspace"
-STORE_FORMAT_VERSION = 1
+STORE_FORMAT_VERSION = 2  # 2: a generation number and a checksum of the manifest itself
 
 PEFT_PREFIX = "base_model.model."
 SIDES = ("A", "B")

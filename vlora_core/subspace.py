@@ -58,6 +58,7 @@ class SharedSubspace:
         self.bases = bases
         self.tasks = tasks
         self.k_requested = k_requested
+        self._origin: tuple[Path, int] | None = None  # the store folder it was loaded from / saved to, generation
 
     # ---- building ---------------------------------------------------------------------------------
     @classmethod
@@ -235,13 +236,31 @@ class SharedSubspace:
         compress.measure_errors(self.method, self.shapes, self.bases, factors, list(self.tasks.values()))
 
     # ---- files ------------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, *, force: bool = False) -> Path:
         """Write the store to the folder ``path`` (atomically: a reader sees the old store or the new one).
+
+        Saving over the store this subspace was loaded from (or last saved to) is what ``save`` is for; a
+        store that another writer changed meanwhile, or any other existing store, is refused unless ``force``,
+        so that no task is replaced unseen. A folder that is not a store is never written into.
 
         Example:
             >>> subspace.save("shared_subspace/")
         """
-        return store_files.save_store(path, self.method, self.shapes, self.bases, self.tasks, self.k_requested)
+        folder = Path(path)
+        origin = self._origin
+        loaded = origin[1] if origin and origin[0] == folder.resolve() else None
+        generation = store_files.save_store(
+            folder,
+            self.method,
+            self.shapes,
+            self.bases,
+            self.tasks,
+            self.k_requested,
+            loaded_generation=loaded,
+            force=force,
+        )
+        self._origin = (folder.resolve(), generation)
+        return folder
 
     @classmethod
     def load(cls, path: str | Path) -> SharedSubspace:
@@ -250,7 +269,10 @@ class SharedSubspace:
         Example:
             >>> SharedSubspace.load("shared_subspace/").task_ids
         """
-        return cls(*store_files.load_store(path))
+        *pieces, generation = store_files.load_store(path)
+        subspace = cls(*pieces)
+        subspace._origin = (Path(path).resolve(), generation)
+        return subspace
 
     def __repr__(self) -> str:
         ks = sorted({k for sides in self.layer_ks.values() for k in sides.values()})

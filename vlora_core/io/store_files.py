@@ -1,40 +1,52 @@
 """The store on disk: a JSON manifest plus content-addressed safetensors files.
 
-    STORE/manifest.json                 format, version, method, layers, tasks (ids, configs), checksums
+    STORE/manifest.json                 format, version, generation, method, layers, tasks, checksums, its own checksum
     STORE/basis-<sha256[:16]>.safetensors      "<layer index>.<side>.components|spectrum|mean"
     STORE/task-<sha256[:16]>.safetensors       "<layer index>.<side>" loadings, "extra.<key>" tensors
+    STORE/.vlora.lock                   held by a writer (filelock) for the whole save
 
-Task ids live only inside the manifest, never in file names. A save writes the new data files first,
-then replaces manifest.json atomically, then removes files no manifest refers to: a reader (or a crash
-at any moment) sees the old store or the new one, whole.
+Task ids live only inside the manifest, never in file names. A save, under the lock, re-reads the manifest
+(refusing if the store moved on since this subspace was loaded, so no other writer's task is ever lost),
+writes the new data files, replaces manifest.json atomically with the next generation, then removes files
+that neither the new nor the previous generation refers to: a reader that has just read the previous
+manifest still finds its files, and a crash at any moment leaves the old store or the new one, whole. A
+save that fails (disk full, read-only, no permission) removes what it wrote: the old store stays byte for byte.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from ..basis import Basis
-from ..constants import SIDES, STORE_FORMAT, STORE_FORMAT_VERSION, STORE_MANIFEST
+from ..constants import SIDES, STORE_FORMAT, STORE_FORMAT_VERSION, STORE_LOCK, STORE_MANIFEST
 from ..errors import StoreError
+from ..methods import get_method
 from ..records import LayerShape, Task
-from .atomic import fsync_path, write_bytes_atomic, write_json_atomic
+from . import manifest as schema
+from .atomic import fsync_path, write_bytes_atomic
 
 _DATA_PREFIXES = ("basis-", "task-")
 # One key only: safetensors writes metadata in hash-map order, and a store file's name is its content hash.
 _METADATA = {"producer": f"{STORE_FORMAT}/{STORE_FORMAT_VERSION}"}
-
+LOCK_TIMEOUT_S = 60.0  # how long a writer waits for another one before saying the store is busy
+READ_TRIES = 5  # a load whose files a writer removed meanwhile starts again from the new manifest
 
 Bases = dict[str, dict[str, Basis]]  # layer -> side -> Basis
-Store = tuple[str, dict[str, LayerShape], Bases, dict[str, Task], "int | None"]  # method, shapes, bases, tasks, k
+Store = tuple[str, dict[str, LayerShape], Bases, dict[str, Task], "int | None", int]  # ..., k, generation
 
 
+# ---- writing ------------------------------------------------------------------------------------------
 def save_store(
     path: str | Path,
     method: str,
@@ -42,11 +54,36 @@ def save_store(
     bases: Bases,
     tasks: dict[str, Task],
     k_requested: int | None,
-) -> Path:
-    """Write a store's pieces to the folder ``path``; see the module's docstring for the order of writes."""
+    *,
+    loaded_generation: int | None = None,
+    force: bool = False,
+) -> int:
+    """Write a store's pieces to the folder ``path``; returns the generation written.
+
+    Over an existing store only if this is the store it was loaded from, still at ``loaded_generation``
+    (or with ``force``): anything else would replace tasks the caller never saw.
+    """
     folder = Path(path)
-    _check_writable(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    _check_target(folder, loaded_generation, force)  # before the lock file is made: never in a foreign folder
+    with _write_errors(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    with store_lock(folder), _write_errors(folder):
+        previous = _check_target(folder, loaded_generation, force)
+        folder.mkdir(parents=True, exist_ok=True)
+        before = {p.name for p in folder.iterdir()}
+        try:
+            manifest = _write_all(folder, method, shapes, bases, tasks, k_requested, previous)
+        except BaseException:
+            for file in folder.iterdir():  # what this save wrote goes; the old store stays as it was
+                if file.name not in before:
+                    file.unlink(missing_ok=True)
+            raise
+        keep = set(manifest["checksums"]) | set((previous or {}).get("checksums", {}))
+        _remove_unreferenced(folder, keep)
+        return manifest["generation"]
+
+
+def _write_all(folder, method, shapes, bases, tasks, k_requested, previous) -> dict:
     names = list(shapes)
     checksums = {}
     basis_file = _write_data(folder, "basis", _basis_tensors(bases, names), checksums)
@@ -61,50 +98,143 @@ def save_store(
                 "dtype": task.dtype,
                 "config": task.config,
                 "extras": list(task.extras),
-                "quality": {n: list(task.errors[n]) for n in names if n in task.errors},
+                "quality": {n: list(task.errors[n]) for n in names if _known(task.errors.get(n))},
             }
         )
-    manifest = {
-        "format": STORE_FORMAT,
-        "format_version": STORE_FORMAT_VERSION,
-        "method": method,
-        "k_requested": k_requested,
-        "layers": [{"name": n, "d_in": s.d_in, "d_out": s.d_out, "rank": s.rank} for n, s in shapes.items()],
-        "basis_file": basis_file,
-        "tasks": entries,
-        "checksums": checksums,
-    }
-    write_json_atomic(folder / STORE_MANIFEST, manifest)
-    _remove_unreferenced(folder, set(checksums))
-    return folder
+    manifest = schema.seal(
+        {
+            "format": STORE_FORMAT,
+            "format_version": STORE_FORMAT_VERSION,
+            "generation": (previous or {}).get("generation", 0) + 1,
+            "method": method,
+            "k_requested": k_requested,
+            "layers": [{"name": n, "d_in": s.d_in, "d_out": s.d_out, "rank": s.rank} for n, s in shapes.items()],
+            "basis_file": basis_file,
+            "tasks": entries,
+            "checksums": checksums,
+        }
+    )
+    data = (json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
+    write_bytes_atomic(folder / STORE_MANIFEST, data)
+    return manifest
 
 
-def load_store(path: str | Path) -> Store:
-    """The pieces of the store at ``path``: method, shapes, bases, tasks, k_requested."""
-    folder = Path(path)
-    manifest = read_manifest(folder)
-    problems = verify_files(folder, manifest)
-    if problems:
+def _known(pair) -> bool:
+    return pair is not None and all(math.isfinite(v) for v in pair)
+
+
+def _check_target(folder: Path, loaded_generation: int | None, force: bool) -> dict | None:
+    """The store now at ``folder`` (None if there is none), once it is safe to write over it."""
+    if folder.exists() and not folder.is_dir():
+        raise StoreError(f"{folder}: exists and is not a folder; choose another output path.")
+    if not folder.is_dir() or not any(p.name != STORE_LOCK for p in folder.iterdir()):
+        return None
+    if not (folder / STORE_MANIFEST).is_file():
         raise StoreError(
-            f"{folder}: the store is damaged: {'; '.join(problems)}. Restore it from a copy or rebuild it."
+            f"{folder}: folder is not empty and not a vlora store; refusing to write into it — "
+            "choose a new or empty folder."
         )
     try:
-        return _build(folder, manifest)
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+        current = read_manifest(folder)
+    except StoreError:
+        if force:
+            return None
+        raise
+    if force or current["generation"] == loaded_generation:
+        return current
+    ids = ", ".join(repr(t["id"]) for t in current["tasks"][:5]) + (" ..." if len(current["tasks"]) > 5 else "")
+    if loaded_generation is None:
         raise StoreError(
-            f"{folder}: the store's files do not match its manifest ({error}); rebuild the store."
+            f"{folder}: already holds a vlora store ({len(current['tasks'])} tasks: {ids}); refusing to replace it "
+            "— choose another folder, or pass --force (force=True) to replace it."
+        )
+    raise StoreError(
+        f"{folder}: the store changed since it was loaded (generation {loaded_generation} -> "
+        f"{current['generation']}, another writer); load it again and redo the change, so that no task is lost."
+    )
+
+
+@contextmanager
+def store_lock(folder: Path, timeout: float = LOCK_TIMEOUT_S):
+    """Hold the store's writer lock for the block (re-entrant within one process)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StoreError(f"{folder}: no such folder; pass a store made by `vlora compress`.")
+    lock = FileLock(folder.resolve() / STORE_LOCK, timeout=timeout, is_singleton=True)  # one per file: re-entrant
+    try:
+        with lock:
+            yield
+    except Timeout:
+        raise StoreError(
+            f"{folder}: the store is busy (another vlora is writing it) and stayed busy for {timeout:.0f} s; "
+            "try again when it has finished."
         ) from None
 
 
+_MACHINE = {
+    errno.ENOSPC: "the disk is full — free some space",
+    errno.EDQUOT: "the disk quota is used up — free some space",
+    errno.EROFS: "the file system is read-only — write the store somewhere writable",
+    errno.EACCES: "there is no permission to write there — choose a folder you can write",
+    errno.EPERM: "there is no permission to write there — choose a folder you can write",
+}
+
+
+@contextmanager
+def _write_errors(folder: Path):
+    """An OSError while writing becomes a StoreError that says what the machine refused and what to do."""
+    try:
+        yield
+    except OSError as error:
+        what = _MACHINE.get(error.errno, f"{error.strerror or error}")
+        raise StoreError(f"{folder}: cannot write the store: {what}; the store was left as it was.") from None
+
+
+# ---- reading ------------------------------------------------------------------------------------------
+def load_store(path: str | Path) -> Store:
+    """The pieces of the store at ``path``: method, shapes, bases, tasks, k_requested, generation.
+
+    A writer may replace the manifest while this reads: if files of the manifest read have gone since,
+    the load starts again from the new manifest, so a reader always gets one whole generation.
+    """
+    folder = Path(path)
+    for attempt in range(READ_TRIES):
+        manifest = read_manifest(folder)
+        problems = verify_files(folder, manifest)
+        if not problems:
+            try:
+                return _build(folder, manifest)
+            except _Vanished:
+                problems = ["a data file vanished while reading"]
+        if attempt + 1 < READ_TRIES and _moved_on(folder, manifest):
+            continue
+        raise StoreError(
+            f"{folder}: the store is damaged: {'; '.join(problems)}. Restore it from a copy or rebuild it."
+        )
+    raise AssertionError("unreachable")
+
+
+def _moved_on(folder: Path, manifest: dict) -> bool:
+    try:
+        return read_manifest(folder)["generation"] != manifest["generation"]
+    except StoreError:
+        return False
+
+
+class _Vanished(Exception):
+    """A data file that verified a moment ago is gone: a writer has moved the store on."""
+
+
 def read_manifest(folder: Path) -> dict:
+    """The manifest of the store at ``folder``, checked against its own checksum and its schema."""
     path = folder / STORE_MANIFEST
     if not folder.is_dir():
         raise StoreError(f"{folder}: no such folder; pass a store made by `vlora compress`.")
     if not path.is_file():
         raise StoreError(f"{folder}: not a vlora store (no {STORE_MANIFEST}); make one with `vlora compress`.")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        manifest = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
         raise StoreError(f"{path}: damaged manifest ({error}); restore the store from a copy or rebuild it.") from None
     if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
         raise StoreError(f"{path}: not a vlora store manifest; make one with `vlora compress`.")
@@ -113,7 +243,12 @@ def read_manifest(folder: Path) -> dict:
             f"{path}: store format version {manifest.get('format_version')!r}, this vlora reads "
             f"version {STORE_FORMAT_VERSION}; upgrade vlora or rebuild the store."
         )
+    schema.check(schema.unseal(manifest, path), path)
     return manifest
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number a store may hold")
 
 
 def verify_files(folder: Path, manifest: dict) -> list[str]:
@@ -126,16 +261,6 @@ def verify_files(folder: Path, manifest: dict) -> list[str]:
         elif hashlib.sha256(file.read_bytes()).hexdigest() != digest:
             problems.append(f"{name} does not match its checksum")
     return problems
-
-
-def _check_writable(folder: Path) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise StoreError(f"{folder}: exists and is not a folder; choose another output path.")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / STORE_MANIFEST).is_file():
-        raise StoreError(
-            f"{folder}: folder is not empty and not a vlora store; refusing to write into it — "
-            "choose a new or empty folder."
-        )
 
 
 def _write_data(folder: Path, kind: str, tensors: dict[str, torch.Tensor], checksums: dict) -> str:
@@ -176,6 +301,8 @@ def _task_tensors(task: Task, names: list[str]) -> dict[str, torch.Tensor]:
 def _read_data(folder: Path, name: str) -> dict[str, torch.Tensor]:
     try:
         return load_bytes((folder / name).read_bytes())
+    except FileNotFoundError:
+        raise _Vanished(name) from None
     except (SafetensorError, OSError) as error:
         raise StoreError(
             f"{folder / name}: unreadable ({error}); restore the store from a copy or rebuild it."
@@ -183,30 +310,51 @@ def _read_data(folder: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def _build(folder: Path, manifest: dict) -> Store:
-    layers = manifest["layers"]
-    shapes = {l["name"]: LayerShape(int(l["d_in"]), int(l["d_out"]), int(l["rank"])) for l in layers}
-    names = list(shapes)
+    """The pieces, every tensor checked against the manifest's shapes (and finite) before it is used."""
+    method = get_method(manifest["method"])
+    shapes = {l["name"]: LayerShape(l["d_in"], l["d_out"], l["rank"]) for l in manifest["layers"]}
     raw = _read_data(folder, manifest["basis_file"])
-    bases = {
-        name: {
-            side: Basis(raw[f"{i}.{side}.components"], raw[f"{i}.{side}.spectrum"], raw.get(f"{i}.{side}.mean"))
-            for side in SIDES
-        }
-        for i, name in enumerate(names)
-    }
+    bases, ks = {}, {}
+    for i, (name, shape) in enumerate(shapes.items()):
+        bases[name] = {}
+        for side in SIDES:
+            d, r = shape.dim(side), shape.rank
+            D = method.to_vectors(torch.zeros(1, d, r)).shape[2]  # length of one vector
+            where = f"{manifest['basis_file']} layer {name} side {side}"
+            components = _tensor(raw, f"{i}.{side}.components", where, lambda t, D=D: t.dim() == 2 and t.shape[1] == D)
+            spectrum = _tensor(raw, f"{i}.{side}.spectrum", where, lambda t: t.dim() == 1 and bool((t >= 0).all()))
+            mean = _tensor(raw, f"{i}.{side}.mean", where, lambda t, D=D: t.shape == (D,)) if method.centre else None
+            bases[name][side] = Basis(components, spectrum, mean)
+            ks[name, side] = (method.vectors_per_factor(d, r), components.shape[0])
     tasks = {}
     for entry in manifest["tasks"]:
         data = _read_data(folder, entry["file"])
-        loadings = {name: {side: data[f"{i}.{side}"] for side in SIDES} for i, name in enumerate(names)}
-        extras = {key: data[f"extra.{key}"] for key in entry.get("extras", [])}
+        loadings = {
+            name: {
+                side: _tensor(
+                    data,
+                    f"{i}.{side}",
+                    f"{entry['file']} ({entry['id']!r}) layer {name}",
+                    lambda t, gk=ks[name, side]: tuple(t.shape) == gk,
+                )
+                for side in SIDES
+            }
+            for i, name in enumerate(shapes)
+        }
+        extras = {key: _tensor(data, f"extra.{key}", entry["file"], None) for key in entry.get("extras", [])}
         errors = {n: tuple(v) for n, v in entry.get("quality", {}).items()}
         tasks[entry["id"]] = Task(
-            entry["id"],
-            loadings,
-            entry["config"],
-            extras,
-            entry.get("source", ""),
-            entry.get("dtype", "float32"),
-            errors,
+            entry["id"], loadings, entry["config"], extras, entry.get("source", ""), entry["dtype"], errors
         )
-    return manifest["method"], shapes, bases, tasks, manifest.get("k_requested")
+    return manifest["method"], shapes, bases, tasks, manifest.get("k_requested"), manifest["generation"]
+
+
+def _tensor(data: dict, key: str, where: str, fits) -> torch.Tensor:
+    """``data[key]``, a finite float32 tensor that ``fits`` (any finite tensor if ``fits`` is None);
+    else a StoreError naming it."""
+    t = data.get(key)
+    ok = isinstance(t, torch.Tensor) and (fits is None or (t.dtype == torch.float32 and fits(t)))
+    if not ok or not torch.isfinite(t).all():
+        problem = "is missing" if t is None else f"has shape {tuple(t.shape)} / {t.dtype} or non-finite values"
+        raise StoreError(f"{where}: tensor {key!r} {problem}, not what the manifest says; rebuild the store.")
+    return t
