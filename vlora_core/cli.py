@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 
 from . import quality
 from .config import DEFAULT_METHOD, DEFAULT_NUM_COMPONENTS, DEFAULT_VARIANCE_THRESHOLD
 from .errors import VLoRAError
 from .export import export_all, export_task
+from .io.atomic import disk_problem
 from .io.peft_files import load_adapter
 from .io.store_files import store_lock
 from .methods import METHODS
@@ -21,7 +23,7 @@ from .subspace import DEFAULT_CHUNK, SharedSubspace, stream_compress
 
 
 def compress(args) -> None:
-    if args.stream:
+    if args.stream is not None:  # --stream 0 is a value to refuse, not "off"
         if args.adaptive_k:
             raise VLoRAError("--stream keeps a fixed k; drop --adaptive-k or --stream.")
         subspace = stream_compress(
@@ -47,13 +49,8 @@ def compress(args) -> None:
 def info(args) -> None:
     subspace = SharedSubspace.load(args.store)
     if args.json:
-        print(
-            json.dumps(
-                {"summary": quality.summary(subspace), "layers": [vars(r) for r in quality.layer_reports(subspace)]},
-                indent=2,
-                default=str,
-            )
-        )
+        report = {"summary": quality.summary(subspace), "layers": [vars(r) for r in quality.layer_reports(subspace)]}
+        print(json.dumps(_json_safe(report), indent=2, allow_nan=False))
         return
     print(f"{args.store}: {subspace!r}")
     print(f"{'layer':<48} {'k_A':>4} {'k_B':>4} {'var_A':>7} {'var_B':>7} {'ΔW err':>8}")
@@ -64,7 +61,9 @@ def info(args) -> None:
 
 def export(args) -> None:
     subspace = SharedSubspace.load(args.store)
-    overrides = dict(alpha=args.alpha, base_model=args.base_model, target_modules=args.target_modules)
+    overrides = dict(
+        alpha=args.alpha, base_model=args.base_model, target_modules=args.target_modules, overwrite=args.force
+    )
     if args.all == (args.task is not None):
         raise VLoRAError("give either a TASK or --all (not both); `vlora info STORE` lists the tasks.")
     if args.all:
@@ -83,6 +82,17 @@ def add(args) -> None:
     error = quality.task_errors(subspace)[task.id]
     how = "basis extended" if args.incremental else "projected on the fixed basis"
     print(f"added {task.id!r} to {args.store} ({how}; ΔW relative error {error:.4f}; {subspace!r})")
+
+
+def _json_safe(value):
+    """``value`` with every NaN or infinite number as null (strict JSON has neither): an unknown error is null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
 
 
 def _print_summary(subspace: SharedSubspace) -> None:
@@ -156,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", nargs="?", help="task id (see `vlora info`)")
     p.add_argument("-o", "--output", required=True, help="adapter folder (with --all: a parent folder)")
     p.add_argument("--all", action="store_true", help="export every task")
+    p.add_argument("--force", action="store_true", help="replace an earlier vlora export at --output (nothing else)")
     p.add_argument("--alpha", type=float, help="lora_alpha to write (factors are rescaled so ΔW is unchanged)")
     p.add_argument("--base-model", help="base_model_name_or_path to write")
     p.add_argument("--target-modules", nargs="+", help="target_modules to write")
@@ -181,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except VLoRAError as error:
         print(f"vlora {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # one the core did not foresee (the machine refused a read or write): still one line
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"vlora {args.command}: error: {where}{disk_problem(error)}.", file=sys.stderr)
         return 1
     return 0
 

@@ -27,7 +27,7 @@ from .config import CompressConfig
 from .constants import SIDES
 from .errors import CompatibilityError, TaskError, VLoRAError, short_list
 from .gauge import canonical_factors
-from .io.peft_files import load_adapter
+from .io.peft_files import folder_task_id, load_adapter
 from .methods import get_method
 from .quality import delta_w_errors
 from .records import Factors, LayerKs, LayerShape, Task, check_task_id
@@ -221,7 +221,8 @@ def stream(
     """``fit`` a chunk of adapter folders at a time: the first chunk is decomposed, each later one extends
     the bases, dropping the weakest directions beyond ``headroom · k``; then all is cut to k. A second
     pass over the files measures each task's ΔW error."""
-    ids = [Path(p).resolve().name for p in paths] if task_ids is None else list(task_ids)
+    ids = stream_task_ids(paths, task_ids)
+    check_stream_options(chunk, headroom)
     chunks = [range(i, min(i + chunk, len(paths))) for i in range(0, len(paths), chunk)]
     cap = CompressConfig(headroom * config.num_components, config.method)
     shapes, bases, tasks = None, {}, {}
@@ -252,6 +253,34 @@ def stream(
                 config.method, shapes, bases, layer_factors(adapters, list(shapes)), [tasks[a.name] for a in adapters]
             )
     return shapes, bases, tasks
+
+
+def stream_task_ids(paths: list[str | Path], task_ids: list[str] | None) -> list[str]:
+    """One usable, distinct id per folder (the given ones, or the folder names), all checked before any is read."""
+    ids = [folder_task_id(p) for p in paths] if task_ids is None else list(task_ids)
+    if len(ids) != len(paths):
+        raise TaskError(f"{len(ids)} task ids for {len(paths)} adapter folders; give one id per folder (--task-ids).")
+    seen: dict[str, str] = {}
+    for task_id, path in zip(ids, paths):
+        check_task_id(task_id)
+        if task_id in seen:
+            raise TaskError(
+                f"task id {task_id!r} is used twice ({seen[task_id]} and {path}); task ids must be unique — "
+                "rename a folder or pass --task-ids."
+            )
+        seen[task_id] = str(path)
+    return ids
+
+
+def check_stream_options(chunk: object, headroom: object) -> None:
+    """--stream CHUNK: a whole number of at least 2 (the first chunk starts the basis); headroom at least 1."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 2:
+        raise VLoRAError(
+            f"--stream CHUNK must be a whole number of at least 2 (the first chunk starts the basis), got {chunk!r}; "
+            "for example --stream 32."
+        )
+    if isinstance(headroom, bool) or not isinstance(headroom, int) or headroom < 1:
+        raise VLoRAError(f"headroom must be a whole number of at least 1 (a multiple of k), got {headroom!r}.")
 
 
 # ---- gauging layers in batches ----------------------------------------------------------------------

@@ -3,6 +3,7 @@
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_LEGACY = "adapter_model.bin"
 ADAPTER_CONFIG = "adapter_config.json"
+EXPORT_PRODUCER = "vlora-export"  # the "producer" in an exported adapter_model.safetensors' metadata
 
 STORE_MANIFEST = "manifest.json"
 STORE_LOCK = ".vlora.lock"  # writers hold it (filelock); readers never need it

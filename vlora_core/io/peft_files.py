@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
 
-from ..adapter import LoRAAdapter, adapter_from_state_dict, adapter_to_state_dict
+from ..adapter import AdapterSize, LoRAAdapter, adapter_from_state_dict, adapter_to_state_dict, size_from_shapes
 from ..constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_LEGACY
-from ..errors import AdapterError
-from .atomic import atomic_folder
+from ..errors import AdapterError, StoreError
+from .atomic import atomic_folder, disk_problem, write_new_file
+from .outputs import EXPORT_METADATA, check_export_target
 
 
 def load_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
@@ -21,7 +25,7 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
 
     Args:
         path: the folder.
-        name: the task id it will have; default: the folder's name.
+        name: the task id it will have; default: the folder's name as given (``folder_task_id``).
 
     Returns:
         A ``LoRAAdapter``; anything vlora cannot store exactly is an ``AdapterError`` naming the file and the fix.
@@ -35,7 +39,13 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
         raise AdapterError(f"{source}: no such folder; pass a PEFT adapter folder holding {ADAPTER_CONFIG}.")
     config = read_adapter_config(folder)
     state = _read_weights(folder)
-    return adapter_from_state_dict(state, config, name or folder.resolve().name, source)
+    return adapter_from_state_dict(state, config, name or folder_task_id(path), source)
+
+
+def folder_task_id(path: str | Path) -> str:
+    """The task id an adapter folder gets by default: its name as the user wrote it. A symbolic link keeps
+    its own name (not its target's); ``.`` and a trailing ``/`` name the folder itself."""
+    return Path(os.path.abspath(path)).name
 
 
 def read_adapter_config(folder: Path) -> dict:
@@ -49,6 +59,35 @@ def read_adapter_config(folder: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise AdapterError(f"{path}: not valid JSON ({error}); restore the file PEFT wrote.") from None
+    except OSError as error:
+        raise AdapterError(f"{path}: cannot be read ({error.strerror}); check its permissions.") from None
+    except RecursionError:
+        raise AdapterError(f"{path}: nested too deeply to be an adapter config; restore the file PEFT wrote.") from None
+
+
+def read_adapter_size(path: str | Path) -> AdapterSize:
+    """Layers, largest rank and numbers of an adapter folder's weights, from the file's header alone.
+
+    No tensor data is read (safetensors keeps shapes in its header; a legacy .bin is memory-mapped), so
+    a workbench can refuse an adapter over its limits before the work of loading it."""
+    folder = Path(path)
+    weights, legacy = folder / ADAPTER_WEIGHTS, folder / ADAPTER_WEIGHTS_LEGACY
+    if weights.is_file():
+        try:
+            with safe_open(weights, framework="pt") as f:
+                return size_from_shapes({key: f.get_slice(key).get_shape() for key in f.keys()})
+        except (SafetensorError, OSError, ValueError) as error:
+            raise AdapterError(
+                f"{weights}: not a readable safetensors file ({error}); it may be truncated — copy it again."
+            ) from None
+    if legacy.is_file():
+        try:
+            state = torch.load(legacy, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):
+            state = _read_weights(folder)  # an old (non-zip) torch file cannot be mapped: read it
+        if isinstance(state, dict):
+            return size_from_shapes({k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)})
+    return size_from_shapes({})
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -74,10 +113,33 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     raise AdapterError(f"{folder}: no {ADAPTER_WEIGHTS} (or legacy {ADAPTER_WEIGHTS_LEGACY}) in this folder.")
 
 
-def save_adapter(adapter: LoRAAdapter, path: str | Path) -> Path:
-    """Write a standard PEFT folder, atomically (the old folder stays until the new one is complete)."""
+def save_adapter(
+    adapter: LoRAAdapter, path: str | Path, check: Callable[[Path], None] | None = None, *, overwrite: bool = False
+) -> Path:
+    """Write a standard PEFT folder, atomically (the old folder stays until the new one is complete).
+
+    ``path`` must be new, an empty folder, or (with ``overwrite``) a folder vlora exported before
+    (``outputs.check_export_target``); the weights carry vlora's mark in their metadata. ``check``, if given,
+    is called with the written temp folder before it takes ``path``'s place; if it raises, nothing is
+    published and ``path`` stays as it was. A write the machine refuses (disk full, read-only, no permission)
+    is a ``StoreError`` saying so, with ``path`` as it was."""
     target = Path(path)
-    with atomic_folder(target) as tmp:
-        save_file(adapter_to_state_dict(adapter), tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter.config, indent=2) + "\n", encoding="utf-8")
+    check_export_target(target, overwrite)
+    try:
+        config = json.dumps(adapter.config, indent=2, allow_nan=False)  # strict JSON: PEFT reads no NaN
+    except ValueError:
+        raise AdapterError(
+            f"{adapter.describe()}: its adapter_config.json holds NaN or Infinity; fix the number in the config."
+        ) from None
+    weights = save_bytes(adapter_to_state_dict(adapter), metadata=EXPORT_METADATA)
+    existed = target.is_dir()
+    try:
+        with atomic_folder(target, last=ADAPTER_CONFIG) as tmp:
+            write_new_file(tmp / ADAPTER_WEIGHTS, weights)
+            write_new_file(tmp / ADAPTER_CONFIG, (config + "\n").encode())
+            if check is not None:
+                check(tmp)
+    except OSError as error:
+        left = "the folder was left as it was" if existed else "nothing was written"
+        raise StoreError(f"{target}: cannot write the adapter: {disk_problem(error)}; {left}.") from None
     return target
