@@ -61,9 +61,7 @@ def info(args) -> None:
 
 def export(args) -> None:
     subspace = SharedSubspace.load(args.store)
-    overrides = dict(
-        alpha=args.alpha, base_model=args.base_model, target_modules=args.target_modules, overwrite=args.force
-    )
+    overrides = dict(alpha=args.alpha, base_model=args.base_model, target_modules=args.target_modules, force=args.force)
     if args.all == (args.task is not None):
         raise VLoRAError("give either a TASK or --all (not both); `vlora info STORE` lists the tasks.")
     if args.all:

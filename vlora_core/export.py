@@ -33,7 +33,7 @@ def export_task(
     alpha: float | None = None,
     base_model: str | None = None,
     target_modules: list[str] | None = None,
-    overwrite: bool = False,
+    force: bool = False,
 ) -> Path:
     """Write ``task_id`` as a PEFT adapter folder at ``out`` (atomically). ΔW is kept for any alpha.
 
@@ -44,7 +44,7 @@ def export_task(
         alpha: lora_alpha to write instead of the task's own (the factors are rescaled).
         base_model: base_model_name_or_path to write.
         target_modules: target_modules to write (must cover every stored layer).
-        overwrite: replace ``out`` if it holds an earlier vlora export. Anything else already there (a file,
+        force: replace ``out`` if it holds an earlier vlora export. Anything else already there (a file,
             a non-empty folder vlora did not write, a store or a folder inside one) is never replaced.
 
     Returns:
@@ -54,22 +54,19 @@ def export_task(
         >>> export_task(SharedSubspace.load("store/"), "sentiment", "exported/sentiment", alpha=32)
     """
     adapter = task_adapter(subspace, task_id, alpha=alpha, base_model=base_model, target_modules=target_modules)
-    return save_adapter(
-        adapter, out, check=lambda written: check_written(subspace, task_id, written, out), overwrite=overwrite
-    )
+    return save_adapter(adapter, out, check=lambda written: check_written(subspace, task_id, written, out), force=force)
 
 
-def export_all(subspace: SharedSubspace, out: str | Path, *, overwrite: bool = False, **overrides) -> dict[str, Path]:
+def export_all(subspace: SharedSubspace, out: str | Path, *, force: bool = False, **overrides) -> dict[str, Path]:
     """Every task in its own folder under ``out`` (ids are not trusted as file names). Every folder is checked
     before the first is written: ``out`` may hold other things, but no sub-folder vlora did not write is replaced."""
     names = folder_names(subspace.task_ids)
     targets = {task_id: Path(out) / names[task_id] for task_id in subspace.task_ids}
     check_export_root(out)
     for target in targets.values():
-        check_export_target(target, overwrite)
+        check_export_target(target, force)
     return {
-        task_id: export_task(subspace, task_id, target, overwrite=overwrite, **overrides)
-        for task_id, target in targets.items()
+        task_id: export_task(subspace, task_id, target, force=force, **overrides) for task_id, target in targets.items()
     }
 
 

@@ -61,7 +61,8 @@ def write_new_file(path: Path, data: bytes) -> None:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync it, then rename over ``path``."""
+    """Write to a temp file in the same folder, fsync it, then rename over ``path``. Once renamed the file is
+    written: a failure to sync the folder afterwards is a warning, never an error a caller would undo it for."""
     path = Path(path)
     tmp = _temp_name(path, "tmp")
     try:
@@ -70,7 +71,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         _remove_quietly(tmp)
         raise
-    fsync_path(path.parent)
+    _sync_after_commit(path.parent)
 
 
 def write_json_atomic(path: Path, value: object) -> None:

@@ -3,7 +3,7 @@
 An exported adapter folder is recognised by the mark ``save_adapter`` puts in its weights' safetensors
 metadata ("producer": "vlora-export/1") and by holding nothing but the two PEFT files (and leftovers of an
 interrupted write). A target is refused when it is a file, a store or a folder inside one, or a non-empty
-folder that is not such an export; an export is replaced only when asked (``overwrite``, CLI ``--force``).
+folder that is not such an export; an export is replaced only when asked (``force``, CLI ``--force``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ EXPORT_METADATA = {"format": "pt", "producer": f"{EXPORT_PRODUCER}/1"}  # PEFT's
 _MANIFEST_HEAD = 4096  # bytes of a manifest.json read to tell a vlora store from any other
 
 
-def check_export_target(path: str | Path, overwrite: bool = False) -> None:
+def check_export_target(path: str | Path, force: bool = False) -> None:
     """Raise a StoreError unless an adapter folder may be written at ``path``: new, empty, or (with
-    ``overwrite``) a vlora export."""
+    ``force``) a vlora export."""
     target = Path(path)
     _check_outside_stores(target)
     if not target.is_dir():
@@ -40,9 +40,9 @@ def check_export_target(path: str | Path, overwrite: bool = False) -> None:
             f"{target}: not empty and not written by vlora export (holds {short_list(sorted(foreign or entries))}); "
             "refusing to replace it — choose a new or empty folder (or remove it yourself)."
         )
-    if not overwrite:
+    if not force:
         raise StoreError(
-            f"{target}: already holds a vlora export; pass --force (overwrite=True) to replace it, "
+            f"{target}: already holds a vlora export; pass --force (force=True) to replace it, "
             "or choose another folder."
         )
 

@@ -114,17 +114,17 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(
-    adapter: LoRAAdapter, path: str | Path, check: Callable[[Path], None] | None = None, *, overwrite: bool = False
+    adapter: LoRAAdapter, path: str | Path, check: Callable[[Path], None] | None = None, *, force: bool = False
 ) -> Path:
     """Write a standard PEFT folder, atomically (the old folder stays until the new one is complete).
 
-    ``path`` must be new, an empty folder, or (with ``overwrite``) a folder vlora exported before
+    ``path`` must be new, an empty folder, or (with ``force``) a folder vlora exported before
     (``outputs.check_export_target``); the weights carry vlora's mark in their metadata. ``check``, if given,
     is called with the written temp folder before it takes ``path``'s place; if it raises, nothing is
     published and ``path`` stays as it was. A write the machine refuses (disk full, read-only, no permission)
     is a ``StoreError`` saying so, with ``path`` as it was."""
     target = Path(path)
-    check_export_target(target, overwrite)
+    check_export_target(target, force)
     try:
         config = json.dumps(adapter.config, indent=2, allow_nan=False)  # strict JSON: PEFT reads no NaN
     except ValueError:
