@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .adapter import lora_scaling
+from .adapter import check_alpha, lora_scaling
 from .errors import CompatibilityError, VLoRAError, short_list
 from .layer import Rows, SubspaceLayer, layer_kind
 from .methods import get_method
@@ -48,15 +48,14 @@ class VLoRAModel(nn.Module):
 
     def __init__(self, base_model: nn.Module, subspace: SharedSubspace, lora_alpha: float | None = None):
         super().__init__()
-        if lora_alpha is not None and not lora_alpha > 0:
-            raise VLoRAError(
-                f"lora_alpha must be a positive number, got {lora_alpha!r}; or leave it None "
-                "to use each task's own adapter_config.json."
-            )
+        self.subspace = subspace
+        if lora_alpha is not None:  # a finite positive number whose scaling fits every stored layer's rank
+            lora_alpha = check_alpha(lora_alpha, "VLoRAModel(lora_alpha=...) (None: each task's own)")
+            for task in subspace.tasks.values():  # checked before the base model is touched
+                self._gains(task, lora_alpha)
         self._trainable = [p for p in base_model.parameters() if p.requires_grad]  # given back by unload()
         base_model.requires_grad_(False)  # only task loadings ever train
         self.base_model = base_model
-        self.subspace = subspace
         self.lora_alpha = lora_alpha  # None: each task's own alpha, rslora and alpha_pattern
         self.targets = wrap_layers(base_model, subspace)  # layer name -> SubspaceLayer (inside base_model)
         self._active: str | None = None
@@ -189,13 +188,15 @@ class VLoRAModel(nn.Module):
             else:
                 self.clear_task()
 
-    def _gains(self, task: Task) -> dict[str, float]:
+    def _gains(self, task: Task, lora_alpha: float | None = None) -> dict[str, float]:
         """Per layer: the override scaling over the task's own (already folded into its factors)."""
-        if self.lora_alpha is None:
+        lora_alpha = self.lora_alpha if lora_alpha is None else lora_alpha
+        if lora_alpha is None:
             return {}
-        override = {**task.config, "lora_alpha": self.lora_alpha, "alpha_pattern": {}}
+        override = {**task.config, "lora_alpha": lora_alpha, "alpha_pattern": {}}
+        source, own = f"VLoRAModel(lora_alpha={lora_alpha:g})", f"task {task.id!r}"
         return {
-            name: lora_scaling(override, name, s.rank) / lora_scaling(task.config, name, s.rank)
+            name: lora_scaling(override, name, s.rank, source) / lora_scaling(task.config, name, s.rank, own)
             for name, s in self.subspace.shapes.items()
         }
 
