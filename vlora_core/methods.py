@@ -39,7 +39,7 @@ class Method:
 
     def vectors_per_factor(self, d: int, r: int) -> int:
         """g: how many loading rows one task has at a layer side."""
-        return self.to_vectors(torch.zeros(1, d, r)).shape[1]
+        return self.to_vectors(torch.empty(1, d, r, device="meta")).shape[1]  # shapes only: nothing allocated
 
     def loadings(self, basis: bases.Basis, F: torch.Tensor) -> torch.Tensor:
         """Factors F (N, d, r) -> their loadings (N, g, k) on a fixed basis."""

@@ -69,7 +69,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         write_new_file(tmp, data)
         os.replace(tmp, path)
     except BaseException:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise
     _sync_after_commit(path.parent)
 
@@ -151,12 +151,12 @@ def _swap_in(tmp: Path, target: Path, names: list[str]) -> None:
             placed.append(name)
     except BaseException:
         for name in placed:
-            _remove_quietly(target / name)
+            remove_quietly(target / name)
         for name, old in aside.items():
             os.replace(old, target / name)
         raise
     for old in aside.values():
-        _remove_quietly(old)
+        remove_quietly(old)
 
 
 def _sync_after_commit(folder: Path) -> None:
@@ -171,7 +171,8 @@ def _temp_name(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(6)}.{kind}")
 
 
-def _remove_quietly(path: Path) -> None:
+def remove_quietly(path: Path) -> None:
+    """Remove the file ``path`` if it can be (a clean-up must not hide the error that called for it)."""
     try:
         os.unlink(path)
     except OSError:

@@ -15,7 +15,6 @@ save that fails (disk full, read-only, no permission) removes what it wrote: the
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
@@ -34,7 +33,8 @@ from ..errors import StoreError
 from ..methods import get_method
 from ..records import LayerShape, Task
 from . import manifest as schema
-from .atomic import fsync_path, write_bytes_atomic
+from .atomic import disk_problem, fsync_path, make_folders, remove_empty_folders, remove_quietly, write_bytes_atomic
+from .outputs import enclosing_store
 
 _DATA_PREFIXES = ("basis-", "task-")
 # One key only: safetensors writes metadata in hash-map order, and a store file's name is its content hash.
@@ -65,9 +65,22 @@ def save_store(
     """
     folder = Path(path)
     _check_target(folder, loaded_generation, force)  # before the lock file is made: never in a foreign folder
-    with _write_errors(folder):
-        folder.mkdir(parents=True, exist_ok=True)
-    with store_lock(folder), _write_errors(folder):
+    existed = (folder / STORE_MANIFEST).is_file()
+    with _write_errors(folder, existed):
+        made = make_folders(folder)
+    try:
+        return _save_locked(folder, (method, shapes, bases, tasks, k_requested), loaded_generation, force, existed)
+    except BaseException:
+        if made:  # a new store that could not be written leaves no folder (nor lock file) behind
+            remove_quietly(folder / STORE_LOCK)
+            remove_empty_folders(made)
+        raise
+
+
+def _save_locked(folder: Path, pieces: tuple, loaded_generation: int | None, force: bool, existed: bool) -> int:
+    """``save_store`` under the writer lock: check the target again, write, clean up."""
+    method, shapes, bases, tasks, k_requested = pieces
+    with store_lock(folder), _write_errors(folder, existed):
         previous = _check_target(folder, loaded_generation, force)
         folder.mkdir(parents=True, exist_ok=True)
         before = {p.name for p in folder.iterdir()}
@@ -125,6 +138,11 @@ def _known(pair) -> bool:
 
 def _check_target(folder: Path, loaded_generation: int | None, force: bool) -> dict | None:
     """The store now at ``folder`` (None if there is none), once it is safe to write over it."""
+    outer = enclosing_store(folder.parent)
+    if outer is not None:
+        raise StoreError(
+            f"{folder}: is inside the store {outer}; a store holds only its own files — write the new store outside it."
+        )
     if folder.exists() and not folder.is_dir():
         raise StoreError(f"{folder}: exists and is not a folder; choose another output path.")
     if not folder.is_dir() or not any(p.name != STORE_LOCK for p in folder.iterdir()):
@@ -162,32 +180,30 @@ def store_lock(folder: Path, timeout: float = LOCK_TIMEOUT_S):
         raise StoreError(f"{folder}: no such folder; pass a store made by `vlora compress`.")
     lock = FileLock(folder.resolve() / STORE_LOCK, timeout=timeout, is_singleton=True)  # one per file: re-entrant
     try:
-        with lock:
-            yield
+        lock.acquire()
     except Timeout:
         raise StoreError(
             f"{folder}: the store is busy (another vlora is writing it) and stayed busy for {timeout:.0f} s; "
             "try again when it has finished."
         ) from None
-
-
-_MACHINE = {
-    errno.ENOSPC: "the disk is full — free some space",
-    errno.EDQUOT: "the disk quota is used up — free some space",
-    errno.EROFS: "the file system is read-only — write the store somewhere writable",
-    errno.EACCES: "there is no permission to write there — choose a folder you can write",
-    errno.EPERM: "there is no permission to write there — choose a folder you can write",
-}
+    except OSError as error:  # the lock file cannot be made: a read-only store, no permission, a full disk
+        raise StoreError(
+            f"{folder}: cannot take the store's writer lock: {disk_problem(error)}; the store was left as it was."
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @contextmanager
-def _write_errors(folder: Path):
+def _write_errors(folder: Path, existed: bool = True):
     """An OSError while writing becomes a StoreError that says what the machine refused and what to do."""
     try:
         yield
     except OSError as error:
-        what = _MACHINE.get(error.errno, f"{error.strerror or error}")
-        raise StoreError(f"{folder}: cannot write the store: {what}; the store was left as it was.") from None
+        left = "the store was left as it was" if existed else "no store was written"
+        raise StoreError(f"{folder}: cannot write the store: {disk_problem(error)}; {left}.") from None
 
 
 # ---- reading ------------------------------------------------------------------------------------------
@@ -319,7 +335,7 @@ def _build(folder: Path, manifest: dict) -> Store:
         bases[name] = {}
         for side in SIDES:
             d, r = shape.dim(side), shape.rank
-            D = method.to_vectors(torch.zeros(1, d, r)).shape[2]  # length of one vector
+            D = method.to_vectors(torch.empty(1, d, r, device="meta")).shape[2]  # one vector's length (no memory)
             where = f"{manifest['basis_file']} layer {name} side {side}"
             components = _tensor(raw, f"{i}.{side}.components", where, lambda t, D=D: t.dim() == 2 and t.shape[1] == D)
             spectrum = _tensor(raw, f"{i}.{side}.spectrum", where, lambda t: t.dim() == 1 and bool((t >= 0).all()))
