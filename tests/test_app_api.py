@@ -305,8 +305,10 @@ def test_zip_limits(tmp_path, adapter_dirs):
         Workbench(tmp_path / "a", AppSettings(max_files=3)).add_archive(big)
     with pytest.raises(ArchiveError, match="more than the limit of 1,000"):
         Workbench(tmp_path / "b", AppSettings(max_total_bytes=1000)).add_archive(big)
-    with pytest.raises(Exception, match="limit of 2 per session"):
-        Workbench(tmp_path / "c", AppSettings(max_adapters=2)).add_archive(big)
+    bench = Workbench(tmp_path / "c", AppSettings(max_adapters=2))
+    loaded = bench.add_archive(big)  # the first two load; the rest are refused, one by one
+    assert len(loaded.added) == 2 and len(bench.adapters) == 2 and len(loaded.refused) == 2
+    assert all("already holds 2 adapters, the limit (max_adapters)" in why for why in loaded.refused.values())
 
 
 # ---- hostile task ids -----------------------------------------------------------------------------
@@ -327,13 +329,15 @@ REFUSED_TYPED_IDS = [
 ]
 # A folder name inside an uploaded zip: the id it becomes, or the refusal (the name is never a path here).
 ZIP_FOLDER_IDS = [("тест-ü-🙂", "тест-ü-🙂"), ("a/b", "b"), ("y" * 200, "y" * 200)]
-REFUSED_ZIP_FOLDERS = [
+REFUSED_ZIP_FOLDERS = [  # unsafe or unreadable archives: the whole upload is refused
     ("../x", "climbs out of the archive"),
-    ("y" * 220, "must be at most 200 printable"),
     ("y" * 300, "File name too long"),
-    ("a\nb", "must be at most 200 printable"),
     ("nul\x00name", "appears twice"),
 ]  # zipfile cuts a name at NUL: both files become 'nul'
+REFUSED_ALONE_ZIP_FOLDERS = [  # a folder name that is no usable task id: that folder alone is refused
+    ("y" * 220, "must be at most 200 printable"),
+    ("a\nb", "must be at most 200 printable"),
+]
 
 
 def _add_folder(client, adapter_dir: Path, task_id: str):
@@ -416,6 +420,20 @@ def test_unusable_zip_folder_names_are_refused(client, app, adapter_dirs, tmp_pa
     assert str(refused.value).startswith("up.zip: ") and "Traceback" not in str(refused.value)
     assert not {f for f in _files(app.root.parent) - before if not f.is_relative_to(tmp_path)}
     assert _task_ids(client) == []  # not even 'other' came in
+
+
+@pytest.mark.parametrize("folder, message", REFUSED_ALONE_ZIP_FOLDERS, ids=lambda v: repr(v)[:20])
+def test_unusable_zip_folder_names_refuse_that_folder_only(client, app, adapter_dirs, tmp_path, folder, message):
+    before = _files(app.root.parent)
+    table, status = client.predict(
+        handle_file(_hostile_zip(tmp_path / "up.zip", folder, adapter_dirs)), api_name="/load_adapters"
+    )
+    rows = {row[0]: row for row in table["data"]}
+    assert [row[0] for row in table["data"] if row[1] != "—"] == ["other"]  # the good one is loaded
+    (refused,) = [row for name, row in rows.items() if name != "other"]
+    assert refused[6].startswith("not loaded: up.zip: task id") and message in refused[6]
+    assert "Loaded 1 adapters from up.zip" in status and "Refused 1" in status
+    assert not {f for f in _files(app.root.parent) - before if not f.is_relative_to(tmp_path)}
 
 
 def test_a_zips_own_name_names_a_top_level_adapter(client, adapter_dirs, tmp_path):

@@ -93,7 +93,7 @@ class Callbacks:
     def remove_adapters(self, task_ids: list[str] | None, request: gr.Request):
         """Drop the given tasks (all when empty). Returns (adapter table, status)."""
         with self.sessions.open(request) as bench:
-            removed = bench.remove(task_ids or list(bench.adapters))
+            removed = bench.remove(task_ids or None)  # none chosen: all, refused entries too
             return adapter_table(bench.table()), f"Removed {len(removed)} adapters; {len(bench.adapters)} left."
 
     @user_errors
@@ -113,14 +113,18 @@ class Callbacks:
 
     def _listing(self, bench: Workbench, loaded: Loaded, label: str):
         rows = bench.table()
-        problems = [r for r in rows if r.problem]
-        status = f"Loaded {len(loaded.added)} adapters from {label} ({len(rows)} in this session)."
+        problems = [r for r in rows if r.problem and not r.refused]
+        status = f"Loaded {len(loaded.added)} adapters from {label} ({len(bench.adapters)} in this session)."
         if loaded.renamed:
             renamed = ", ".join(f"{old} → {new}" for old, new in loaded.renamed.items())
             status += f" Renamed to keep task ids unique: {renamed}."
+        if loaded.refused:
+            names = ", ".join(loaded.refused)
+            status += f" **Refused {len(loaded.refused)} ({names}): see the problem column; fix those folders only.**"
+            gr.Warning(html.escape(next(iter(loaded.refused.values())), quote=False))  # toasts render HTML
         if problems:
             status += f" **{len(problems)} do not fit with {rows[0].task_id}: see the problem column.**"
-            gr.Warning(html.escape(problems[0].problem, quote=False))  # toasts render HTML
+            gr.Warning(html.escape(problems[0].problem, quote=False))
         return adapter_table(rows), status
 
     # ---- 2. tuning k ------------------------------------------------------------------------------
@@ -136,7 +140,7 @@ class Callbacks:
     ):
         """The view at this setting. Returns (summary, variance plot, error plot, storage plot, bytes plot,
         numbers, status); SVDs run only the first time a basis is used."""
-        config = CompressConfig(int(k), method, bool(adaptive_k), float(threshold))
+        config = CompressConfig(_whole(k), method, bool(adaptive_k), float(threshold))
         with self.sessions.open(request) as bench:
             report = bench.report(config, progress=True)
         status = (
@@ -213,11 +217,13 @@ class Callbacks:
 
         Returns (text A, stats A, text B, stats B, timings, status)."""
         source = self._model_source(source)
+        with self.sessions.open(request) as bench:
+            new_tokens = bench.check_request(prompt or "", max_new_tokens)  # the caps, before any model work
         progress(0, desc=f"loading {source}")
         model, tokenizer = get_base_model(source)
         progress(0.5, desc="generating")
         with self.sessions.open(request) as bench:
-            runs = _generate(bench, model, tokenizer, prompt or "", [choice_a, choice_b], int(max_new_tokens))
+            runs = _generate(bench, model, tokenizer, prompt or "", [choice_a, choice_b], new_tokens)
         stats = [
             f"switch {r.switch_ms:.2f} ms · {r.new_tokens} tokens in {r.seconds:.2f} s · {r.tokens_per_s:.1f} tokens/s"
             for r in runs
@@ -265,14 +271,12 @@ class Callbacks:
     ):
         """Export tasks (all when empty) at the current k. Returns (adapters zip, store zip, status)."""
         with self.sessions.open(request) as bench:
-            exported = bench.export(
-                task_ids or None, alpha=alpha or None, base_model=(base_model or "").strip() or None
-            )
+            exported = bench.export(task_ids or None, alpha=alpha, base_model=(base_model or "").strip() or None)
         sizes = [plots.human_bytes(path.stat().st_size) for path in (exported.adapters_zip, exported.store_zip)]
         return (
             str(exported.adapters_zip),
             str(exported.store_zip),
-            f"Exported {len(exported.task_ids)} tasks as PEFT folders ({plots.setting_label(exported.config)}; "
+            f"Exported {_count(exported.task_ids, 'task')} as PEFT folders ({plots.setting_label(exported.config)}; "
             f"{', '.join(exported.task_ids)}): adapters zip {sizes[0]}, store zip {sizes[1]} — "
             "use the download buttons.",
         )
@@ -288,21 +292,31 @@ def _generate(bench: Workbench, model, tokenizer, prompt: str, choices: list[str
 
 
 def adapter_table(rows: list[AdapterRow]) -> pd.DataFrame:
-    return pd.DataFrame(
-        [
-            [
-                r.task_id,
-                str(r.rank_min) if r.rank_min == r.rank_max else f"{r.rank_min}–{r.rank_max}",
-                f"{r.alpha:g}",
-                r.target_modules,
-                r.layers,
-                plots.human_bytes(r.num_bytes),
-                r.problem or "—",
-            ]
-            for r in rows
-        ],
-        columns=TABLE_COLUMNS,
-    )
+    """Loaded adapters, then the refused folders (their problem column says why they were not loaded)."""
+    return pd.DataFrame([_cells(r) for r in rows], columns=TABLE_COLUMNS)
+
+
+def _cells(r: AdapterRow) -> list:
+    if r.refused:
+        return [r.task_id, "—", "—", "—", "—", "—", f"not loaded: {r.problem}"]
+    return [
+        r.task_id,
+        str(r.rank_min) if r.rank_min == r.rank_max else f"{r.rank_min}–{r.rank_max}",
+        f"{r.alpha:g}",
+        r.target_modules,
+        r.layers,
+        plots.human_bytes(r.num_bytes),
+        r.problem or "—",
+    ]
+
+
+def _count(items: list, noun: str) -> str:
+    return f"{len(items)} {noun}" + ("" if len(items) == 1 else "s")
+
+
+def _whole(value: float) -> object:
+    """A slider's float as an int when it is whole; anything else as it is, for the config to refuse by name."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def summary(report: KReport) -> str:

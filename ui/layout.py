@@ -18,7 +18,13 @@ from .session import Sessions
 from .settings import AppSettings
 from .workbench import BASE_CHOICE, CHOICE_KINDS, demo_prompts
 
+# Three lines of events, so that light work never waits behind heavy work (Gradio's default is one line per
+# event, one at a time: a k change would wait for another session's SVDs). The heavy steps also hold the
+# Sessions' gate inside the workbench, so an API call that turns heavy (a first compress) counts there too.
 BASE_MODEL_QUEUE = "base_model"  # every event that runs the shared base model waits in this one line
+HEAVY_QUEUE = "heavy"  # uploads, first SVDs of a basis, exports: AppSettings.heavy_jobs at a time
+LIGHT_QUEUE = "light"  # k changes, tables, dropdowns: answered from what a session already holds
+LIGHT_JOBS = 8
 FALLBACK_PROMPTS = ["What is the tallest mountain in the world?", "How do I make a cup of tea?"]
 INTRO = """# vlora workbench
 Many PEFT LoRA adapters for one base model, stored as **one shared basis + tiny per-task loadings**.
@@ -33,13 +39,14 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
     calls = Callbacks(sessions, settings)
     with gr.Blocks(title="vlora workbench", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(INTRO)
+        gr.Markdown(f"<small>{settings.limits_note()}</small>", elem_id="limits")
         status = gr.Markdown("Start by loading adapters.", label="status", elem_id="status")
         with gr.Tabs(elem_id="stages") as tabs:
             a = _adapters_tab(settings)
             k = _tune_tab()
             ab = _ab_tab(settings)
             ex = _export_tab()
-        _wire(calls, status, tabs, a, k, ab, ex)
+        _wire(calls, settings, status, tabs, a, k, ab, ex)
         demo.unload(calls.end_session)
     demo.queue(max_size=64)
     return demo
@@ -155,7 +162,7 @@ def _ab_tab(settings: AppSettings) -> dict:
                 info="'bundled' (SmolLM2-135M, offline), a local folder (localhost only) or an org/name hub id",
             )
             load_model = gr.Button("Load model", elem_id="load-model")
-        prompt = gr.Textbox(prompts[0], label="Prompt", lines=2, elem_id="prompt")
+        prompt = gr.Textbox(prompts[0], label="Prompt", lines=2, max_length=settings.max_prompt_chars, elem_id="prompt")
         gr.Examples([[p] for p in prompts], inputs=[prompt], label="Example prompts")
         gr.Markdown(
             "A and B: *base model*, or a task — "
@@ -170,7 +177,12 @@ def _ab_tab(settings: AppSettings) -> dict:
                 [BASE_CHOICE], value=BASE_CHOICE, label="B", allow_custom_value=True, elem_id="choice-b"
             )
             max_new_tokens = gr.Slider(
-                8, 256, value=DEFAULT_MAX_NEW_TOKENS, step=8, label="New tokens", elem_id="max-new-tokens"
+                1,
+                settings.max_new_tokens,
+                value=min(DEFAULT_MAX_NEW_TOKENS, settings.max_new_tokens),
+                step=1,
+                label="New tokens",
+                elem_id="max-new-tokens",
             )
         run = gr.Button("Generate A and B", variant="primary", elem_id="run-ab")
         with gr.Row():
@@ -225,7 +237,9 @@ def _export_tab() -> dict:
 
 
 # ---- the events -----------------------------------------------------------------------------------
-def _wire(calls: Callbacks, status, tabs, a: dict, k: dict, ab: dict, ex: dict) -> None:
+def _wire(calls: Callbacks, settings: AppSettings, status, tabs, a: dict, k: dict, ab: dict, ex: dict) -> None:
+    heavy = dict(concurrency_id=HEAVY_QUEUE, concurrency_limit=settings.heavy_jobs)
+    light = dict(concurrency_id=LIGHT_QUEUE, concurrency_limit=LIGHT_JOBS)
     listing = [a["table"], status]
     settings_in = [k["method"], k["k"], k["adaptive"], k["threshold"]]
     plots_out = [k["summary"], k["variance"], k["errors"], k["storage"], k["size"], k["numbers"], status]
@@ -240,26 +254,29 @@ def _wire(calls: Callbacks, status, tabs, a: dict, k: dict, ab: dict, ex: dict) 
         api_name="compress",
         trigger_mode="always_last",
         show_progress="minimal",
+        **light,  # a look-up once the basis is decomposed (a first compress holds the heavy gate)
     )
-    k["method"].change(calls.compress, settings_in, plots_out, api_visibility="private").success(
-        calls.k_range, [k["method"], k["k"]], [k["k"]], api_visibility="private"
+    k["method"].change(calls.compress, settings_in, plots_out, api_visibility="private", **heavy).success(
+        calls.k_range, [k["method"], k["k"]], [k["k"]], api_visibility="private", **light
     )
 
     def after_loading(event):
         """Refresh the task lists; then draw the k tab at the current setting, size the slider, show the tab."""
-        event.success(calls.adapter_lists, None, lists_out, api_visibility="private").success(
-            calls.overview, settings_in, plots_out + [k["k"], tabs], api_visibility="private"
+        event.success(calls.adapter_lists, None, lists_out, api_visibility="private", **light).success(
+            calls.overview, settings_in, plots_out + [k["k"], tabs], api_visibility="private", **heavy
         )
 
-    after_loading(a["load_zip"].click(calls.load_adapters, [a["archive"]], listing, api_name="load_adapters"))
-    after_loading(
-        a["load_folder"].click(calls.load_folder, [a["folder"], a["folder_id"]], listing, api_name="load_folder")
-    )
-    after_loading(a["load_path"].click(calls.load_path, [a["path"]], listing, api_name="load_path"))
-    after_loading(a["load_demo"].click(calls.load_demo, None, listing, api_name="load_demo"))
-    a["remove_button"].click(calls.remove_adapters, [a["remove"]], listing, api_name="remove_adapters").success(
-        calls.adapter_lists, None, lists_out, api_visibility="private"
-    )
+    loads = [
+        (a["load_zip"], calls.load_adapters, [a["archive"]], "load_adapters"),
+        (a["load_folder"], calls.load_folder, [a["folder"], a["folder_id"]], "load_folder"),
+        (a["load_path"], calls.load_path, [a["path"]], "load_path"),
+        (a["load_demo"], calls.load_demo, None, "load_demo"),
+    ]
+    for button, fn, inputs, name in loads:
+        after_loading(button.click(fn, inputs, listing, api_name=name, **heavy))
+    a["remove_button"].click(
+        calls.remove_adapters, [a["remove"]], listing, api_name="remove_adapters", **light
+    ).success(calls.adapter_lists, None, lists_out, api_visibility="private", **light)
 
     ab["load_model"].click(
         calls.load_model, [ab["source"]], [status], api_name="load_model", concurrency_id=BASE_MODEL_QUEUE
@@ -277,4 +294,5 @@ def _wire(calls: Callbacks, status, tabs, a: dict, k: dict, ab: dict, ex: dict) 
         [ex["tasks"], ex["alpha"], ex["base_model"]],
         [ex["adapters_zip"], ex["store_zip"], status],
         api_name="export",
+        **heavy,
     )

@@ -43,6 +43,7 @@ class Sessions:
         self._settings, self._idle_s = settings, settings.idle_s
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()  # guards the dict, not the workbenches
+        self.gate = threading.BoundedSemaphore(settings.heavy_jobs)  # heavy steps of all sessions, see Workbench
 
     @property
     def root(self) -> Path:
@@ -71,7 +72,7 @@ class Sessions:
 
     def _new_bench(self, root: Path, key: str) -> Workbench:
         downloads = self._downloads / f"vlora-{secrets.token_hex(16)}" if self._downloads else None
-        return Workbench(root / _folder(key), self._settings, downloads)
+        return Workbench(root / _folder(key), self._settings, downloads, gate=self.gate)
 
     def close(self, request: gr.Request) -> None:
         """End one session (``demo.unload``): its folder and everything it held go."""

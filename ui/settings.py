@@ -32,12 +32,35 @@ class AppSettings:
     max_files: int = archive.MAX_FILES  # entries one uploaded archive may hold
     max_total_bytes: int = archive.MAX_TOTAL_BYTES  # bytes one uploaded archive may expand to
     max_adapters: int = 64  # adapters one session may hold
+    # What one request may cost, checked before the work (an adapter from its file's header, before its tensors
+    # are read; a prompt before the model runs). Shown on the page (``limits_note``).
+    max_rank: int = 256  # LoRA rank of any layer of an adapter (the gauge's r x r work grows as r³)
+    max_layers: int = 1024  # targeted layers in one adapter
+    max_adapter_parameters: int = 64_000_000  # numbers in one adapter's weights file (256 MB in float32)
+    max_session_parameters: int = 256_000_000  # numbers in all of one session's adapters together
+    max_prompt_chars: int = 4000  # an A/B prompt, in characters ...
+    max_prompt_tokens: int = 1024  # ... and in tokens after the chat template
+    max_new_tokens: int = 256  # tokens one A/B generation may add
+    heavy_jobs: int = 1  # uploads, first compressions (SVDs) and exports running at once over all sessions
     demo_adapters: Path | None = ASSETS / "demo_adapters"  # the "load the demo" button's folder of adapters
     demo_prompts: Path | None = ASSETS / "demo_prompts.json"  # example prompts (shared and per demo task)
 
     def __post_init__(self):
         if on_space() and self.allow_server_paths:
             object.__setattr__(self, "allow_server_paths", False)  # a public Space never reads server paths
+        for name in LIMITS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"AppSettings.{name} must be a whole number of at least 1, got {value!r}.")
+
+    def limits_note(self) -> str:
+        """The caps in one line, for the page."""
+        return (
+            f"Limits here: adapters of rank ≤ {self.max_rank:,} and ≤ {self.max_layers:,} layers, "
+            f"≤ {self.max_adapter_parameters:,} numbers each and {self.max_session_parameters:,} per session "
+            f"(≤ {self.max_adapters} adapters); prompts ≤ {self.max_prompt_chars:,} characters and "
+            f"{self.max_prompt_tokens:,} tokens; ≤ {self.max_new_tokens} new tokens."
+        )
 
     @classmethod
     def from_env(cls, **overrides) -> AppSettings:
@@ -49,6 +72,21 @@ class AppSettings:
             max_file_size=env.get("VLORA_MAX_FILE_SIZE") or "500mb",
         )
         return cls(**(values | overrides))
+
+
+LIMITS = (  # the caps above, each a whole number of at least 1
+    "max_files",
+    "max_total_bytes",
+    "max_adapters",
+    "max_rank",
+    "max_layers",
+    "max_adapter_parameters",
+    "max_session_parameters",
+    "max_prompt_chars",
+    "max_prompt_tokens",
+    "max_new_tokens",
+    "heavy_jobs",
+)
 
 
 def _local(env) -> bool:

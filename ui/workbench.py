@@ -5,6 +5,13 @@ costs no SVD), the current view at the chosen k, and runs exports and A/B genera
 ``ui/callbacks.py`` calls one method here; a script or the CLI can drive it the same way.
 
     folder/uploads/<n>/   an extracted zip or staged folder upload, removed once its adapters are read
+
+An upload loads every good adapter in it; each refused one (damaged, over a limit, an unusable name) is listed
+with its reason in the table, so a user fixes that folder, not the whole upload. The limits (``AppSettings``)
+are checked before the work they bound: an adapter's from its file's header, before its tensors are read; a
+prompt's before the model runs. Heavy steps (reading uploads, the first SVDs of a basis, exports) hold ``gate``,
+shared by every session of an app, so that at most ``heavy_jobs`` run at once; light ones (a k change, the
+table) never wait for it.
     folder/exports/<n>/   adapters/ and store/ of one export, removed once they are zipped
     downloads/<n>/        that export's two zips, the only files meant to be served; only the latest is kept
 
@@ -16,22 +23,23 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from vlora_core import quality
-from vlora_core.adapter import LoRAAdapter
+from vlora_core.adapter import AdapterSize, LoRAAdapter
 from vlora_core.base_model import chat_prompt, generate_text
 from vlora_core.compress import compatibility_problems
 from vlora_core.config import CompressConfig
-from vlora_core.errors import TaskError, VLoRAError
+from vlora_core.errors import AdapterError, TaskError, VLoRAError, short_list
 from vlora_core.export import export_task, folder_names
 from vlora_core.io import archive
-from vlora_core.io.peft_files import load_adapter
+from vlora_core.io.peft_files import folder_task_id, load_adapter, read_adapter_size
 from vlora_core.model import VLoRAModel
 from vlora_core.records import check_task_id
 from vlora_core.subspace import SharedSubspace
@@ -54,18 +62,20 @@ class Loaded:
     added: list[str]  # task ids, in order
     renamed: dict[str, str] = field(default_factory=dict)  # folder name -> task id given to avoid a clash
     ignored: list[str] = field(default_factory=list)  # uploaded files that are not part of a PEFT folder
+    refused: dict[str, str] = field(default_factory=dict)  # folder (as in the upload) -> why it was not loaded
 
 
 @dataclass(frozen=True)
 class AdapterRow:
-    task_id: str
+    task_id: str  # a refused folder: its path as in the upload
     rank_min: int
     rank_max: int
-    alpha: float
+    alpha: float | None
     target_modules: str
     layers: int
     num_bytes: int
     problem: str  # "" when the adapter fits with the first one; else the core's message with its fix
+    refused: bool = False  # not loaded (``problem`` says why); the numbers are zeros
 
 
 @dataclass(frozen=True)
@@ -134,11 +144,19 @@ class _Decomposition:
 class Workbench:
     """One person's session: the adapters they brought, a decomposition and k sweep per basis, the current k."""
 
-    def __init__(self, folder: str | Path, settings: AppSettings = AppSettings(), downloads: str | Path | None = None):
+    def __init__(
+        self,
+        folder: str | Path,
+        settings: AppSettings = AppSettings(),
+        downloads: str | Path | None = None,
+        gate: threading.Semaphore | None = None,
+    ):
         self.folder = Path(folder)
         self.downloads = Path(downloads) if downloads else self.folder / "downloads"  # export zips, see above
         self.settings = settings  # limits per upload and session, where the demo adapters are
+        self.gate: AbstractContextManager = gate or nullcontext()  # held by heavy steps (shared by an app's sessions)
         self.adapters: dict[str, LoRAAdapter] = {}
+        self.refused: dict[str, str] = {}  # folders not loaded (as named in their upload) -> why
         self.config: CompressConfig | None = None  # the current setting (None before the first report)
         self._view: SharedSubspace | None = None  # the subspace at that setting, see ``view``
         self._decompositions: dict[str, _Decomposition] = {}  # method -> full decomposition and sweep
@@ -149,7 +167,7 @@ class Workbench:
     def add_archive(self, zip_path: str | Path, label: str | None = None) -> Loaded:
         """Adapters from an uploaded zip; an adapter at the zip's top level is named after the zip."""
         label = label or Path(zip_path).name
-        with self._scratch("uploads") as root:
+        with self.gate, self._scratch("uploads") as root:
             folder = root / (Path(label).stem or "adapter")
             archive.extract_zip(
                 zip_path, folder, max_files=self.settings.max_files, max_total_bytes=self.settings.max_total_bytes
@@ -158,17 +176,18 @@ class Workbench:
 
     def add_files(self, files: list[str | Path], task_id: str) -> Loaded:
         """One adapter from a folder upload (a flat list of files); ``task_id`` names it."""
-        with self._scratch("uploads") as root:
+        with self.gate, self._scratch("uploads") as root:
             folder, ignored = archive.stage_files(files, root / "adapter")
             loaded = self._add_folders([folder], root, "folder upload", names=[task_id.strip() or "adapter"])
-        return Loaded(loaded.added, loaded.renamed, ignored)
+        return Loaded(loaded.added, loaded.renamed, ignored, loaded.refused)
 
     def add_path(self, path: str | Path) -> Loaded:
         """Adapters from a folder on the server: an adapter folder or a folder of them."""
         root = Path(path).expanduser()
         if not root.is_dir():
             raise VLoRAError(f"{path}: no such folder on the server; give a PEFT adapter folder or a folder of them.")
-        return self._add_folders(archive.adapter_folders(root), root.parent, str(root))
+        with self.gate:
+            return self._add_folders(archive.adapter_folders(root), root.parent, str(root))
 
     def add_demo(self) -> Loaded:
         demo = self.settings.demo_adapters
@@ -177,60 +196,104 @@ class Workbench:
                 f"{demo}: the demo adapters are missing; make them with "
                 "`python assets/make_demo_adapters.py`, or upload your own."
             )
-        return self._add_folders(archive.adapter_folders(demo), demo, "demo adapters")
+        with self.gate:
+            return self._add_folders(archive.adapter_folders(demo), demo, "demo adapters")
 
-    def remove(self, task_ids: list[str]) -> list[str]:
+    def remove(self, task_ids: list[str] | None = None) -> list[str]:
+        """Drop these tasks, and refused entries of these names; None: everything. Returns what went."""
+        task_ids = list(self.adapters) + list(self.refused) if task_ids is None else task_ids
         removed = [t for t in task_ids if self.adapters.pop(t, None) is not None]
+        dropped = [t for t in task_ids if self.refused.pop(t, None) is not None]
         if removed:
             self._forget()
-        return removed
+        return removed + dropped
 
     def table(self) -> list[AdapterRow]:
         adapters = list(self.adapters.values())
         problems = compatibility_problems(adapters)
-        return [_row(task_id, a, problems.get(a.describe(), "")) for task_id, a in self.adapters.items()]
+        rows = [_row(task_id, a, problems.get(a.describe(), "")) for task_id, a in self.adapters.items()]
+        return rows + [AdapterRow(name, 0, 0, None, "", 0, 0, why, refused=True) for name, why in self.refused.items()]
 
     def _add_folders(self, folders: list[Path], root: Path, label: str, names: list[str] | None = None) -> Loaded:
+        """Load every good adapter among ``folders``; refuse each bad one alone, with its reason (kept in
+        ``refused`` for the table). If none loads, that is the error."""
         if not folders:
             raise archive.ArchiveError(
                 f"{label}: holds no PEFT adapter folder (a folder with adapter_config.json "
                 "and adapter_model.safetensors); upload a zip of adapter folders."
             )
-        if len(self.adapters) + len(folders) > self.settings.max_adapters:
-            raise VLoRAError(
-                f"{label}: {len(folders)} more adapters would pass the limit of "
-                f"{self.settings.max_adapters} per session; remove some first."
-            )
-        loaded = [self._load(f, root) for f in tqdm(folders, desc="reading adapters", leave=False)]
-        names = names or [a.name for a in loaded]
-        added = self._free_ids(names, label)
-        for adapter, task_id in zip(loaded, added):
+        added, renamed, refused, errors = [], {}, {}, []
+        for i, folder in enumerate(tqdm(folders, desc="reading adapters", leave=False)):
+            name = names[i] if names else folder_task_id(folder)
+            shown = folder.relative_to(root).as_posix() if folder.is_relative_to(root) else str(folder)
+            try:
+                task_id, adapter = self._admit(folder, root, shown, name, label)
+            except VLoRAError as error:
+                refused[shown], _ = str(error), errors.append(error)
+                continue
             adapter.source = task_id  # compatibility messages name adapters as the table does
             self.adapters[task_id] = adapter
+            for key in (shown, task_id):
+                self.refused.pop(key, None)
+            added.append(task_id)
+            if task_id != name:
+                renamed[name] = task_id
+        if not added:
+            if len(errors) == 1:
+                raise errors[0]
+            reasons = short_list([str(e) for e in errors], limit=3, sep="; ")
+            raise AdapterError(f"{label}: none of its {len(errors)} adapters could be loaded: {reasons}")
+        self.refused.update(refused)
         self._forget()
-        return Loaded(added, {name: t for name, t in zip(names, added) if t != name})
+        return Loaded(added, renamed, refused=refused)
 
-    @staticmethod
-    def _load(folder: Path, root: Path) -> LoRAAdapter:
-        """Read one folder; a failure names it relative to the upload, not by its server path."""
+    def _admit(self, folder: Path, root: Path, shown: str, name: str, label: str) -> tuple[str, LoRAAdapter]:
+        """One folder's task id and adapter, within the session's limits: the cheap checks first, the caps from
+        the weights file's header, then the read. A failure names the folder as in the upload, not its server path."""
+        limit = self.settings.max_adapters
+        if len(self.adapters) >= limit:
+            raise VLoRAError(
+                f"{shown}: this session already holds {limit} adapters, the limit (max_adapters); remove some first."
+            )
+        task_id = self._free_id(name, label)
         try:
-            return load_adapter(folder)
+            self._check_size(read_adapter_size(folder), shown)
+            return task_id, load_adapter(folder)
         except VLoRAError as error:
             raise type(error)(str(error).replace(f"{root}/", "")) from None
 
-    def _free_ids(self, names: list[str], label: str) -> list[str]:
-        """A task id per name, numbered where taken; all checked before any is used (so no partial load)."""
-        ids = []
-        for name in names:
-            task_id, n = name, 1
-            while task_id in self.adapters or task_id in ids:
-                n += 1
-                task_id = f"{name}-{n}"
-            try:
-                ids.append(check_task_id(task_id))
-            except TaskError as error:
-                raise TaskError(f"{label}: {error}") from None
-        return ids
+    def _check_size(self, size: AdapterSize, shown: str) -> None:
+        """Refuse an adapter over this workbench's caps (AppSettings), from its header alone."""
+        s, held = self.settings, sum(a.num_parameters for a in self.adapters.values())
+        elsewhere = "compress it with the `vlora` command on your own machine instead"
+        over = [
+            (size.max_rank > s.max_rank, f"rank {size.max_rank:,} is over the limit of {s.max_rank:,} (max_rank)"),
+            (size.layers > s.max_layers, f"{size.layers:,} layers are over the limit of {s.max_layers:,} (max_layers)"),
+            (
+                size.parameters > s.max_adapter_parameters,
+                f"{size.parameters:,} numbers are over the limit of {s.max_adapter_parameters:,} per adapter "
+                "(max_adapter_parameters)",
+            ),
+        ]
+        for bad, problem in over:
+            if bad:
+                raise AdapterError(f"{shown}: {problem}; {elsewhere}.")
+        if held + size.parameters > s.max_session_parameters:
+            raise AdapterError(
+                f"{shown}: its {size.parameters:,} numbers would take this session past its limit of "
+                f"{s.max_session_parameters:,} (max_session_parameters; it holds {held:,}); remove adapters first."
+            )
+
+    def _free_id(self, name: str, label: str) -> str:
+        """A task id for ``name``, numbered where taken; an unusable one is this folder's refusal."""
+        task_id, n = name, 1
+        while task_id in self.adapters:
+            n += 1
+            task_id = f"{name}-{n}"
+        try:
+            return check_task_id(task_id)
+        except TaskError as error:
+            raise TaskError(f"{label}: {error}") from None
 
     def _forget(self) -> None:
         self._decompositions.clear()
@@ -247,9 +310,10 @@ class Workbench:
         if not config.adaptive_k and min(k, sweep.ks[-1]) in sweep.ks:
             view, stored = None, sweep.bytes[sweep.ks.index(min(k, sweep.ks[-1]))]
             task_errors, layer_errors = sweep.task_errors(k).tolist(), sweep.layer_errors(k).tolist()
-        else:  # adaptive k, or a k between swept points: cut and measure this view (still no SVD)
-            view = found.full.truncated(config)
-            view.measure_against(found.full)
+        else:  # adaptive k, or a k between swept points: cut and measure this view (no SVD, but every layer)
+            with self.gate:
+                view = found.full.truncated(config)
+                view.measure_against(found.full)
             task_errors, stored = list(quality.task_errors(view).values()), quality.stored_bytes(view)
             layer_errors = [r.error for r in quality.layer_reports(view)]
         self._view, self.config, self._measured = view, config, view is not None
@@ -291,33 +355,42 @@ class Workbench:
                 raise VLoRAError(
                     "no adapters loaded yet; upload a zip of adapter folders, or load the demo adapters, first."
                 )
-            full = SharedSubspace.decompose(
-                list(self.adapters.values()), list(self.adapters), method=method, progress=progress
-            )
-            k_max = max(b.k for sides in full.bases.values() for b in sides.values())
-            ks = sorted(set(range(1, min(k_max, SWEEP_EVERY_K_UP_TO) + 1)) | set(quality.k_grid(k_max)))
-            sweep = quality.sweep_ks(full, ks, progress=_bar("k sweep") if progress else None)
-            errors = [sweep.task_errors(k) for k in sweep.ks]
-            shell = SharedSubspace(full.method, full.shapes, full.bases, {})
-            self._decompositions[method] = _Decomposition(
-                full,
-                shell,
-                sweep,
-                [e.mean().item() for e in errors],
-                [e.max().item() for e in errors],
-                sum(a.num_bytes for a in self.adapters.values()),
-            )
+            with self.gate:  # the heavy step: SVDs and the k sweep, once per basis
+                self._decompositions[method] = self._decompose(method, progress)
         return self._decompositions[method]
+
+    def _decompose(self, method: str, progress: bool) -> _Decomposition:
+        """Every direction of this basis, and its k sweep."""
+        full = SharedSubspace.decompose(
+            list(self.adapters.values()), list(self.adapters), method=method, progress=progress
+        )
+        k_max = max(b.k for sides in full.bases.values() for b in sides.values())
+        ks = sorted(set(range(1, min(k_max, SWEEP_EVERY_K_UP_TO) + 1)) | set(quality.k_grid(k_max)))
+        sweep = quality.sweep_ks(full, ks, progress=_bar("k sweep") if progress else None)
+        errors = [sweep.task_errors(k) for k in sweep.ks]
+        return _Decomposition(
+            full,
+            SharedSubspace(full.method, full.shapes, full.bases, {}),  # the shell: bases without tasks
+            sweep,
+            [e.mean().item() for e in errors],
+            [e.max().item() for e in errors],
+            sum(a.num_bytes for a in self.adapters.values()),
+        )
 
     # ---- exporting --------------------------------------------------------------------------------
     def export(
         self, task_ids: list[str] | None = None, *, alpha: float | None = None, base_model: str | None = None
     ) -> Exported:
-        """The chosen tasks (default all) at the current k as PEFT folders, plus the store, each zipped."""
+        """The chosen tasks (default all; each once, however often it is named) at the current k as PEFT
+        folders, plus the store, each zipped."""
         view = self._current_view()
-        ids = list(task_ids or view.task_ids)
+        ids = list(dict.fromkeys(task_ids or view.task_ids))
         for task_id in ids:
             view.task(task_id)  # unknown ids fail before anything is written
+        with self.gate:
+            return self._export(view, ids, alpha, base_model)
+
+    def _export(self, view: SharedSubspace, ids: list[str], alpha: float | None, base_model: str | None) -> Exported:
         if not self._measured:
             view.measure_against(self._decompositions[view.method].full)  # the store records each task's error
             self._measured = True
@@ -346,13 +419,35 @@ class Workbench:
     def choices(self) -> list[str]:
         return [BASE_CHOICE] + [f"{kind}: {t}" for t in self.adapters for kind in CHOICE_KINDS]
 
+    def check_request(self, prompt: str, max_new_tokens: object) -> int:
+        """An A/B request within this workbench's caps, checked before any model work: the new-token count."""
+        s = self.settings
+        if not (prompt or "").strip():
+            raise VLoRAError("the prompt is empty; type a question or pick an example.")
+        if len(prompt) > s.max_prompt_chars:
+            raise VLoRAError(
+                f"the prompt has {len(prompt):,} characters, over this workbench's limit of {s.max_prompt_chars:,} "
+                "(max_prompt_chars); shorten it."
+            )
+        n = int(max_new_tokens) if isinstance(max_new_tokens, float) and max_new_tokens.is_integer() else max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= s.max_new_tokens:
+            raise VLoRAError(
+                f"new tokens must be a whole number from 1 to {s.max_new_tokens} (max_new_tokens), got {n!r}."
+            )
+        return n
+
     def ab_test(self, base_model, tokenizer, prompt: str, choices: list[str], max_new_tokens: int) -> list[Generation]:
         """Generate for each choice with one VLoRAModel on the shared base model: a switch is ``set_task``."""
-        if not prompt.strip():
-            raise VLoRAError("the prompt is empty; type a question or pick an example.")
+        max_new_tokens = self.check_request(prompt, max_new_tokens)
         tasks = [parse_choice(choice, list(self.adapters)) for choice in choices]  # check all before running
-        subspace = self.ab_subspace() if any(task_id for _, task_id in tasks) else None
         text = chat_prompt(tokenizer, prompt)
+        tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if tokens > self.settings.max_prompt_tokens:
+            raise VLoRAError(
+                f"the prompt is {tokens:,} tokens with the chat template, over this workbench's limit of "
+                f"{self.settings.max_prompt_tokens:,} (max_prompt_tokens); shorten it."
+            )
+        subspace = self.ab_subspace() if any(task_id for _, task_id in tasks) else None
         with attached(base_model, subspace) as model:
             return [_generate(model, tokenizer, choice, text, max_new_tokens) for choice in choices]
 

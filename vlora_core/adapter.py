@@ -73,6 +73,12 @@ class LoRAAdapter:
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers.values() for t in (layer.A, layer.B))
 
+    @property
+    def num_parameters(self) -> int:
+        """Numbers in every tensor, extras included (what ``AdapterSize.parameters`` counts from a header)."""
+        factors = sum(layer.A.numel() + layer.B.numel() for layer in self.layers.values())
+        return factors + sum(t.numel() for t in self.extras.values())
+
     def describe(self) -> str:
         return self.source or self.name
 
