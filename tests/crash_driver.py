@@ -34,7 +34,7 @@ def run_child(kill_at: int, args: list[str]) -> None:
     atomic.os = type("os_with_kill_points", (), {})()  # the module's view of os, with counted operations
     for name in dir(os):
         setattr(atomic.os, name, getattr(os, name))
-    atomic.os.fsync, atomic.os.replace = counted(os.fsync), counted(os.replace)
+    atomic.os.fsync, atomic.os.replace, atomic.os.unlink = counted(os.fsync), counted(os.replace), counted(os.unlink)
     store_files.Path = type("Path", (type(Path()),), {"unlink": counted(Path.unlink)})
     code = main(args)
     os._exit(100 + code)  # finished without being killed

@@ -71,7 +71,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         remove_quietly(tmp)
         raise
-    _sync_after_commit(path.parent)
+    sync_written(path.parent)
 
 
 def write_json_atomic(path: Path, value: object) -> None:
@@ -135,7 +135,7 @@ def atomic_folder(target: Path, last: str | None = None):
         shutil.rmtree(tmp, ignore_errors=True)
         remove_empty_folders(made)
         raise
-    _sync_after_commit(target if existing else target.parent)
+    sync_written(target if existing else target.parent)
 
 
 def _swap_in(tmp: Path, target: Path, names: list[str]) -> None:
@@ -159,7 +159,7 @@ def _swap_in(tmp: Path, target: Path, names: list[str]) -> None:
         remove_quietly(old)
 
 
-def _sync_after_commit(folder: Path) -> None:
+def sync_written(folder: Path) -> None:
     """fsync a folder whose new entries are already in place: a failure is no reason to report the write failed."""
     try:
         fsync_path(folder)

@@ -33,7 +33,15 @@ from ..errors import StoreError
 from ..methods import get_method
 from ..records import LayerShape, Task
 from . import manifest as schema
-from .atomic import disk_problem, fsync_path, make_folders, remove_empty_folders, remove_quietly, write_bytes_atomic
+from .atomic import (
+    disk_problem,
+    is_leftover,
+    make_folders,
+    remove_empty_folders,
+    remove_quietly,
+    sync_written,
+    write_bytes_atomic,
+)
 from .outputs import enclosing_store
 
 _DATA_PREFIXES = ("basis-", "task-")
@@ -290,10 +298,16 @@ def _write_data(folder: Path, kind: str, tensors: dict[str, torch.Tensor], check
 
 
 def _remove_unreferenced(folder: Path, keep: set[str]) -> None:
-    for file in folder.iterdir():
-        if file.name.startswith(_DATA_PREFIXES) and file.name not in keep:
-            file.unlink(missing_ok=True)
-    fsync_path(folder)
+    """Once the new manifest is in place: remove the data files no kept generation names, and temp files a crash
+    left. A failure here only leaves unused files for the next save to remove; it does not make the save fail."""
+    try:
+        names = [p.name for p in folder.iterdir()]
+    except OSError:
+        return
+    for name in names:
+        if (name.startswith(_DATA_PREFIXES) and name not in keep) or is_leftover(name):
+            remove_quietly(folder / name)
+    sync_written(folder)
 
 
 def _basis_tensors(bases: Bases, names: list[str]) -> dict[str, torch.Tensor]:
