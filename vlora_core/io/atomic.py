@@ -85,14 +85,18 @@ def make_folders(path: Path) -> list[Path]:
         missing.append(folder)
         folder = folder.parent
     made = []
-    for folder in reversed(missing):
-        try:
-            os.mkdir(folder)
-        except FileExistsError:
-            if not folder.is_dir():
-                raise
-            continue
-        made.append(folder)
+    try:
+        for folder in reversed(missing):
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                if not folder.is_dir():
+                    raise
+                continue
+            made.append(folder)
+    except BaseException:
+        remove_empty_folders(made)
+        raise
     return made
 
 
@@ -144,19 +148,29 @@ def _swap_in(tmp: Path, target: Path, names: list[str]) -> None:
     try:
         for name in reversed(names):
             if os.path.lexists(target / name):
-                aside[name] = _temp_name(target / name, "old")
-                os.replace(target / name, aside[name])
+                old = _temp_name(target / name, "old")
+                os.replace(target / name, old)
+                aside[name] = old
         for name in names:
             os.replace(tmp / name, target / name)
             placed.append(name)
     except BaseException:
         for name in placed:
-            remove_quietly(target / name)
+            if name not in aside:
+                remove_quietly(target / name)
         for name, old in aside.items():
-            os.replace(old, target / name)
+            _put_back(old, target / name)
         raise
     for old in aside.values():
         remove_quietly(old)
+
+
+def _put_back(old: Path, path: Path) -> None:
+    """Return a set-aside file to its name (over a new one placed there); say so if even that fails."""
+    try:
+        os.replace(old, path)
+    except OSError as error:
+        log.warning("%s: could not be put back from %s (%s); rename it back by hand", path, old.name, error.strerror)
 
 
 def sync_written(folder: Path) -> None:
