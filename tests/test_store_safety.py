@@ -487,3 +487,55 @@ def test_a_folder_keeps_the_name_it_was_given_as_its_task_id(case, spellings, ad
     assert vlora("compress", *adapter_dirs[1:3], "-o", store, "-k", "1").returncode == 0
     assert vlora("add", store, spelled).returncode == 0
     assert SharedSubspace.load(store).task_ids[-1] == task_id
+
+
+ADD_TARGETS = {  # `vlora add TARGET adapter` where TARGET is not a store: refused, nothing written there
+    "an empty folder": (lambda r: folder(r / "t"), "not a vlora store"),
+    "a folder of other files": (lambda r: folder(r / "t", notes="mine"), "not a vlora store"),
+    "an exported adapter": (lambda r: exported(r / "t", r / "store"), "not a vlora store"),
+    "a PEFT adapter": (lambda r: write_adapter(r / "t", 4), "not a vlora store"),
+    "a file": (lambda r: (r / "t").write_text("mine") and r / "t", "no such folder"),
+    "a missing path": (lambda r: r / "t", "no such folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(ADD_TARGETS))
+def test_add_writes_nothing_into_what_is_not_a_store(case, work, adapter_dirs):
+    make, words = ADD_TARGETS[case]
+    target = make(work)
+    before = tree(work)
+    result = vlora("add", target, adapter_dirs[3])
+    assert result.returncode == 1 and words in result.stderr and str(target) in result.stderr
+    assert "Traceback" not in result.stderr and tree(work) == before
+
+
+MANIFEST_REPLACED_BY = {  # manifest.json's bytes replaced: refused on load, by info and by export
+    "nothing": b"",
+    "binary garbage": bytes(range(256)) * 4,
+    "half of itself": None,
+    "a JSON list": b"[]",
+    "an empty object": b"{}",
+    "200,000 nested lists": b"[" * 200_000,
+    "NaN for a number": None,
+    "a 5,000-digit number": None,
+}
+
+
+@pytest.mark.parametrize("case", list(MANIFEST_REPLACED_BY))
+def test_a_replaced_manifest_is_refused(case, work):
+    path = work / "store" / "manifest.json"
+    text = path.read_text()
+    data = MANIFEST_REPLACED_BY[case]
+    if case == "half of itself":
+        data = text[: len(text) // 2].encode()
+    if case == "NaN for a number":
+        data = text.replace('"generation": 1', '"generation": NaN').encode()
+    if case == "a 5,000-digit number":
+        data = text.replace('"generation": 1', '"generation": 1' + "0" * 5000).encode()
+    path.write_bytes(data)
+    with pytest.raises(StoreError, match="manifest.json: .*(restore|rebuild|make one)"):
+        SharedSubspace.load(work / "store")
+    for args in (["info", work / "store", "--json"], ["export", work / "store", "--all", "-o", work / "out"]):
+        result = vlora(*args)
+        assert result.returncode == 1 and "manifest.json" in result.stderr and "Traceback" not in result.stderr
+    assert not (work / "out").exists()

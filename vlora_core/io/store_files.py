@@ -88,7 +88,7 @@ def save_store(
 def _save_locked(folder: Path, pieces: tuple, loaded_generation: int | None, force: bool, existed: bool) -> int:
     """``save_store`` under the writer lock: check the target again, write, clean up."""
     method, shapes, bases, tasks, k_requested = pieces
-    with store_lock(folder), _write_errors(folder, existed):
+    with store_lock(folder, creating=True), _write_errors(folder, existed):
         previous = _check_target(folder, loaded_generation, force)
         folder.mkdir(parents=True, exist_ok=True)
         before = {p.name for p in folder.iterdir()}
@@ -181,11 +181,14 @@ def _check_target(folder: Path, loaded_generation: int | None, force: bool) -> d
 
 
 @contextmanager
-def store_lock(folder: Path, timeout: float = LOCK_TIMEOUT_S):
-    """Hold the store's writer lock for the block (re-entrant within one process)."""
+def store_lock(folder: Path, timeout: float = LOCK_TIMEOUT_S, *, creating: bool = False):
+    """Hold the store's writer lock for the block (re-entrant within one process). The folder must hold a store
+    (its lock file is never made anywhere else) unless ``creating`` one in it (``save_store`` checked it)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise StoreError(f"{folder}: no such folder; pass a store made by `vlora compress`.")
+    if not creating and not (folder / STORE_MANIFEST).is_file():
+        raise StoreError(f"{folder}: not a vlora store (no {STORE_MANIFEST}); make one with `vlora compress`.")
     lock = FileLock(folder.resolve() / STORE_LOCK, timeout=timeout, is_singleton=True)  # one per file: re-entrant
     try:
         lock.acquire()
@@ -258,8 +261,10 @@ def read_manifest(folder: Path) -> dict:
         raise StoreError(f"{folder}: not a vlora store (no {STORE_MANIFEST}); make one with `vlora compress`.")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as error:
         raise StoreError(f"{path}: damaged manifest ({error}); restore the store from a copy or rebuild it.") from None
+    except OSError as error:
+        raise StoreError(f"{path}: cannot be read ({error.strerror}); check its permissions and the disk.") from None
     if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
         raise StoreError(f"{path}: not a vlora store manifest; make one with `vlora compress`.")
     if manifest.get("format_version") != STORE_FORMAT_VERSION:
@@ -282,8 +287,12 @@ def verify_files(folder: Path, manifest: dict) -> list[str]:
         file = folder / name
         if not file.is_file():
             problems.append(f"{name} is missing")
-        elif hashlib.sha256(file.read_bytes()).hexdigest() != digest:
-            problems.append(f"{name} does not match its checksum")
+            continue
+        try:
+            if hashlib.sha256(file.read_bytes()).hexdigest() != digest:
+                problems.append(f"{name} does not match its checksum")
+        except OSError as error:
+            problems.append(f"{name} cannot be read ({error.strerror})")
     return problems
 
 
@@ -351,7 +360,9 @@ def _build(folder: Path, manifest: dict) -> Store:
             d, r = shape.dim(side), shape.rank
             D = method.to_vectors(torch.empty(1, d, r, device="meta")).shape[2]  # one vector's length (no memory)
             where = f"{manifest['basis_file']} layer {name} side {side}"
-            components = _tensor(raw, f"{i}.{side}.components", where, lambda t, D=D: t.dim() == 2 and t.shape[1] == D)
+            components = _tensor(
+                raw, f"{i}.{side}.components", where, lambda t, D=D: t.dim() == 2 and t.shape[0] <= D == t.shape[1]
+            )
             spectrum = _tensor(raw, f"{i}.{side}.spectrum", where, lambda t: t.dim() == 1 and bool((t >= 0).all()))
             mean = _tensor(raw, f"{i}.{side}.mean", where, lambda t, D=D: t.shape == (D,)) if method.centre else None
             bases[name][side] = Basis(components, spectrum, mean)
