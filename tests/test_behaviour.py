@@ -1,0 +1,315 @@
+"""Behaviour measure: lossless is exact, effect falls with k, a do-nothing adapter is flagged, the recommendation
+is the smallest k meeting the thresholds, mixed batches equal one row at a time, prompt files fail by line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import TARGETS, byte_tokenizer, tiny_llama, tiny_llama_config, write_adapter
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaForCausalLM
+
+from vlora_core import CompressConfig, SharedSubspace, VLoRAModel, load_adapter
+from vlora_core.behaviour import (
+    BehaviourConfig,
+    compare_adapters,
+    evaluate,
+    measure,
+    recommend,
+    reference,
+    stored_bytes,
+)
+from vlora_core.errors import CompatibilityError, VLoRAError
+from vlora_core.io.prompts import (
+    GENERIC_PROMPTS,
+    Prompt,
+    PromptError,
+    prompts_by_task,
+    read_prompts,
+    write_prompts,
+)
+
+PROMPTS = (
+    Prompt("hello there", answer=" general kenobi"),
+    Prompt("the cat sat on"),
+    Prompt("one two three"),
+    Prompt("a b c d e f", task="b"),  # task b is checked on this one alone
+)
+CONFIG = BehaviourConfig(answer_tokens=6, batch_rows=5)  # several batches of mixed lengths
+
+
+# ---- fixtures: a tiny Llama with a byte tokenizer, adapters written by peft ------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = byte_tokenizer()
+    config = tiny_llama_config()
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("behaviour")
+    return [load_adapter(write_adapter(root / name, seed)) for seed, name in enumerate("abc")]
+
+
+@pytest.fixture(scope="module")
+def zero(tmp_path_factory):
+    """An adapter as peft initialises it: B all zeros, so ΔW = 0."""
+    path = tmp_path_factory.mktemp("zero") / "zero"
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS), task_type="CAUSAL_LM")
+    get_peft_model(tiny_llama(0), config).save_pretrained(str(path))
+    return load_adapter(path)
+
+
+def write_spectral_adapter(path, sign: float, spectrum=(2.0, 0.7, 0.25, 0.08)):
+    """ΔW = sign · U diag(spectrum) Vᵀ at every targeted layer, the same U, V for every adapter (fixed seeds):
+    the rank basis then holds the pieces in order of size, and a smaller k drops a larger piece."""
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=list(TARGETS), init_lora_weights=False, task_type="CAUSAL_LM")
+    model = get_peft_model(tiny_llama(0), config)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+                A, B = module.lora_A["default"].weight, module.lora_B["default"].weight  # (r, d_in), (d_out, r)
+                V = torch.linalg.qr(torch.randn(A.shape[1], 4, generator=generator))[0]
+                U = torch.linalg.qr(torch.randn(B.shape[0], 4, generator=generator))[0]
+                A.copy_(torch.diag(torch.tensor(spectrum)) @ V.T)
+                B.copy_(sign * U)
+    model.save_pretrained(str(path))
+    return load_adapter(path)
+
+
+def k_max(full: SharedSubspace) -> int:
+    return max(b.k for sides in full.bases.values() for b in sides.values())
+
+
+# ---- the measures --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["flat", "rank"])
+def test_lossless_setting_is_exact(tiny, adapters, method):
+    model, tokenizer = tiny
+    full = SharedSubspace.decompose(adapters, ["a", "b", "c"], method=method)
+    config = BehaviourConfig(answer_tokens=6, batch_rows=5, greedy_chars=4)
+    report = evaluate(model, tokenizer, full, [k_max(full)], PROMPTS, config)
+    for result in report.settings[0].tasks.values():
+        assert result.kl <= 1e-6
+        assert result.agreement == 1.0 and result.greedy_same == 1.0
+        assert result.effect_retained >= 0.999
+        assert not result.no_effect and result.positions > 0
+    assert all(b.effect_retained == pytest.approx(0.0, abs=1e-6) for b in report.base.values())  # base: nothing kept
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # the base model is given back
+
+
+def test_effect_retained_falls_as_k_falls(tiny, tmp_path):
+    model, tokenizer = tiny
+    pair = [write_spectral_adapter(tmp_path / "up", 1.0), write_spectral_adapter(tmp_path / "down", -0.5)]
+    full = SharedSubspace.decompose(pair, ["up", "down"], method="rank")
+    assert k_max(full) == 4
+    report = evaluate(model, tokenizer, full, [4, 3, 2, 1], [Prompt("the cat sat on"), Prompt("hello")], CONFIG)
+    for task in ("up", "down"):
+        effects = [s.tasks[task].effect_retained for s in report.settings]  # k = 4, 3, 2, 1
+        assert effects[0] >= 0.999
+        assert all(later <= earlier + 1e-6 for earlier, later in zip(effects, effects[1:])), effects
+        assert effects[-1] < 0.9  # k = 1 drops pieces that matter
+
+
+@pytest.mark.parametrize("method", ["flat", "rank"])
+def test_zero_delta_task_is_flagged_not_a_crash(tiny, adapters, zero, method):
+    model, tokenizer = tiny
+    full = SharedSubspace.decompose(adapters[:2] + [zero], ["a", "b", "zero"], method=method)
+    report = evaluate(model, tokenizer, full, [1, k_max(full)], PROMPTS, CONFIG)
+    assert report.base["zero"].no_effect and not report.base["a"].no_effect
+    for setting in report.settings:
+        result = setting.tasks["zero"]
+        assert result.no_effect and math.isnan(result.effect_retained)
+        assert 0.0 <= result.agreement <= 1.0 and math.isfinite(result.kl)
+    recommendation = recommend(report)
+    assert recommendation.no_effect == ("zero",)
+    assert "'zero'" in recommendation.summary() or "zero" in recommendation.summary()
+
+
+# ---- the recommendation ----------------------------------------------------------------------------------
+def brute_force_k(report, min_effect: float, min_agreement: float) -> int | None:
+    """The smallest fixed k whose every task meets both thresholds, by a plain loop."""
+    for setting in sorted(report.settings, key=lambda s: s.config.num_components):
+        if setting.config.adaptive_k:
+            continue
+        ok = [
+            t.agreement >= min_agreement and (t.no_effect or t.effect_retained >= min_effect)
+            for t in setting.tasks.values()
+        ]
+        if all(ok):
+            return setting.config.num_components
+    return None
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny, adapters):
+    model, tokenizer = tiny
+    full = SharedSubspace.decompose(adapters, ["a", "b", "c"], method="rank")
+    adaptive = [CompressConfig(method="rank", adaptive_k=True, variance_threshold=t) for t in (0.5, 0.9, 1.0)]
+    return full, evaluate(model, tokenizer, full, [*range(1, k_max(full) + 1), *adaptive], PROMPTS, CONFIG)
+
+
+@pytest.mark.parametrize("at", [0, 3, 6, 9, 11])
+def test_recommendation_is_the_smallest_k_meeting_the_thresholds(sweep, at):
+    full, report = sweep
+    fixed = [s for s in report.settings if not s.config.adaptive_k]
+    # thresholds that the k at index `at` just meets (the worst task's values there), so smaller k may or may not
+    min_effect = max(1e-6, min(t.effect_retained for t in fixed[at].tasks.values()))
+    min_agreement = max(1e-6, min(t.agreement for t in fixed[at].tasks.values()))
+    recommendation = recommend(report, min_effect, min_agreement)
+    expected = brute_force_k(report, min_effect, min_agreement)
+    if expected is None:  # a floor of 1e-6 above the worst task there (agreement 0): no k meets it
+        assert recommendation.k is None and recommendation.closest is not None
+        return
+    assert recommendation.k.config.num_components == expected
+    if fixed[at].margin(min_effect, min_agreement) >= 0:  # the k at `at` meets them itself: the answer is no larger
+        assert expected <= fixed[at].config.num_components
+    assert recommendation.k.stored_bytes == stored_bytes(full.truncated(expected))
+    assert recommendation.adaptive is not None  # threshold 1.0 keeps every direction: lossless
+    assert f"k={expected}" in recommendation.summary()
+
+
+def test_recommendation_says_when_no_k_meets_it(tiny, adapters):
+    model, tokenizer = tiny
+    full = SharedSubspace.decompose(adapters, ["a", "b", "c"], method="rank")
+    report = evaluate(model, tokenizer, full, [1], PROMPTS, CONFIG)
+    recommendation = recommend(report, 0.9999, 0.9999)
+    assert recommendation.k is None and recommendation.closest.label == "k=1"
+    assert "none of the k measured" in recommendation.summary()
+    with pytest.raises(VLoRAError, match="min_effect must be in"):
+        recommend(report, 1.5)
+
+
+def test_settings_with_the_same_ks_share_a_run_and_bytes_follow_k(tiny, adapters):
+    model, tokenizer = tiny
+    full = SharedSubspace.decompose(adapters, ["a", "b", "c"], method="flat")  # k ≤ N − 1 = 2
+    report = evaluate(model, tokenizer, full, [1, 2, 5], PROMPTS, CONFIG)
+    k1, k2, k5 = report.settings
+    assert k2.tasks == {t: r for t, r in k5.tasks.items()}  # k=5 is clipped to 2: the same numbers
+    assert k1.stored_bytes < k2.stored_bytes == k5.stored_bytes == stored_bytes(full)
+    with pytest.raises(CompatibilityError, match="method='rank'"):
+        evaluate(model, tokenizer, full, [CompressConfig(2, method="rank")], PROMPTS, CONFIG)
+
+
+# ---- the batched computation against one row at a time --------------------------------------------------
+def one_row_logits(model, task_subspace, task, tokens):
+    """Logits (T, V) of one unpadded row: the base model (task None) or a VLoRAModel with set_task."""
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        if task is None:
+            return model(ids).logits[0]
+        wrapped = VLoRAModel(model, task_subspace)
+        try:
+            wrapped.set_task(task)
+            return wrapped(ids).logits[0]
+        finally:
+            wrapped.unload()
+
+
+@pytest.mark.parametrize(("method", "k"), [("flat", 1), ("rank", 3)])
+def test_batched_equals_naive_per_row(tiny, adapters, method, k):
+    model, tokenizer = tiny
+    full = SharedSubspace.decompose(adapters, ["a", "b", "c"], method=method)
+    ref = reference(model, tokenizer, full, PROMPTS, CONFIG)
+    report = measure(model, tokenizer, full, ref, [k], CONFIG)
+    cut = full.truncated(k)
+    for task in ref.task_ids:
+        kl = agree = gap = effect = positions = 0.0
+        for row in (r for r in ref.rows if r.task == task):
+            at = slice(len(row.tokens) - row.answer - 1, len(row.tokens) - 1)  # positions predicting the answer
+            z_b, z_o, z_c = (
+                one_row_logits(model, s, t, row.tokens)[at] for s, t in ((None, None), (full, task), (cut, task))
+            )
+            p, q = z_o.log_softmax(-1), z_c.log_softmax(-1)
+            kl += (p.exp() * (p - q)).sum().item()
+            agree += (z_o.argmax(-1) == z_c.argmax(-1)).sum().item()
+            gap += (z_c - z_o).square().sum().item()
+            effect += (z_o - z_b).square().sum().item()
+            positions += row.answer
+        got = report.settings[0].tasks[task]
+        assert got.positions == positions
+        assert got.kl == pytest.approx(kl / positions, rel=1e-3, abs=1e-6)
+        assert got.agreement == agree / positions
+        assert got.effect_retained == pytest.approx(1 - math.sqrt(gap / effect), abs=1e-4)
+
+
+def test_generated_answers_are_the_originals_greedy_continuation(tiny, adapters):
+    model, tokenizer = tiny
+    full = SharedSubspace.decompose(adapters, ["a", "b", "c"], method="rank")
+    ref = reference(model, tokenizer, full, PROMPTS, CONFIG, task_ids=["a"])
+    row = ref.rows[1]  # "the cat sat on": no answer given, so the original answered it
+    wrapped = VLoRAModel(model, full)
+    try:
+        wrapped.set_task("a")
+        with torch.no_grad():
+            out = wrapped.generate(torch.tensor([row.prompt]), max_new_tokens=CONFIG.answer_tokens, do_sample=False)
+    finally:
+        wrapped.unload()
+    assert tuple(out[0, len(row.prompt) :].tolist())[: row.answer] == row.tokens[len(row.prompt) :]
+    assert ref.task_ids == ["a"]
+
+
+# ---- checking an export: one adapter set against another ----------------------------------------------
+def test_compare_adapters_sees_a_faithful_and_an_empty_export(tiny, adapters, zero):
+    model, tokenizer = tiny
+    originals = {"a": adapters[0], "b": adapters[1]}
+    candidates = {"a": adapters[0], "b": zero}  # "b" exported as nothing
+    results = compare_adapters(model, tokenizer, originals, candidates, PROMPTS, CONFIG)
+    assert results["a"].effect_retained >= 0.999 and results["a"].agreement == 1.0
+    assert results["b"].effect_retained == pytest.approx(0.0, abs=1e-3)
+
+
+# ---- prompt files ----------------------------------------------------------------------------------------
+BAD_LINES = [
+    ('{"prompt": "hi", }', "not JSON"),
+    ('["hi"]', "not an object"),
+    ('{"answer": "no prompt"}', 'no "prompt"'),
+    ('{"prompt": "hi", "anwser": "x"}', "did you mean 'answer'"),
+    ('{"prompt": ""}', '"prompt" must be non-empty text'),
+    ('{"prompt": "hi", "answer": 3}', "leave the key out"),
+    ('{"prompt": "hi", "task": null, "answer": "  "}', '"answer" must be non-empty text'),
+]
+
+
+@pytest.mark.parametrize(("line", "message"), BAD_LINES)
+def test_a_bad_prompt_line_is_named_with_the_fix(tmp_path, line, message):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "fine"}\n\n' + line + "\n")
+    with pytest.raises(PromptError) as err:
+        read_prompts(path)
+    assert f"{path}, line 3:" in str(err.value) and message in str(err.value)
+    assert '"prompt"' in str(err.value) or "leave the key out" in str(err.value)  # the message says what to write
+
+
+def test_prompt_files_round_trip_and_fail_as_files(tmp_path):
+    path = write_prompts(tmp_path / "p.jsonl", [*PROMPTS, Prompt("ünïcode ✓", answer="ja")])
+    back = read_prompts(path)
+    assert [(p.text, p.answer, p.task) for p in back] == [(p.text, p.answer, p.task) for p in [*PROMPTS, back[-1]]]
+    assert back[-1].text == "ünïcode ✓" and back[1].origin == f"{path}, line 2"
+    assert json.loads(path.read_text().splitlines()[1]) == {"prompt": "the cat sat on"}
+    with pytest.raises(PromptError, match="no such prompt file"):
+        read_prompts(tmp_path / "missing.jsonl")
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    with pytest.raises(PromptError, match="holds no prompts"):
+        read_prompts(tmp_path / "blank.jsonl")
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "caf\xe9"}'.encode("latin-1"))
+    with pytest.raises(PromptError, match="not UTF-8"):
+        read_prompts(tmp_path / "latin1.jsonl")
+
+
+def test_prompts_by_task_own_else_shared_and_unknown_tasks_named(tmp_path):
+    chosen = prompts_by_task(PROMPTS, ["a", "b"])
+    assert [p.text for p in chosen["b"]] == ["a b c d e f"] and len(chosen["a"]) == 3
+    assert prompts_by_task(GENERIC_PROMPTS, ["x"])["x"] == GENERIC_PROMPTS
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "hi"}\n{"prompt": "hi", "task": "sentimnt"}\n')
+    with pytest.raises(PromptError, match=rf"{path}, line 2: task 'sentimnt' is not among the tasks"):
+        prompts_by_task(read_prompts(path), ["sentiment"])
+    with pytest.raises(PromptError, match="no prompt for task 'a'"):
+        prompts_by_task([Prompt("x", task="b")], ["a", "b"])

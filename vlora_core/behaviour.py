@@ -1,0 +1,624 @@
+"""Behaviour: what each compressed task still does on prompts, and the k that keeps every task working.
+
+ΔW error says how far a task's weights moved; this module says how far its outputs moved. For each task and
+each compression setting, teacher-forced on prompt + answer tokens, against the original adapter (every
+direction of the full decomposition kept) and the base model, with z the logits at a scored position:
+
+    kl         mean KL(original ‖ compressed) of the next-token distributions, nats per position
+    agreement  share of positions whose top-1 token is the original's
+    effect     effect retained = 1 − ‖z_c − z_o‖ / ‖z_o − z_base‖, norms over all the task's positions:
+               1 = the adapter's whole effect kept, 0 = as good as no adapter; nan, and ``no_effect``, when the
+               original moves the logits by at most ``no_effect_tol`` · ‖z_base‖ (nothing to keep: an adapter,
+               or an export, that does nothing)
+    greedy     optionally, share of prompts whose greedy answer starts with the original's first n characters
+
+Scored positions are those that predict the answer's tokens: the prompt's own tokens are what the user typed,
+which no adapter is asked to change, and would only dilute the measure. A prompt without an answer is answered
+once by the original adapter (greedy, ``answer_tokens`` tokens, up to and including an end token), so the
+positions cover the adapter's own behaviour.
+
+Forward passes: one VLoRAModel over the full basis holds every variant as a task (a setting's loadings,
+zero-padded to the full k, stand for the same ΔW as the truncated store), so each task x setting x prompt is
+one row of a mixed batch; rows are left-padded, sorted by length, and only the last A positions' logits are
+computed. The base model's and the originals' logits are computed once (``reference``) and reused for every
+setting; settings that keep the same k everywhere are measured once.
+
+Glossary (with ``adapter``'s): N tasks, P prompts of a task, R rows of a batch, W its width in tokens, A scored
+positions per row (padded to the batch's longest answer), V vocabulary, z logits.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from vlora_core import CompressConfig, SharedSubspace, VLoRAModel
+from vlora_core.base_model import chat_prompt
+from vlora_core.errors import CompatibilityError, TaskError, VLoRAError, short_list
+from vlora_core.io.prompts import GENERIC_PROMPTS, Prompt, PromptError, prompts_by_task
+
+DEFAULT_MIN_EFFECT = 0.95  # effect retained every task must keep for a setting to be recommended
+DEFAULT_MIN_AGREEMENT = 0.95  # top-1 agreement every task must keep
+SUMS = ("kl", "agree", "gap_sq", "norm_sq", "positions")  # the columns of ``position_sums``
+KL, AGREE, GAP_SQ, NORM_SQ, POSITIONS = range(len(SUMS))
+BYTES_PER_NUMBER = 4  # stores hold fp32
+CANDIDATE = "candidate: "  # prefix of the candidates' ids inside ``compare_adapters``' joint decomposition
+
+Progress = Callable[[float, str], object]  # (fraction done, what is running), e.g. a gr.Progress
+
+
+@dataclass(frozen=True)
+class BehaviourConfig:
+    answer_tokens: int = 16  # greedy tokens of the original's answer to a prompt without one
+    max_answer_tokens: int = 64  # a given answer is cut to this many tokens (the positions scored per prompt)
+    batch_rows: int = 32  # rows per forward: bounds memory (logits are batch_rows x A x V floats)
+    greedy_chars: int = 0  # > 0: also compare each variant's greedy answer with the original's first n characters
+    chat: bool = True  # wrap prompts in the tokenizer's chat template (as chat adapters are trained)
+    no_effect_tol: float = 1e-4  # ‖z_o − z_base‖ ≤ tol · ‖z_base‖: the adapter has no effect to keep
+
+    def __post_init__(self):
+        for name, least in (("answer_tokens", 1), ("max_answer_tokens", 1), ("batch_rows", 1), ("greedy_chars", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise VLoRAError(f"{name} must be a whole number of at least {least}, got {value!r}.")
+        if not 0.0 <= self.no_effect_tol < 1.0:
+            raise VLoRAError(f"no_effect_tol must be in [0, 1), got {self.no_effect_tol!r}; for example 1e-4.")
+
+
+# ---- results ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskBehaviour:
+    """One task at one setting, against its original adapter, over the task's scored positions."""
+
+    task: str
+    kl: float  # mean KL(original ‖ this) per position, nats
+    agreement: float  # share of positions whose top-1 token is the original's
+    effect_retained: float  # 1 − ‖z − z_o‖ / ‖z_o − z_base‖; nan when no_effect
+    no_effect: bool  # the original barely moves the logits: there is no effect to keep (or lose)
+    positions: int  # scored positions: answer tokens over the task's prompts
+    greedy_same: float | None = None  # share of prompts whose greedy answer starts like the original's; None: not run
+
+    def margin(self, min_effect: float, min_agreement: float) -> float:
+        """How far above the thresholds (negative: below); a task with no effect is held to agreement alone."""
+        effect = math.inf if self.no_effect else self.effect_retained - min_effect
+        return min(self.agreement - min_agreement, effect)
+
+
+@dataclass(frozen=True)
+class SettingBehaviour:
+    """Every task at one compression setting, and what the setting stores."""
+
+    label: str  # "k=4" or "adaptive 0.9"
+    config: CompressConfig
+    stored_bytes: int  # shared basis + every task's loadings, fp32
+    tasks: dict[str, TaskBehaviour]
+
+    def margin(self, min_effect: float, min_agreement: float) -> float:
+        return min(t.margin(min_effect, min_agreement) for t in self.tasks.values())
+
+    def worst(self, min_effect: float, min_agreement: float) -> TaskBehaviour:
+        return min(self.tasks.values(), key=lambda t: t.margin(min_effect, min_agreement))
+
+
+@dataclass(frozen=True)
+class BehaviourReport:
+    """Behaviour of every task over the settings of one basis method."""
+
+    method: str
+    settings: tuple[SettingBehaviour, ...]  # in the order asked
+    base: dict[str, TaskBehaviour]  # the bare base model as if it were a setting: how far each adapter moves outputs
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The cheapest measured settings at which every task keeps the thresholds."""
+
+    method: str
+    min_effect: float
+    min_agreement: float
+    k: SettingBehaviour | None  # the smallest fixed k keeping every task; None: no measured k does
+    adaptive: SettingBehaviour | None  # the lowest adaptive-k threshold keeping every task (None: none measured does)
+    closest: SettingBehaviour | None  # when k is None: the measured fixed k nearest to the thresholds
+    no_effect: tuple[str, ...]  # tasks whose adapter changes nothing: held to agreement alone
+
+    def summary(self) -> str:
+        """The recommendation in words (what the CLI prints)."""
+        need = f"effect retained ≥ {self.min_effect:g} and top-1 agreement ≥ {self.min_agreement:g}"
+        if self.k is not None:
+            text = f"{self.method} basis: {self.k.label} keeps every task at {need}; it stores {_size(self.k)}."
+        elif self.closest is not None:
+            worst = self.closest.worst(self.min_effect, self.min_agreement)
+            text = (
+                f"{self.method} basis: none of the k measured keeps every task at {need}; closest: "
+                f"{self.closest.label}, where {worst.task!r} keeps effect {worst.effect_retained:.3f} and "
+                f"agreement {worst.agreement:.3f} — measure larger k, or lower the thresholds."
+            )
+        else:
+            text = f"{self.method} basis: no fixed k was measured."
+        if self.adaptive is not None:
+            text += f" Adaptive k: {self.adaptive.label} keeps every task; it stores {_size(self.adaptive)}."
+        if self.no_effect:
+            text += f" No effect to keep (held to agreement alone): {short_list(list(self.no_effect))}."
+        return text
+
+
+# ---- the math: tensors in, tensors out ------------------------------------------------------------------
+def position_sums(logits: torch.Tensor, reference: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """Per row, sums over its scored positions of KL(reference ‖ logits), top-1 agreement, ‖logits − reference‖²,
+    ‖logits‖² and 1: logits, reference (R, A, V), scored (R, A) bool -> (R, 5), columns as ``SUMS``."""
+    logits, reference = logits.float(), reference.float()
+    log_q, log_p = logits.log_softmax(-1), reference.log_softmax(-1)  # (R, A, V)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (R, A)
+    agree = (logits.argmax(-1) == reference.argmax(-1)).float()  # (R, A)
+    gap = (logits - reference).square().sum(-1)  # (R, A)
+    norm = logits.square().sum(-1)  # (R, A)
+    stats = torch.stack([kl, agree, gap, norm, torch.ones_like(kl)], -1)  # (R, A, 5)
+    return torch.where(scored[..., None], stats, 0.0).sum(1)  # padding may hold anything, even nan
+
+
+def scores(task: str, sums: torch.Tensor, base: torch.Tensor, tol: float) -> TaskBehaviour:
+    """A task's measures from its rows' ``position_sums`` added up (5,), against the original, and those of the
+    base model against the original (5,): its GAP_SQ is Σ‖z_o − z_base‖², its NORM_SQ Σ‖z_base‖²."""
+    kl, agree, gap_sq, _, positions = sums.tolist()
+    effect_sq, base_sq = base[GAP_SQ].item(), base[NORM_SQ].item()
+    no_effect = effect_sq <= tol * tol * base_sq
+    effect = math.nan if no_effect else 1.0 - math.sqrt(gap_sq / effect_sq)
+    return TaskBehaviour(task, kl / positions, agree / positions, effect, no_effect, int(positions))
+
+
+def stored_bytes(subspace: SharedSubspace) -> int:
+    """Bytes of the shared basis (components and mean) plus every task's loadings, fp32."""
+    bases = [b for sides in subspace.bases.values() for b in sides.values()]
+    basis = sum(b.components.numel() + (0 if b.mean is None else b.mean.numel()) for b in bases)
+    loadings = sum(L.numel() for t in subspace.tasks.values() for sides in t.loadings.values() for L in sides.values())
+    return BYTES_PER_NUMBER * (basis + loadings)
+
+
+def padded(task, full: SharedSubspace):
+    """A truncated task's loadings with zeros past its k, up to ``full``'s: the same ΔW on the full basis."""
+    loadings = {
+        name: {side: F.pad(L, (0, full.bases[name][side].k - L.shape[-1])) for side, L in sides.items()}
+        for name, sides in task.loadings.items()
+    }
+    return replace(task, loadings=loadings)
+
+
+# ---- rows, and running them -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScoredRow:
+    """One task's prompt and answer as tokens; the positions predicting the answer are scored."""
+
+    task: str  # the task whose prompt it is
+    tokens: tuple[int, ...]  # prompt + answer
+    answer: int  # how many of the tokens are the answer
+
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        return self.tokens[: -self.answer]
+
+    @property
+    def inputs(self) -> tuple[int, ...]:
+        return self.tokens[:-1]  # the last answer token is only a target
+
+
+Run = tuple[str | None, tuple[int, ...]]  # (task id in the model, None: the base model; input tokens)
+Target = tuple[int, int]  # (reference row compared with, slot of the result)
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> input_ids and attention_mask (R, W), right-aligned."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def _batches(lengths: Sequence[int], batch_rows: int) -> Iterator[list[int]]:
+    """Row indices in batches of similar length (little padding)."""
+    order = sorted(range(len(lengths)), key=lambda j: lengths[j])
+    for start in range(0, len(order), batch_rows):
+        yield order[start : start + batch_rows]
+
+
+@dataclass(frozen=True)
+class Runner:
+    """A VLoRAModel holding every task a pass needs, and what running it takes."""
+
+    model: VLoRAModel
+    pad_id: int  # fills the left of short rows (masked out)
+    ends: frozenset[int]  # tokens that end a greedy answer
+    config: BehaviourConfig
+    progress: Progress | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.base_model.parameters()).device
+
+    def logits(self, runs: Sequence[Run], answers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced logits (R, A, V) at each row's last A inputs, and which are scored (R, A) bool."""
+        ids, mask = left_padded([tokens for _, tokens in runs], self.pad_id)
+        A, device = max(answers), self.device
+        keep = "logits_to_keep" in inspect.signature(type(self.model.base_model).forward).parameters
+        out = self.model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),  # left padding: each row counts from 0
+            task_ids=[task for task, _ in runs],
+            use_cache=False,
+            **({"logits_to_keep": A} if keep else {}),  # the LM head then runs on A positions, not W
+        )
+        scored = torch.arange(A)[None] >= (A - torch.tensor(answers))[:, None]  # (R, A): the last `answer` ones
+        return out.logits[:, -A:], scored.to(device)
+
+    def compare(
+        self,
+        runs: Sequence[Run],
+        answers: Sequence[int],
+        targets: Sequence[Sequence[Target]],
+        ref: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        """``position_sums`` of each run against each of its reference rows' logits (a, V), in result slots (S, 5)."""
+        slots = torch.zeros(sum(len(t) for t in targets), len(SUMS))
+        for done, batch in enumerate(_batches([len(t) for _, t in runs], self.config.batch_rows)):
+            logits, scored = self.logits([runs[j] for j in batch], [answers[j] for j in batch])
+            rows = [b for b, j in enumerate(batch) for _ in targets[j]]
+            pairs = [pair for j in batch for pair in targets[j]]
+            stacked = _stacked([ref[i] for i, _ in pairs], logits.shape[1], logits.device)  # (M, A, V)
+            slots[[slot for _, slot in pairs]] = position_sums(logits[rows], stacked, scored[rows]).cpu()
+            self._tick(done + 1, len(runs), "scoring")
+        return slots
+
+    def originals(self, rows: Sequence[ScoredRow]) -> list[torch.Tensor]:
+        """The original adapters' logits (a, V) at each row's scored positions, fp32 on the CPU."""
+        kept: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+        for done, batch in enumerate(_batches([len(r.tokens) for r in rows], self.config.batch_rows)):
+            logits, _ = self.logits([(rows[j].task, rows[j].inputs) for j in batch], [rows[j].answer for j in batch])
+            for b, j in enumerate(batch):
+                kept[j] = logits[b, logits.shape[1] - rows[j].answer :].to("cpu", torch.float32, copy=True)
+            self._tick(done + 1, len(rows), "original adapters")
+        return kept
+
+    def greedy(self, runs: Sequence[Run]) -> list[tuple[int, ...]]:
+        """Each run's greedy continuation (at most ``answer_tokens``), up to and including its first end token."""
+        found: list[tuple[int, ...]] = [()] * len(runs)
+        for done, batch in enumerate(_batches([len(t) for _, t in runs], self.config.batch_rows)):
+            ids, mask = left_padded([runs[j][1] for j in batch], self.pad_id)
+            out = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                task_ids=[runs[j][0] for j in batch],
+                max_new_tokens=self.config.answer_tokens,
+                do_sample=False,
+                pad_token_id=self.pad_id,
+            )
+            for j, new in zip(batch, out[:, ids.shape[1] :].tolist()):
+                found[j] = tuple(new[: next((i + 1 for i, t in enumerate(new) if t in self.ends), len(new))])
+            self._tick(done + 1, len(runs), "greedy answers")
+        return found
+
+    def _tick(self, batches: int, rows: int, what: str) -> None:
+        if self.progress is not None:
+            total = -(-rows // self.config.batch_rows)
+            self.progress(batches / total, f"{what}: batch {batches} of {total}")
+
+
+def _stacked(logits: Sequence[torch.Tensor], A: int, device: torch.device) -> torch.Tensor:
+    """Reference logits (a_i, V) left-padded with zeros to (M, A, V), as the batch's scored positions lie."""
+    return torch.stack([F.pad(z, (0, 0, A - z.shape[0], 0)) for z in logits]).to(device)
+
+
+@contextmanager
+def running(base_model, tokenizer, full: SharedSubspace, tasks: dict, config: BehaviourConfig, progress=None):
+    """A Runner over ``full``'s basis holding ``tasks`` (id -> Task), in inference mode; the base model is given
+    back unchanged (``unload``) on the way out."""
+    ends = getattr(getattr(base_model, "generation_config", None), "eos_token_id", None)
+    ends = frozenset(({ends} if isinstance(ends, int) else set(ends or ())) | ({tokenizer.eos_token_id} - {None}))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(ends, default=0)
+    model = VLoRAModel(base_model, SharedSubspace(full.method, full.shapes, full.bases, tasks))
+    try:
+        with torch.inference_mode():
+            yield Runner(model, pad_id, ends, config, progress)
+    finally:
+        model.unload()
+
+
+# ---- the reference: originals and base model, once -------------------------------------------------------
+@dataclass(frozen=True)
+class Reference:
+    """What every setting is compared with, computed once for a set of tasks and prompts (``reference``).
+
+    The reference of one full decomposition serves any other full decomposition of the same adapters (the
+    ``flat`` and the ``rank`` one): both hold every adapter's ΔW exactly."""
+
+    rows: tuple[ScoredRow, ...]  # one per task and prompt, task by task
+    logits: tuple[torch.Tensor, ...]  # per row: the original's logits (answer, V) at its scored positions, fp32
+    base: torch.Tensor  # (R, 5) ``position_sums`` of the base model against the original
+    greedy: tuple[str, ...] | None  # the original's greedy answer per row (when greedy_chars > 0)
+
+    @property
+    def task_ids(self) -> list[str]:
+        return list(dict.fromkeys(row.task for row in self.rows))
+
+
+def reference(
+    base_model,
+    tokenizer,
+    full: SharedSubspace,
+    prompts: Sequence[Prompt] = GENERIC_PROMPTS,
+    config: BehaviourConfig = BehaviourConfig(),
+    *,
+    task_ids: Sequence[str] | None = None,
+    progress: Progress | None = None,
+) -> Reference:
+    """Tokenise each task's prompts, answer those without an answer with the original adapter, and run the
+    originals and the base model once.
+
+    Args:
+        base_model, tokenizer: the model the adapters were trained on (wrapped for the call, then given back).
+        full: the full decomposition (``SharedSubspace.decompose``): its tasks are the original adapters.
+        prompts: shared and per-task prompts (``io.prompts``); default: the built-in generic set.
+        task_ids: the tasks to check (default: all of ``full``'s).
+    """
+    task_ids = _known(full, task_ids)
+    chosen = prompts_by_task(prompts, task_ids, known=full.task_ids)
+    pairs = [(task, p) for task in task_ids for p in chosen[task]]
+    heads = [
+        _tokens(tokenizer, chat_prompt(tokenizer, p.text) if config.chat else p.text, p, "prompt") for _, p in pairs
+    ]
+    with running(base_model, tokenizer, full, {t: full.tasks[t] for t in task_ids}, config, progress) as runner:
+        need = [i for i, (_, p) in enumerate(pairs) if p.answer is None or config.greedy_chars]
+        generated = dict(zip(need, runner.greedy([(pairs[i][0], heads[i]) for i in need])))
+        tails = [
+            generated[i] if p.answer is None else _tokens(tokenizer, p.answer, p, "answer", config.max_answer_tokens)
+            for i, (_, p) in enumerate(pairs)
+        ]
+        rows = tuple(ScoredRow(task, head + tail, len(tail)) for (task, _), head, tail in zip(pairs, heads, tails))
+        logits = runner.originals(rows)
+        base = _base_sums(runner, rows, logits)
+    greedy = tuple(_text(tokenizer, generated[i]) for i in range(len(rows))) if config.greedy_chars else None
+    return Reference(rows, tuple(logits), base, greedy)
+
+
+def _base_sums(runner: Runner, rows: Sequence[ScoredRow], logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The base model against each original (R, 5); rows with the same tokens run once."""
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault((row.tokens, row.answer), []).append(i)
+    keys = list(groups)
+    runs = [(None, tokens[:-1]) for tokens, _ in keys]
+    targets = [[(i, i) for i in groups[key]] for key in keys]
+    return runner.compare(runs, [answer for _, answer in keys], targets, logits)
+
+
+def _known(full: SharedSubspace, task_ids: Sequence[str] | None) -> list[str]:
+    task_ids = list(full.task_ids if task_ids is None else task_ids)
+    unknown = [t for t in task_ids if t not in full.tasks]
+    if unknown or not task_ids:
+        raise TaskError(
+            f"unknown task {short_list([repr(t) for t in unknown])} to check; the decomposition holds: "
+            f"{short_list([repr(t) for t in full.task_ids])}."
+        )
+    return task_ids
+
+
+def _tokens(tokenizer, text: str, prompt: Prompt, what: str, limit: int | None = None) -> tuple[int, ...]:
+    ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"][:limit])
+    if not ids:
+        raise PromptError(f"{prompt.origin or 'a prompt'}: the {what} {text[:40]!r} has no tokens; write some text.")
+    return ids
+
+
+def _text(tokenizer, tokens: Sequence[int]) -> str:
+    return tokenizer.decode(list(tokens), skip_special_tokens=True).strip()
+
+
+# ---- variants against the reference --------------------------------------------------------------------
+def measure_variants(
+    base_model,
+    tokenizer,
+    full: SharedSubspace,
+    ref: Reference,
+    variants: dict[str, dict],
+    config: BehaviourConfig = BehaviourConfig(),
+    progress: Progress | None = None,
+) -> dict[str, dict[str, TaskBehaviour]]:
+    """Every variant (label -> task id -> a Task on ``full``'s basis, with ``full``'s k) of every reference task,
+    against the original, one mixed-batch row per variant, task and prompt. Returns label -> task -> behaviour."""
+    labels, R = list(variants), len(ref.rows)
+    for label in labels:
+        _check_variant(label, variants[label], ref, full)
+    tasks = {
+        f"{v}:{t}": replace(variants[label][t], id=f"{v}:{t}") for v, label in enumerate(labels) for t in ref.task_ids
+    }
+    slots = [(v, i) for v in range(len(labels)) for i in range(R)]  # slot j = v·R + i
+    runs = [(f"{v}:{ref.rows[i].task}", ref.rows[i].inputs) for v, i in slots]
+    with running(base_model, tokenizer, full, tasks, config, progress) as runner:
+        sums = runner.compare(
+            runs, [ref.rows[i].answer for _, i in slots], [[(i, j)] for j, (_, i) in enumerate(slots)], ref.logits
+        )
+        same = _greedy_same(runner, tokenizer, ref, slots) if ref.greedy is not None else None
+    return {
+        label: task_scores(ref, sums[v * R : (v + 1) * R], config, None if same is None else same[v * R : (v + 1) * R])
+        for v, label in enumerate(labels)
+    }
+
+
+def _greedy_same(runner: Runner, tokenizer, ref: Reference, slots: list[tuple[int, int]]) -> list[bool]:
+    """Whether each slot's greedy answer starts with the same ``greedy_chars`` characters as the original's."""
+    n = runner.config.greedy_chars
+    answers = runner.greedy([(f"{v}:{ref.rows[i].task}", ref.rows[i].prompt) for v, i in slots])
+    return [_text(tokenizer, a)[:n] == ref.greedy[i][:n] for a, (_, i) in zip(answers, slots)]
+
+
+def task_scores(
+    ref: Reference, sums: torch.Tensor, config: BehaviourConfig, same: Sequence[bool] | None = None
+) -> dict[str, TaskBehaviour]:
+    """Per task: its rows' ``position_sums`` (R, 5) added up and turned into measures."""
+    found = {}
+    for task in ref.task_ids:
+        idx = [i for i, row in enumerate(ref.rows) if row.task == task]
+        result = scores(task, sums[idx].sum(0), ref.base[idx].sum(0), config.no_effect_tol)
+        found[task] = result if same is None else replace(result, greedy_same=sum(same[i] for i in idx) / len(idx))
+    return found
+
+
+def _check_variant(label: str, tasks: dict, ref: Reference, full: SharedSubspace) -> None:
+    missing = [t for t in ref.task_ids if t not in tasks]
+    if missing:
+        raise TaskError(
+            f"variant {label!r} lacks task {short_list([repr(t) for t in missing])}; give one per task checked."
+        )
+    for task_id in ref.task_ids:
+        for name, sides in tasks[task_id].loadings.items():
+            for side, L in sides.items():
+                if L.shape[-1] != full.bases[name][side].k:
+                    raise CompatibilityError(
+                        f"variant {label!r}, task {task_id!r}: {name}.{side} has {L.shape[-1]} loadings but the full "
+                        f"basis {full.bases[name][side].k}; pad truncated loadings with ``padded(task, full)``."
+                    )
+
+
+# ---- settings: k values and adaptive thresholds ------------------------------------------------------------
+def setting_config(setting: int | CompressConfig, method: str) -> CompressConfig:
+    """A k (or a CompressConfig) as a CompressConfig for the basis ``method``."""
+    if not isinstance(setting, CompressConfig):
+        return CompressConfig(setting, method)
+    if setting.method != method:
+        raise CompatibilityError(
+            f"setting {setting_label(setting)} is for the {setting.method!r} basis but the decomposition is "
+            f"{method!r}; measure it on SharedSubspace.decompose(..., method={setting.method!r})."
+        )
+    return setting
+
+
+def setting_label(config: CompressConfig) -> str:
+    return f"adaptive {config.variance_threshold:g}" if config.adaptive_k else f"k={config.num_components}"
+
+
+def measure(
+    base_model,
+    tokenizer,
+    full: SharedSubspace,
+    ref: Reference,
+    settings: Iterable[int | CompressConfig],
+    config: BehaviourConfig = BehaviourConfig(),
+    progress: Progress | None = None,
+) -> BehaviourReport:
+    """Every reference task at every setting (a k, or a CompressConfig such as an adaptive threshold) of ``full``.
+
+    Settings that keep the same k in every layer side (k clipped where the data has fewer) are run once."""
+    configs = [setting_config(s, full.method) for s in settings]
+    if not configs:
+        raise VLoRAError("no setting to measure; give one or more k (e.g. 1, 2, 4, 8) or CompressConfigs.")
+    labels, cuts = _cuts(full, configs)
+    variants = {label: {t: padded(cut.tasks[t], full) for t in ref.task_ids} for label, cut in cuts.items()}
+    results = measure_variants(base_model, tokenizer, full, ref, variants, config, progress)
+    measured = tuple(
+        SettingBehaviour(setting_label(c), c, stored_bytes(cuts[label]), results[label])
+        for c, label in zip(configs, labels)
+    )
+    return BehaviourReport(full.method, measured, task_scores(ref, ref.base, config))
+
+
+def _cuts(full: SharedSubspace, configs: Sequence[CompressConfig]) -> tuple[list[str], dict[str, SharedSubspace]]:
+    """Each setting's variant label (settings keeping the same k everywhere share one) and each label's cut."""
+    labels, cuts, seen = [], {}, {}
+    for config in configs:
+        cut = full.truncated(config)
+        key = tuple((name, side, b.k) for name, sides in cut.bases.items() for side, b in sides.items())
+        label = seen.setdefault(key, setting_label(config))
+        cuts.setdefault(label, cut)
+        labels.append(label)
+    return labels, cuts
+
+
+def evaluate(
+    base_model,
+    tokenizer,
+    full: SharedSubspace,
+    settings: Iterable[int | CompressConfig],
+    prompts: Sequence[Prompt] = GENERIC_PROMPTS,
+    config: BehaviourConfig = BehaviourConfig(),
+    progress: Progress | None = None,
+) -> BehaviourReport:
+    """``reference`` then ``measure``: every task of ``full`` at every setting, on ``prompts``.
+
+    Example:
+        >>> full = SharedSubspace.decompose(adapters, method="rank")
+        >>> report = evaluate(model, tokenizer, full, [1, 2, 4, 8, 16], read_prompts("prompts.jsonl"))
+        >>> print(recommend(report).summary())
+    """
+    ref = reference(base_model, tokenizer, full, prompts, config, progress=progress)
+    return measure(base_model, tokenizer, full, ref, settings, config, progress)
+
+
+# ---- the recommendation ------------------------------------------------------------------------------
+def recommend(
+    report: BehaviourReport, min_effect: float = DEFAULT_MIN_EFFECT, min_agreement: float = DEFAULT_MIN_AGREEMENT
+) -> Recommendation:
+    """The smallest measured k, and the lowest adaptive threshold, at which every task keeps effect retained
+    ≥ ``min_effect`` and top-1 agreement ≥ ``min_agreement`` (a task with no effect: agreement alone)."""
+    for name, value in (("min_effect", min_effect), ("min_agreement", min_agreement)):
+        if not 0.0 < value <= 1.0:
+            raise VLoRAError(f"{name} must be in (0, 1], got {value!r}; for example {DEFAULT_MIN_EFFECT}.")
+    fixed = sorted((s for s in report.settings if not s.config.adaptive_k), key=lambda s: s.config.num_components)
+    adaptive = sorted((s for s in report.settings if s.config.adaptive_k), key=lambda s: s.config.variance_threshold)
+
+    def first(settings: list[SettingBehaviour]) -> SettingBehaviour | None:
+        return next((s for s in settings if s.margin(min_effect, min_agreement) >= 0), None)
+
+    k = first(fixed)
+    closest = None if k is not None or not fixed else max(fixed, key=lambda s: s.margin(min_effect, min_agreement))
+    no_effect = tuple(t for t, b in report.base.items() if b.no_effect)
+    return Recommendation(report.method, min_effect, min_agreement, k, first(adaptive), closest, no_effect)
+
+
+def _size(setting: SettingBehaviour) -> str:
+    size = float(setting.stored_bytes)
+    for unit in ("B", "kB", "MB"):
+        if size < 1000 or unit == "MB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return ""
+
+
+# ---- one adapter set against another (export checks) -------------------------------------------------------
+def compare_adapters(
+    base_model,
+    tokenizer,
+    originals: dict,
+    candidates: dict,
+    prompts: Sequence[Prompt] = GENERIC_PROMPTS,
+    config: BehaviourConfig = BehaviourConfig(),
+    progress: Progress | None = None,
+) -> dict[str, TaskBehaviour]:
+    """Each candidate adapter (e.g. an exported folder read back with ``load_adapter``) against the original
+    of the same task id (the exact ΔW: an input folder, or ``store.to_adapter(task)``), on ``prompts``.
+
+    Both sets are decomposed together without truncation, so both hold their exact ΔW on one basis and every
+    candidate is one mixed-batch row per prompt. An effect retained near 0 means the candidate acts like the
+    base model; ``no_effect`` means the original itself does nothing.
+
+    Args:
+        originals, candidates: task id -> LoRAAdapter, the same ids, layers and rank on both sides.
+    """
+    ids = list(originals)
+    missing = [t for t in ids if t not in candidates]
+    if missing or not ids:
+        raise TaskError(
+            f"no candidate for task {short_list([repr(t) for t in missing])}; give one adapter per original."
+        )
+    adapters = [originals[t] for t in ids] + [candidates[t] for t in ids]
+    full = SharedSubspace.decompose(adapters, ids + [CANDIDATE + t for t in ids])
+    ref = reference(base_model, tokenizer, full, prompts, config, task_ids=ids, progress=progress)
+    variants = {"candidate": {t: full.tasks[CANDIDATE + t] for t in ids}}
+    return measure_variants(base_model, tokenizer, full, ref, variants, config, progress)["candidate"]
