@@ -30,6 +30,7 @@ NOT_FOLDER = "exists and is not a folder"
 IS_STORE = "is the store"
 INSIDE = "is inside the store"
 NOT_STORE = "not empty and not a vlora store"
+UNDER_FILE = "is a file, not a folder"
 A_STORE = "already holds a vlora store (3 tasks"
 
 
@@ -153,6 +154,7 @@ EXPORT_TARGETS = {  # name -> (make the target under root, words refusing it wit
         NOT_FOLDER,
     ),
     "a dangling link": (lambda r, s: link(r / "out", r / "nowhere"), NOT_FOLDER, NOT_FOLDER),
+    "a folder under a file": (lambda r, s: (r / "f").write_text("mine") and r / "f" / "out", UNDER_FILE, UNDER_FILE),
     "the store": (lambda r, s: s, IS_STORE, IS_STORE),
     "a new folder inside the store": (lambda r, s: s / "out", INSIDE, INSIDE),
     "a nested new folder inside the store": (lambda r, s: s / "a" / "b", INSIDE, INSIDE),
@@ -230,6 +232,7 @@ ALL_ROOTS = {  # name -> (make P under root, words refusing `--all -o P` without
         None,
     ),
     "a file": (lambda r, s: (r / "all").write_text("mine") and r / "all", NOT_FOLDER, NOT_FOLDER),
+    "a folder under a file": (lambda r, s: (r / "f").write_text("mine") and r / "f" / "all", UNDER_FILE, UNDER_FILE),
     "the store": (lambda r, s: s, IS_STORE, IS_STORE),
     "inside the store": (lambda r, s: s / "all", INSIDE, INSIDE),
 }
@@ -282,6 +285,7 @@ COMPRESS_TARGETS = {  # name -> (make the target under root, words refusing it w
     "an exported adapter": (lambda r, s: exported(r / "new", s), NOT_STORE, NOT_STORE),
     "a PEFT adapter": (lambda r, s: write_adapter(r / "new", 8), NOT_STORE, NOT_STORE),
     "a file": (lambda r, s: (r / "new").write_text("mine") and r / "new", NOT_FOLDER, NOT_FOLDER),
+    "a folder under a file": (lambda r, s: (r / "f").write_text("mine") and r / "f" / "new", UNDER_FILE, UNDER_FILE),
     "a new folder inside a store": (lambda r, s: s / "inner", INSIDE, INSIDE),
 }
 

@@ -9,6 +9,7 @@ folder that is not such an export; an export is replaced only when asked (``forc
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -76,7 +77,19 @@ def enclosing_store(path: str | Path) -> Path | None:
     return None
 
 
+def check_path(target: Path) -> None:
+    """A path vlora can make: no NUL character, and no file where one of its folders should be."""
+    if "\0" in str(target):
+        raise StoreError(f"{str(target)!r}: a path cannot hold a NUL character; choose another path.")
+    for parent in Path(os.path.abspath(target)).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise StoreError(f"{target}: {parent} is a file, not a folder; choose another path.")
+            return
+
+
 def _check_outside_stores(target: Path) -> None:
+    check_path(target)
     store = enclosing_store(target)
     if store is not None:
         where = "is the store" if store == target.resolve() else f"is inside the store {store}"

@@ -42,7 +42,7 @@ from .atomic import (
     sync_written,
     write_bytes_atomic,
 )
-from .outputs import enclosing_store
+from .outputs import check_path, enclosing_store
 
 _DATA_PREFIXES = ("basis-", "task-")
 # One key only: safetensors writes metadata in hash-map order, and a store file's name is its content hash.
@@ -146,6 +146,7 @@ def _known(pair) -> bool:
 
 def _check_target(folder: Path, loaded_generation: int | None, force: bool) -> dict | None:
     """The store now at ``folder`` (None if there is none), once it is safe to write over it."""
+    check_path(folder)
     outer = enclosing_store(folder.parent)
     if outer is not None:
         raise StoreError(
