@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import peft_logits, snapshot, write_adapter
+from conftest import make_tiny_model, peft_logits, snapshot, write_adapter
 from conftest import run_cli as vlora
 
 from vlora import SharedSubspace
@@ -103,3 +103,24 @@ def test_usage_errors_exit_2(store):
 def test_every_command_has_help(command):
     result = vlora(command, "--help")
     assert result.returncode == 0 and f"usage: vlora {command}" in result.stdout
+
+
+# ---- vlora eval ---------------------------------------------------------------------------------------
+def test_eval_measures_behaviour_per_k_and_recommends(adapter_dirs, tmp_path):
+    model = make_tiny_model(tmp_path / "model")
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"prompt": "the cat sat on", "answer": " the mat today"}, {"prompt": "one two three", "answer": " four"}]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = [*adapter_dirs, "--base-model", model, "--prompts", prompts, "--method", "rank", "--k", "1,2,16"]
+    result = vlora("eval", *args, "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)  # strict JSON: no NaN
+    settings = {s["label"]: s for s in data["report"]["settings"]}
+    assert set(settings) == {"k=1", "k=2", "k=16"}
+    for task in settings["k=16"]["tasks"].values():  # every direction: the originals themselves
+        assert task["effect_retained"] >= 0.999 and task["agreement"] == 1.0 and task["kl"] <= 1e-6
+    assert data["recommendation"]["k"]["label"] in settings
+    text = vlora("eval", *args)
+    assert text.returncode == 0 and "rank basis: k=" in text.stdout and "keeps every task" in text.stdout
+    bad = vlora("eval", *args[:-1], "0,x")
+    assert bad.returncode == 1 and "--k '0,x': give whole numbers" in bad.stderr

@@ -180,7 +180,69 @@ def build_parser() -> argparse.ArgumentParser:
         help="grow the basis so the new task is stored exactly; stored tasks stay exactly as they were",
     )
     p.set_defaults(run=add)
+
+    p = commands.add_parser("eval", help="what each task still does at each k, on prompts, and the k to choose")
+    p.add_argument("sources", nargs="+", help="a store, or two or more PEFT adapter folders")
+    p.add_argument("--prompts", help='JSON lines: {"prompt": ..., "answer": ..., "task": ...} (answer, task optional)')
+    p.add_argument("--base-model", default="bundled", help="the base model: bundled (default), a folder, org/name")
+    p.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD, help="basis for adapter folders")
+    p.add_argument("--k", default="1,2,4,8,16,32", help="comma-separated k to measure (default 1,2,4,8,16,32)")
+    p.add_argument("--min-effect", type=float, default=0.95, help="effect retained every task must keep")
+    p.add_argument("--min-agreement", type=float, default=0.95, help="top-1 agreement every task must keep")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=evaluate)
     return parser
+
+
+def evaluate(args) -> None:
+    """Behaviour of every task per k against its original (a store's own tasks, or every direction of the
+    adapters' decomposition) and the base model; then the recommended k."""
+    from dataclasses import asdict
+
+    from .base_model import load_base_model
+    from .behaviour import evaluate as measure
+    from .behaviour import recommend
+    from .io.prompts import GENERIC_PROMPTS, read_prompts
+
+    ks = _whole_numbers(args.k, "--k")
+    prompts = read_prompts(args.prompts) if args.prompts else GENERIC_PROMPTS
+    if len(args.sources) == 1:
+        full = SharedSubspace.load(args.sources[0])  # the store's tasks are the originals; smaller k are measured
+    else:
+        adapters = [load_adapter(path) for path in args.sources]
+        full = SharedSubspace.decompose(adapters, method=args.method)
+    model, tokenizer = load_base_model(args.base_model)
+    report = measure(model, tokenizer, full, ks, prompts)
+    advice = recommend(report, args.min_effect, args.min_agreement)
+    if args.json:
+        print(
+            json.dumps(
+                _json_safe({"report": asdict(report), "recommendation": asdict(advice)}),
+                indent=2,
+                allow_nan=False,
+                default=str,
+            )
+        )
+        return
+    print(f"{'setting':<14} {'task':<24} {'effect':>7} {'top-1':>6} {'KL':>8} {'bytes':>10}")
+    for setting in report.settings:
+        for task in setting.tasks.values():
+            effect = "no effect" if task.no_effect else f"{task.effect_retained:7.3f}"
+            print(
+                f"{setting.label:<14} {task.task[:24]:<24} {effect:>7} {task.agreement:6.3f} {task.kl:8.4f} "
+                f"{setting.stored_bytes:>10,}"
+            )
+    print(advice.summary())
+
+
+def _whole_numbers(text: str, option: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise VLoRAError(f"{option} {text!r}: give whole numbers of at least 1, comma-separated, e.g. 1,2,4,8.")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
