@@ -99,6 +99,39 @@ def load_base_model(
     return model.to(device).eval(), tokenizer
 
 
+def base_model_config(source: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> dict:
+    """The base model's config.json as a dict, without loading its weights (the bundled model's converted copy is
+    made once if it is missing). ``source`` as for ``load_base_model``, or a config.json file itself."""
+    source = os.fspath(source).strip() if source is not None else ""
+    if source in ("", BUNDLED):
+        folder = bundled_cache_folder(cache_dir)
+        if not (folder / "config.json").is_file():
+            _build_cache(folder)
+        file = folder / "config.json"
+    elif Path(source).expanduser().exists():
+        path = Path(source).expanduser()
+        file = path if path.is_file() else path / "config.json"
+    elif _HUB_ID.fullmatch(source):
+        reason = _hub_unreachable()
+        if reason:
+            raise ModelLoadError(f"{source}: cannot fetch its config because {reason}; pass a local model folder.")
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(source).to_dict()
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"{source}: could not read its config from the hub ({err}).") from err
+    else:
+        raise ModelLoadError(f"{source}: no such folder; {_SOURCES_HELP}.")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{file}: not a readable config.json ({err}); pass the base model's folder.") from err
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{file}: holds no JSON object; pass the base model's config.json.")
+    return config
+
+
 def placement(
     device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
 ) -> tuple[torch.device, torch.dtype]:

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from vlora_core import CompressConfig, SharedSubspace, VLoRAModel
+from vlora_core.adapter import LoRAAdapter, LoRALayer
 from vlora_core.base_model import chat_prompt
 from vlora_core.errors import CompatibilityError, TaskError, VLoRAError, short_list
 from vlora_core.io.prompts import GENERIC_PROMPTS, Prompt, PromptError, prompts_by_task
@@ -609,7 +610,8 @@ def compare_adapters(
     base model; ``no_effect`` means the original itself does nothing.
 
     Args:
-        originals, candidates: task id -> LoRAAdapter, the same ids, layers and rank on both sides.
+        originals, candidates: task id -> LoRAAdapter, the same ids on both sides; layers and ranks may differ
+            (a merge, a rank cap): ``aligned`` pads them with zero directions, which change no ΔW.
     """
     ids = list(originals)
     missing = [t for t in ids if t not in candidates]
@@ -617,8 +619,73 @@ def compare_adapters(
         raise TaskError(
             f"no candidate for task {short_list([repr(t) for t in missing])}; give one adapter per original."
         )
-    adapters = [originals[t] for t in ids] + [candidates[t] for t in ids]
+    adapters = aligned([originals[t] for t in ids] + [candidates[t] for t in ids])
     full = SharedSubspace.decompose(adapters, ids + [CANDIDATE + t for t in ids])
     ref = reference(base_model, tokenizer, full, prompts, config, task_ids=ids, progress=progress)
     variants = {"candidate": {t: full.tasks[CANDIDATE + t] for t in ids}}
     return measure_variants(base_model, tokenizer, full, ref, variants, config, progress)["candidate"]
+
+
+def aligned(adapters: Sequence[LoRAAdapter]) -> list[LoRAAdapter]:
+    """The adapters on one set of layers at one rank per layer, as a decomposition needs: each layer at the
+    largest rank any of them has there, a missing layer as zeros. Zero directions (rows of A, columns of B)
+    change no ΔW, so each adapter still stands for exactly its own; the scaling stays each adapter's own."""
+    shapes: dict[str, tuple[int, int, int]] = {}  # layer -> (d_out, d_in, largest rank)
+    for adapter in adapters:
+        for name, layer in adapter.layers.items():
+            d_out, d_in, r = shapes.get(name, (layer.B.shape[0], layer.A.shape[1], 0))
+            shapes[name] = (d_out, d_in, max(r, layer.rank))
+    return [_padded_to(adapter, shapes) for adapter in adapters]
+
+
+def _padded_to(adapter: LoRAAdapter, shapes: dict[str, tuple[int, int, int]]) -> LoRAAdapter:
+    layers = {}
+    for name, (d_out, d_in, rank) in shapes.items():
+        layer = adapter.layers.get(name)
+        if layer is None:  # ΔW = 0 here: zero factors (scaling 1)
+            layers[name] = LoRALayer(torch.zeros(rank, d_in), torch.zeros(d_out, rank), 1.0)
+            continue
+        extra = rank - layer.rank
+        A = F.pad(layer.A, (0, 0, 0, extra))  # (rank, d_in)
+        B = F.pad(layer.B, (0, extra))  # (d_out, rank)
+        layers[name] = LoRALayer(A, B, layer.scaling)
+    return LoRAAdapter(adapter.name, adapter.config, layers, {}, adapter.source)
+
+
+# ---- a merge against the exact merge and against its parts ----------------------------------------------
+@dataclass(frozen=True)
+class MergeBehaviour:
+    """What a merged adapter does, measured on prompts (``measure_merge``)."""
+
+    exact: TaskBehaviour | None  # the merge as written against the exact merge (None: written exactly)
+    parts: dict[str, TaskBehaviour]  # the merge against each part, on that part's prompts: how much of it is kept
+
+
+def measure_merge(
+    base_model,
+    tokenizer,
+    parts: dict[str, LoRAAdapter],
+    merged: LoRAAdapter,
+    exact: LoRAAdapter | None = None,
+    prompts: Sequence[Prompt] = GENERIC_PROMPTS,
+    config: BehaviourConfig = BehaviourConfig(),
+    progress: Progress | None = None,
+) -> MergeBehaviour:
+    """The written merge against the exact one (its effect retained: what a rank cap costs) and against each
+    part (each part's effect the merge keeps; a merge of unlike tasks keeps part of each).
+
+    Args:
+        parts: task id -> the adapter merged (the exact ΔW of each part).
+        merged: the merge as written (``MergeResult.adapter``).
+        exact: the merge without a rank cut (``merge.exact_merge``); None when ``merged`` is exact already.
+        prompts: shared and per-part prompts; the exact comparison uses every prompt, as shared ones.
+    """
+    against_exact = None
+    if exact is not None:
+        shared = tuple(replace(p, task=None) for p in prompts)
+        label = merged.name
+        against_exact = compare_adapters(
+            base_model, tokenizer, {label: exact}, {label: merged}, shared, config, progress
+        )[label]
+    kept = compare_adapters(base_model, tokenizer, parts, dict.fromkeys(parts, merged), prompts, config, progress)
+    return MergeBehaviour(against_exact, kept)

@@ -14,11 +14,14 @@ import sys
 from . import quality
 from .config import DEFAULT_METHOD, DEFAULT_NUM_COMPONENTS, DEFAULT_VARIANCE_THRESHOLD
 from .errors import VLoRAError
-from .export import export_all, export_task
+from .export import EXPORT_FORMATS, export_all, export_all_serving, export_serving, export_task, save_checked
 from .io.atomic import disk_problem
 from .io.peft_files import load_adapter
 from .io.store_files import store_lock
+from .merge import METHODS as MERGE_METHODS
+from .merge import MergeConfig, exact_merge
 from .methods import METHODS
+from .serving import VLLM_DEFAULT_MAX_LORA_RANK
 from .subspace import DEFAULT_CHUNK, SharedSubspace, stream_compress
 
 
@@ -64,11 +67,125 @@ def export(args) -> None:
     overrides = dict(alpha=args.alpha, base_model=args.base_model, target_modules=args.target_modules, force=args.force)
     if args.all == (args.task is not None):
         raise VLoRAError("give either a TASK or --all (not both); `vlora info STORE` lists the tasks.")
+    if args.max_rank is None and args.format == "peft":
+        if args.all:
+            for task_id, path in export_all(subspace, args.output, **overrides).items():
+                print(f"exported {task_id!r} to {path}")
+        else:
+            print(f"exported {args.task!r} to {export_task(subspace, args.task, args.output, **overrides)}")
+        return
+    options = dict(overrides, max_rank=args.max_rank, format=args.format)
+    if args.format == "gguf":
+        from .base_model import base_model_config
+
+        if not args.model:
+            raise VLoRAError(
+                "--format gguf needs the base model's config: add --model SRC (bundled, a model folder or its "
+                "config.json, org/name); its architecture names the llama.cpp tensors."
+            )
+        options["base_config"] = base_model_config(args.model)
     if args.all:
-        for task_id, path in export_all(subspace, args.output, **overrides).items():
-            print(f"exported {task_id!r} to {path}")
+        done = list(export_all_serving(subspace, args.output, **options).values())
     else:
-        print(f"exported {args.task!r} to {export_task(subspace, args.task, args.output, **overrides)}")
+        done = [export_serving(subspace, args.task, args.output, **options)]
+    for result in done:
+        cap = "" if result.max_rank is None else f", rank <= {result.max_rank}: ΔW relative error {result.error:.4f}"
+        print(f"exported {result.task_id!r} to {result.path} ({result.format}, ranks {_rank_range(result.ranks)}{cap})")
+    if args.model and args.max_rank is not None and args.format == "peft":
+        _print_cap_behaviour(subspace, done, args)
+
+
+def _rank_range(ranks: dict[str, int]) -> str:
+    low, high = min(ranks.values()), max(ranks.values())
+    return str(low) if low == high else f"{low}..{high}"
+
+
+def _print_cap_behaviour(subspace: SharedSubspace, done, args) -> None:
+    """Each capped task against its exact ΔW on prompts: what the cap costs in behaviour."""
+    from .base_model import load_base_model
+    from .behaviour import compare_adapters
+    from .io.prompts import GENERIC_PROMPTS, read_prompts
+
+    capped = [r for r in done if r.error > 0]
+    if not capped:
+        print("every layer was within the cap: each task's ΔW is exact, its behaviour unchanged")
+        return
+    model, tokenizer = load_base_model(args.model)
+    prompts = read_prompts(args.prompts) if args.prompts else GENERIC_PROMPTS
+    originals = {r.task_id: subspace.to_adapter(r.task_id) for r in capped}
+    candidates = {r.task_id: load_adapter(r.path, r.task_id) for r in capped}
+    for task_id, b in compare_adapters(model, tokenizer, originals, candidates, prompts).items():
+        print(f"  {task_id}: {_behaviour_line(b)} (capped against exact, on {args.model})")
+
+
+def _behaviour_line(b) -> str:
+    effect = "no effect to keep" if b.no_effect else f"effect retained {b.effect_retained:.3f}"
+    return f"{effect}, top-1 agreement {b.agreement:.3f}, KL {b.kl:.4f}"
+
+
+def merge(args) -> None:
+    """Merge stored tasks on ΔW; write the merge as a PEFT folder and/or add it to the store (exactly)."""
+    if not args.output and not args.task_id:
+        raise VLoRAError("say where the merge goes: -o OUT (a PEFT folder) and/or --task-id NEW (into the store).")
+    task_ids, weights = zip(*(task_weight(text) for text in args.tasks))
+    config = MergeConfig(args.method, args.density, args.rank, args.seed)
+    name = args.task_id or "merged"
+    if args.task_id:
+        with store_lock(args.store):  # load, merge, add and save as one step, as `vlora add` does
+            subspace = SharedSubspace.load(args.store)
+            stored = subspace.merge(list(task_ids), list(weights), config=config, name=name, fit_store=True)
+            task = subspace.add(stored.adapter, args.task_id, incremental=True)
+            subspace.save(args.store)
+        added = quality.task_errors(subspace)[task.id]
+        print(
+            f"added {task.id!r} to {args.store} ({args.method} merge of {', '.join(task_ids)} at the store's rank: "
+            f"ΔW relative error {stored.error:.4f} against the exact merge; stored exactly, {added:.1e}; {subspace!r})"
+        )
+    else:
+        subspace = SharedSubspace.load(args.store)
+    if args.task_id and not args.output:
+        result = stored
+    else:
+        result = subspace.merge(list(task_ids), list(weights), config=config, name=name)
+    if args.output:
+        save_checked(result.adapter, args.output, force=args.force)
+        print(
+            f"wrote the {args.method} merge of {', '.join(f'{t} x {w:g}' for t, w in zip(task_ids, weights))} to "
+            f"{args.output} (ranks {_rank_range(result.adapter.ranks)}; ΔW relative error {result.error:.4f} "
+            "against the exact merge)"
+        )
+    if args.base_model:
+        _print_merge_behaviour(subspace, task_ids, weights, config, result, args)
+
+
+def task_weight(text: str) -> tuple[str, float]:
+    """'pirate:0.5' -> ('pirate', 0.5); 'pirate' -> ('pirate', 1.0). A task id holding ':' keeps it: only a
+    number after the last ':' is a weight."""
+    task_id, sep, weight = text.rpartition(":")
+    if sep:
+        try:
+            return task_id, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _print_merge_behaviour(subspace, task_ids, weights, config, result, args) -> None:
+    from .base_model import load_base_model
+    from .behaviour import measure_merge
+    from .io.prompts import GENERIC_PROMPTS, read_prompts
+
+    model, tokenizer = load_base_model(args.base_model)
+    prompts = read_prompts(args.prompts) if args.prompts else GENERIC_PROMPTS
+    parts = {t: subspace.to_adapter(t) for t in dict.fromkeys(task_ids)}
+    exact = None if result.error == 0 else exact_merge(list(parts.values()), list(weights), config=config).adapter
+    found = measure_merge(model, tokenizer, parts, result.adapter, exact, prompts)
+    if found.exact is None:
+        print("the merge as written is exact: its behaviour is the exact merge's")
+    else:
+        print(f"  against the exact merge: {_behaviour_line(found.exact)}")
+    for task_id, b in found.parts.items():
+        print(f"  against {task_id}: {_behaviour_line(b)}")
 
 
 def add(args) -> None:
@@ -168,7 +285,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, help="lora_alpha to write (factors are rescaled so ΔW is unchanged)")
     p.add_argument("--base-model", help="base_model_name_or_path to write")
     p.add_argument("--target-modules", nargs="+", help="target_modules to write")
+    p.add_argument(
+        "--max-rank",
+        type=int,
+        help=f"write every layer at rank <= R by the SVD of its ΔW (the optimal rank-R ΔW; vLLM's default "
+        f"--max-lora-rank is {VLLM_DEFAULT_MAX_LORA_RANK}); prints each task's exact ΔW error",
+    )
+    p.add_argument(
+        "--format", choices=EXPORT_FORMATS, default="peft", help="peft: a PEFT folder; gguf: one llama.cpp LoRA file"
+    )
+    p.add_argument(
+        "--model",
+        help="the base model (bundled, a folder, org/name): its config.json names the GGUF architecture; with "
+        "--max-rank, each capped task's behaviour against its exact ΔW is measured on it",
+    )
+    p.add_argument("--prompts", help="prompts for that measure (JSON lines, as for `vlora eval`)")
     p.set_defaults(run=export)
+
+    p = commands.add_parser("merge", help="merge stored tasks on ΔW into one adapter (a folder and/or a new task)")
+    p.add_argument("store")
+    p.add_argument("tasks", nargs="+", metavar="TASK[:WEIGHT]", help="tasks to merge, each with a weight (default 1)")
+    p.add_argument("--method", choices=list(MERGE_METHODS), default=MergeConfig.method, help="how (see README)")
+    p.add_argument("--density", type=float, default=MergeConfig.density, help="ties/dare: share of entries kept")
+    p.add_argument("--rank", type=int, help="write every layer at this rank, by the SVD of the merged ΔW")
+    p.add_argument("--seed", type=int, default=MergeConfig.seed, help="dare: seeds the masks")
+    p.add_argument("--task-id", help="add the merge to the store as this task (exactly, as add --incremental)")
+    p.add_argument("-o", "--output", help="PEFT folder to write the merge to")
+    p.add_argument("--force", action="store_true", help="replace an earlier vlora export at --output (nothing else)")
+    p.add_argument("--base-model", help="measure the merge on this model: bundled, a folder, org/name")
+    p.add_argument("--prompts", help="prompts for that measure (JSON lines, as for `vlora eval`)")
+    p.set_defaults(run=merge)
 
     p = commands.add_parser("add", help="add an adapter to an existing store")
     p.add_argument("store")

@@ -5,11 +5,17 @@ B (d_out, r) with ΔW = scaling · B · A, so each side gets 1/√scaling under 
 own, or with the user's overrides): ΔW is the same for any alpha (within the scalings ``adapter.lora_scaling``
 accepts). Every folder is read back before it is published: its ΔW must equal the stored task's within the
 precision of the dtype it is written in (``check_written``), or nothing is written and the error names the folder.
+
+For serving engines (``export_serving``): ``--max-rank R`` caps every layer at rank R by its SVD
+(``serving.cap_rank``, the exact error reported), and ``--format gguf`` writes a llama.cpp LoRA file
+(``io.gguf_files``); both are read back and compared with the adapter meant, as above. ``save_checked`` does
+the same for any adapter (a merge).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,9 +23,14 @@ import torch
 
 from .adapter import LoRAAdapter, LoRALayer, check_alpha, lora_scaling
 from .errors import VLoRAError, short_list
-from .io.outputs import check_export_root, check_export_target
+from .io import gguf_files
+from .io.outputs import check_export_file, check_export_root, check_export_target
 from .io.peft_files import load_adapter, save_adapter
 from .quality import delta_w_gap
+from .serving import cap_rank
+
+EXPORT_FORMATS = ("peft", "gguf")  # a PEFT folder, or one llama.cpp .gguf file
+GGUF_SUFFIX = ".gguf"
 
 if TYPE_CHECKING:  # annotations only: the container imports this module
     from .subspace import SharedSubspace
@@ -165,3 +176,132 @@ def folder_names(task_ids: list[str]) -> dict[str, str]:
         names[task_id] = name
         taken.add(name)
     return names
+
+
+# ---- for serving engines: a rank cap, a llama.cpp file ---------------------------------------------------------
+@dataclass(frozen=True)
+class ServingExport:
+    task_id: str
+    path: Path  # the folder (peft) or file (gguf) written
+    format: str  # one of EXPORT_FORMATS
+    max_rank: int | None  # the cap asked for (None: none)
+    ranks: dict[str, int]  # each layer's rank as written
+    layer_errors: dict[str, float]  # the cap's exact relative ΔW error per layer (0: kept whole)
+    error: float  # the task's: sqrt(Σ tail²) / sqrt(Σ ‖ΔW‖²)
+
+
+def export_serving(
+    subspace: SharedSubspace,
+    task_id: str,
+    out: str | Path,
+    *,
+    max_rank: int | None = None,
+    format: str = "peft",
+    base_config: dict | None = None,
+    dtype: str = "f32",
+    force: bool = False,
+    **overrides,
+) -> ServingExport:
+    """Write ``task_id`` for a serving engine: every layer at rank <= ``max_rank`` by its SVD (the optimal
+    rank-R ΔW; layers within the cap kept exactly), as a PEFT folder or a llama.cpp GGUF file.
+
+    Args:
+        max_rank: the cap (e.g. vLLM's --max-lora-rank, 16 by default); None: every layer at its own rank.
+        format: "peft" (a folder, checked with ``serving.check_vllm`` conventions: scaling 1 where capped) or
+            "gguf" (one file; ``base_config`` is then the base model's config.json, see ``io.gguf_files``).
+        dtype: the GGUF tensors' dtype, "f32" or "f16".
+        force, overrides: as for ``export_task`` (alpha, base_model, target_modules).
+
+    Returns:
+        A ``ServingExport`` with the path and the cap's exact truncation error.
+
+    Example:
+        >>> export_serving(store, "pirate", "pirate-r4", max_rank=4).error
+    """
+    if format not in EXPORT_FORMATS:
+        raise VLoRAError(f"--format {format!r} is unknown; choose one of: {', '.join(EXPORT_FORMATS)}.")
+    adapter = task_adapter(subspace, task_id, **overrides)
+    if max_rank is not None:
+        capped = cap_rank(adapter, max_rank)
+        adapter, layer_errors, error = capped.adapter, capped.layer_errors, capped.error
+    else:
+        layer_errors, error = dict.fromkeys(adapter.layers, 0.0), 0.0
+    if format == "gguf":
+        if base_config is None:
+            raise VLoRAError("--format gguf needs the base model's config (--model SRC: bundled, a folder, org/name).")
+        path = save_gguf_checked(adapter, out, base_config, dtype=dtype, force=force)
+    else:
+        path = save_checked(adapter, out, force=force)
+    return ServingExport(task_id, path, format, max_rank, adapter.ranks, layer_errors, error)
+
+
+def export_all_serving(
+    subspace: SharedSubspace, out: str | Path, *, format: str = "peft", force: bool = False, **options
+) -> dict[str, ServingExport]:
+    """Every task under ``out`` (a folder each, or ``<task>.gguf`` each), every target checked before the first
+    is written, as ``export_all`` does; options as for ``export_serving``."""
+    names = folder_names(subspace.task_ids)
+    suffix = GGUF_SUFFIX if format == "gguf" else ""
+    targets = {task_id: Path(out) / (names[task_id] + suffix) for task_id in subspace.task_ids}
+    check_export_root(out)
+    for target in targets.values():
+        if format == "gguf":
+            check_export_file(target, force, gguf_files.is_vlora_gguf)
+        else:
+            check_export_target(target, force)
+    return {
+        task_id: export_serving(subspace, task_id, target, format=format, force=force, **options)
+        for task_id, target in targets.items()
+    }
+
+
+def save_checked(adapter: LoRAAdapter, out: str | Path, *, force: bool = False) -> Path:
+    """``save_adapter`` with the read-back check: the folder's ΔW, read with ``load_adapter``, must equal
+    ``adapter``'s layer by layer within ``export_tolerance``, or nothing is published."""
+
+    def check(folder: Path) -> None:
+        try:
+            written = load_adapter(folder, adapter.name)
+        except VLoRAError as error:
+            message = f"{out}: the adapter written does not read back: {error}".replace(str(folder), str(out))
+            raise VLoRAError(message) from None
+        _check_same_delta(adapter, written.layers, out)
+
+    return save_adapter(adapter, out, check=check, force=force)
+
+
+def save_gguf_checked(adapter: LoRAAdapter, out: str | Path, base_config: dict, **options) -> Path:
+    """``io.gguf_files.save_gguf_adapter`` with the read-back check: the file, read with ``gguf.GGUFReader`` and
+    mapped back to the model's modules, must apply ``adapter``'s ΔW within the tolerance of its dtype."""
+
+    def check(file: Path, target: gguf_files.GGUFTarget) -> None:
+        layers = gguf_files.hf_layers(gguf_files.load_gguf_adapter(file), target)
+        _check_same_delta(adapter, layers, out, torch.float16 if options.get("dtype") == "f16" else None)
+
+    return gguf_files.save_gguf_adapter(adapter, out, base_config, check=check, **options)
+
+
+def _check_same_delta(
+    adapter: LoRAAdapter, written: dict[str, LoRALayer], out: str | Path, dtype: torch.dtype | None = None
+) -> None:
+    """Each layer's ΔW as written against ``adapter``'s, within ``export_tolerance`` of the dtype written
+    (``dtype``, else the written tensors')."""
+    if set(written) != set(adapter.layers):
+        raise VLoRAError(
+            f"{out}: the adapter written holds other layers than {adapter.describe()}; nothing was written."
+        )
+    worst, where, written_dtype = 0.0, "", torch.float32
+    for name, layer in adapter.layers.items():
+        got = written[name]
+        written_dtype = dtype or got.A.dtype
+        want = ((layer.A.double().T * layer.scaling)[None], layer.B.double()[None])  # F_A (1, d_in, r), F_B
+        have = ((got.A.double().T * got.scaling)[None], got.B.double()[None])
+        error = delta_w_gap(want, have).item()
+        if not error <= worst:
+            worst, where = error, name
+    tolerance = export_tolerance(written_dtype)
+    if not worst <= tolerance:
+        raise VLoRAError(
+            f"{out}: the written ΔW of {where} differs from {adapter.describe()}'s by {worst:.3g} (relative; "
+            f"{str(written_dtype).removeprefix('torch.')} allows {tolerance:.2g}); nothing was written — report this as a bug."
+        )

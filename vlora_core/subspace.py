@@ -7,6 +7,7 @@ modules the data flows through, which this class only calls:
     compress            adapters -> bases + loadings (fit, cut to k, add later, stream)
     io/store_files      the store on disk
     export              a task -> PEFT factors and folder
+    merge               tasks -> one merged task, on ΔW
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from . import compress, export
+from . import compress, export, merge
 from .adapter import LoRAAdapter
 from .basis import Basis
 from .config import DEFAULT_METHOD, DEFAULT_NUM_COMPONENTS, DEFAULT_VARIANCE_THRESHOLD, CompressConfig
 from .errors import TaskError
 from .io import store_files
+from .merge import MergeConfig, MergeResult
 from .methods import get_method
 from .records import Factors, LayerKs, LayerShape, Task, check_task_id
 
@@ -187,6 +189,33 @@ class SharedSubspace:
     ) -> LoRAAdapter:
         """The task as PEFT factors under its own config (or overrides); ΔW is the same for any alpha."""
         return export.task_adapter(self, task_id, alpha=alpha, base_model=base_model, target_modules=target_modules)
+
+    def merge(
+        self,
+        task_ids: list[str],
+        weights: list[float] | None = None,
+        *,
+        config: MergeConfig = MergeConfig(),
+        name: str = "merged",
+        fit_store: bool = False,
+    ) -> MergeResult:
+        """Merge stored tasks into one adapter on their ΔW (``merge.merge_adapters``: linear, cat, ties, dare).
+
+        Args:
+            task_ids: the tasks to merge (``task_ids``).
+            weights: one per task, any sign; None: 1 each.
+            config: method, density, rank and seed.
+            name: the merged task's name.
+            fit_store: write each layer at this store's rank (zero-padded, or cut by the SVD with its exact error
+                reported) whatever ``config.rank`` says: what ``add`` needs to store the merge as a task.
+
+        Example:
+            >>> result = store.merge(["pirate", "shouting"], [1.0, 1.0], config=MergeConfig("ties", density=0.5))
+            >>> store.add(store.merge(["a", "b"], fit_store=True, name="ab").adapter, "ab", incremental=True)
+        """
+        ranks = {layer: shape.rank for layer, shape in self.shapes.items()} if fit_store else None
+        adapters = [self.to_adapter(task_id) for task_id in task_ids]
+        return merge.merge_adapters(adapters, weights, config=config, name=name, ranks=ranks)
 
     # ---- adding tasks -----------------------------------------------------------------------------
     def project(self, adapter: LoRAAdapter, task_id: str | None = None) -> Task:

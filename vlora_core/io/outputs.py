@@ -2,8 +2,9 @@
 
 An exported adapter folder is recognised by the mark ``save_adapter`` puts in its weights' safetensors
 metadata ("producer": "vlora-export/1") and by holding nothing but the two PEFT files (and leftovers of an
-interrupted write). A target is refused when it is a file, a store or a folder inside one, or a non-empty
-folder that is not such an export; an export is replaced only when asked (``force``, CLI ``--force``).
+interrupted write); a one-file export (a llama.cpp .gguf adapter) by the same mark in its own metadata. A
+target is refused when it is a file, a store or a folder inside one, or a non-empty folder that is not such an
+export; an export is replaced only when asked (``force``, CLI ``--force``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,24 @@ def check_export_target(path: str | Path, force: bool = False) -> None:
             f"{target}: already holds a vlora export; pass --force (force=True) to replace it, "
             "or choose another folder."
         )
+
+
+def check_export_file(path: str | Path, force: bool, is_ours) -> None:
+    """Raise a StoreError unless a one-file export (a .gguf adapter) may be written at ``path``: new, or (with
+    ``force``) a file ``is_ours(path)`` recognises as vlora's; never a folder, a link, or a path inside a store."""
+    target = Path(path)
+    _check_outside_stores(target)
+    if not (target.exists() or target.is_symlink()):
+        return
+    if target.is_symlink() or not target.is_file():
+        raise StoreError(f"{target}: exists and is not a plain file; choose a new file name to export into.")
+    if not is_ours(target):
+        raise StoreError(
+            f"{target}: exists and was not written by vlora export; refusing to replace it — choose a new file "
+            "name (or remove it yourself)."
+        )
+    if not force:
+        raise StoreError(f"{target}: already holds a vlora export; pass --force (force=True) to replace it.")
 
 
 def check_export_root(path: str | Path) -> None:

@@ -70,24 +70,36 @@ def read_adapter_size(path: str | Path) -> AdapterSize:
 
     No tensor data is read (safetensors keeps shapes in its header; a legacy .bin is memory-mapped), so
     a workbench can refuse an adapter over its limits before the work of loading it."""
+    return size_from_shapes(weight_shapes(path) or {})
+
+
+def weight_shapes(
+    path: str | Path, names: tuple[str, ...] = (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_LEGACY)
+) -> dict[str, tuple[int, ...]] | None:
+    """{tensor key: shape} of the first of ``names`` the folder holds, keys exactly as written (no adapter name
+    taken out, nothing checked); None when it holds none of them. Only headers are read: a safetensors file's,
+    or a torch file memory-mapped (an old non-zip one is read whole)."""
     folder = Path(path)
-    weights, legacy = folder / ADAPTER_WEIGHTS, folder / ADAPTER_WEIGHTS_LEGACY
-    if weights.is_file():
+    for name in names:
+        file = folder / name
+        if not file.is_file():
+            continue
+        if name == ADAPTER_WEIGHTS:
+            try:
+                with safe_open(file, framework="pt") as f:
+                    return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            except (SafetensorError, OSError, ValueError) as error:
+                raise AdapterError(
+                    f"{file}: not a readable safetensors file ({error}); it may be truncated — copy it again."
+                ) from None
         try:
-            with safe_open(weights, framework="pt") as f:
-                return size_from_shapes({key: f.get_slice(key).get_shape() for key in f.keys()})
-        except (SafetensorError, OSError, ValueError) as error:
-            raise AdapterError(
-                f"{weights}: not a readable safetensors file ({error}); it may be truncated — copy it again."
-            ) from None
-    if legacy.is_file():
-        try:
-            state = torch.load(legacy, map_location="cpu", weights_only=True, mmap=True)
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):
-            state = _read_weights(folder)  # an old (non-zip) torch file cannot be mapped: read it
-        if isinstance(state, dict):
-            return size_from_shapes({k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)})
-    return size_from_shapes({})
+            state = _read_torch_file(file)  # an old (non-zip) torch file cannot be mapped: read it
+        if not isinstance(state, dict):
+            raise AdapterError(f"{file}: holds a {type(state).__name__}, not a state dict of tensors.")
+        return {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
+    return None
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -100,17 +112,21 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
                 f"{weights}: not a readable safetensors file ({error}); it may be truncated — copy it again."
             ) from None
     if legacy.is_file():
-        try:
-            state = torch.load(legacy, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
-            raise AdapterError(
-                f"{legacy}: cannot be read safely as tensors ({str(error).splitlines()[0]}); "
-                "re-save the adapter with safetensors."
-            ) from None
+        state = _read_torch_file(legacy)
         if not isinstance(state, dict):
             raise AdapterError(f"{legacy}: holds a {type(state).__name__}, not a state dict of tensors.")
         return state
     raise AdapterError(f"{folder}: no {ADAPTER_WEIGHTS} (or legacy {ADAPTER_WEIGHTS_LEGACY}) in this folder.")
+
+
+def _read_torch_file(file: Path):
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        raise AdapterError(
+            f"{file}: cannot be read safely as tensors ({str(error).splitlines()[0]}); "
+            "re-save the adapter with safetensors."
+        ) from None
 
 
 def save_adapter(
