@@ -219,6 +219,44 @@ def test_export_gives_peft_folders_and_the_store(client, adapters_zip, tmp_path,
             assert torch.allclose(exported(input_ids).logits, served(input_ids).logits, atol=1e-5)
 
 
+def test_merge_downloads_the_exact_weighted_sum_and_ab_tests_it(
+    client, adapters_zip, adapter_dirs, tmp_path, tiny_model_dir
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    client.predict(handle_file(adapters_zip), api_name="/load_adapters")
+    merged_zip, numbers, status = client.predict(
+        ["qa", "sentiment"], "0.5, -1", "linear", 0.5, 0, "qs", api_name="/merge"
+    )
+    assert numbers["tasks"] == {"qa": 0.5, "sentiment": -1.0} and numbers["error"] < 1e-6
+    assert "Merged (linear) qa × 0.5, sentiment × -1 into 'qs'" in status
+    with zipfile.ZipFile(merged_zip) as zf:
+        zf.extractall(tmp_path / "merge")
+    merged = load_adapter(tmp_path / "merge" / "qs")
+    qa, sentiment = (load_adapter(adapter_dirs[TASKS.index(t)]) for t in ("qa", "sentiment"))
+    for name, layer in merged.layers.items():
+        want = 0.5 * qa.layers[name].delta_weight() - sentiment.layers[name].delta_weight()
+        assert ((layer.delta_weight() - want).norm() / want.norm()).item() < 1e-5
+    prompt = "Tell me about the moon."
+    table, status = client.predict("", prompt, 12, api_name="/merge_ab")
+    assert table["headers"] == ["adapter", "output", "tokens/s"]
+    assert [row[0] for row in table["data"]] == ["merge: qs", "qa", "sentiment"]
+    _, tokenizer = get_base_model(str(tiny_model_dir))
+    text = chat_prompt(tokenizer, prompt)
+    for row, folder in zip(
+        table["data"], [tmp_path / "merge" / "qs", *(adapter_dirs[TASKS.index(t)] for t in ("qa", "sentiment"))]
+    ):
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(folder))
+        assert row[1] == generate_text(peft_model.eval(), tokenizer, text, 12)
+    capped_zip, numbers, _ = client.predict(["qa", "sentiment"], "", "ties", 0.5, 1, "t1", api_name="/merge")
+    assert numbers["ranks"] == [1] and 0 < numbers["error"] < 1
+    with pytest.raises(AppError, match="2 numbers for 3 tasks"):
+        client.predict(["qa", "sentiment", "translation"], "1, 2", "linear", 0.5, 0, "x", api_name="/merge")
+    with pytest.raises(AppError, match="unknown task 'nope'"):
+        client.predict(["nope"], "", "linear", 0.5, 0, "x", api_name="/merge")
+
+
 # ---- untrusted uploads ----------------------------------------------------------------------------
 def _evil_zip(path: Path, kind: str, adapter_dir: Path) -> Path:
     with zipfile.ZipFile(path, "w") as zf:

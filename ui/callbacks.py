@@ -16,12 +16,13 @@ import pandas as pd
 
 from vlora_core.base_model import BUNDLED, get_base_model
 from vlora_core.config import CompressConfig
+from vlora_core.merge import MergeConfig
 
 from . import plots
 from .errors import user_errors
 from .session import Sessions
 from .settings import AppSettings
-from .workbench import BASE_CHOICE, AdapterRow, KReport, Loaded, Workbench
+from .workbench import BASE_CHOICE, AdapterRow, KReport, Loaded, Workbench, parse_weights
 
 try:  # ZeroGPU on a Space; elsewhere the decorator changes nothing
     from spaces import GPU
@@ -32,6 +33,7 @@ except ImportError:
 
 
 TABLE_COLUMNS = ["task id", "rank", "alpha", "target modules", "layers", "size", "problem"]
+MERGE_AB_COLUMNS = ["adapter", "output", "tokens/s"]
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
@@ -281,6 +283,62 @@ class Callbacks:
             "use the download buttons.",
         )
 
+    @user_errors
+    def merge(
+        self,
+        task_ids: list[str] | None,
+        weights: str,
+        method: str,
+        density: float,
+        rank: float | None,
+        name: str,
+        request: gr.Request,
+        progress=gr.Progress(track_tqdm=True),
+    ):
+        """Merge the chosen tasks (all when none) on ΔW, as ``vlora merge`` does. Returns (merged adapter zip,
+        numbers, status)."""
+        with self.sessions.open(request) as bench:
+            ids = list(dict.fromkeys(task_ids or bench.adapters))
+            config = MergeConfig(method, float(density), _whole(rank) or None)
+            merged = bench.merge(ids, parse_weights(weights, len(ids)), config, name)
+        result = merged.result
+        numbers_ = {
+            "name": merged.name,
+            "method": result.method,
+            "tasks": dict(zip(merged.task_ids, merged.weights)),
+            "ranks": sorted(set(result.adapter.ranks.values())),
+            "error": result.error,  # exact: the merged ΔW's relative distance from the uncut merge
+            "layer_errors": result.layer_errors,
+        }
+        parts = ", ".join(f"{t} × {w:g}" for t, w in zip(merged.task_ids, merged.weights))
+        return (
+            str(merged.zip_path),
+            numbers_,
+            f"Merged ({result.method}) {parts} into {merged.name!r}: ΔW relative error {result.error:.2%} against "
+            "the exact merge — use the download button, or A/B it against its parts.",
+        )
+
+    @user_errors
+    def merge_ab(
+        self,
+        source: str,
+        prompt: str,
+        max_new_tokens: float,
+        request: gr.Request,
+        progress=gr.Progress(track_tqdm=True),
+    ):
+        """The latest merge and each of its parts on one prompt. Returns (outputs table, status)."""
+        source = self._model_source(source)
+        with self.sessions.open(request) as bench:
+            new_tokens = bench.check_request(prompt or "", max_new_tokens)
+        progress(0, desc=f"loading {source}")
+        model, tokenizer = get_base_model(source)
+        progress(0.5, desc="generating")
+        with self.sessions.open(request) as bench:
+            runs = _merge_generate(bench, model, tokenizer, prompt or "", new_tokens)
+        rows = [[r.choice, r.text, round(r.tokens_per_s, 1)] for r in runs]
+        return pd.DataFrame(rows, columns=MERGE_AB_COLUMNS), f"Merge A/B done on {source}: {len(runs)} outputs."
+
     # ---- the session's end ------------------------------------------------------------------------
     def end_session(self, request: gr.Request) -> None:
         self.sessions.close(request)
@@ -289,6 +347,11 @@ class Callbacks:
 @GPU(duration=120)
 def _generate(bench: Workbench, model, tokenizer, prompt: str, choices: list[str], max_new_tokens: int):
     return bench.ab_test(model, tokenizer, prompt, choices, max_new_tokens)
+
+
+@GPU(duration=120)
+def _merge_generate(bench: Workbench, model, tokenizer, prompt: str, max_new_tokens: int):
+    return bench.merge_ab(model, tokenizer, prompt, max_new_tokens)
 
 
 def adapter_table(rows: list[AdapterRow]) -> pd.DataFrame:

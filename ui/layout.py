@@ -1,7 +1,7 @@
 """The workbench page: four tabs (adapters, k, A/B test, export), a status line, and the events wiring them.
 
 Named API endpoints (for gradio_client): load_adapters, load_folder, load_path, load_demo, remove_adapters,
-compress, load_model, ab_test, export. Follow-up steps (refreshing dropdowns, the k slider's range) are private.
+compress, load_model, ab_test, export, merge, merge_ab. Follow-up steps (refreshing dropdowns, the k slider's range) are private.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from gradio.utils import get_upload_folder
 
 from vlora_core.base_model import DEFAULT_MAX_NEW_TOKENS
 from vlora_core.config import DEFAULT_METHOD, DEFAULT_NUM_COMPONENTS, DEFAULT_VARIANCE_THRESHOLD
+from vlora_core.merge import METHODS as MERGE_METHODS
+from vlora_core.merge import MergeConfig
 from vlora_core.methods import METHODS
 
 from .callbacks import Callbacks
@@ -231,8 +233,55 @@ def _export_tab() -> dict:
         with gr.Row():
             adapters_zip = gr.DownloadButton("Download PEFT adapters (zip)", elem_id="download-adapters")
             store_zip = gr.DownloadButton("Download the vlora store (zip)", elem_id="download-store")
+        merge = _merge_section()
     return dict(
-        tasks=tasks, alpha=alpha, base_model=base_model, run=run, adapters_zip=adapters_zip, store_zip=store_zip
+        tasks=tasks,
+        alpha=alpha,
+        base_model=base_model,
+        run=run,
+        adapters_zip=adapters_zip,
+        store_zip=store_zip,
+        **merge,
+    )
+
+
+def _merge_section() -> dict:
+    """Merging the tasks chosen above into one adapter, on ΔW (``vlora merge``), and its A/B against its parts."""
+    gr.Markdown(
+        "### Merge tasks into one adapter\nThe tasks chosen above (none: all), merged on what they do, "
+        "ΔW = scaling·B·A, from the adapters as loaded: *linear* Σ wᵢ·ΔWᵢ and *cat* (exact), *ties* and *dare* "
+        "(their papers, on ΔW). A rank cuts each layer by its SVD; the error shown is exact."
+    )
+    with gr.Row():
+        weights = gr.Textbox(
+            label="Weights, one per task in order (blank: 1 each)", placeholder="1, -0.5", elem_id="merge-weights"
+        )
+        method = gr.Radio(list(MERGE_METHODS), value=MergeConfig.method, label="Method", elem_id="merge-method")
+        density = gr.Slider(
+            0.05, 1.0, value=MergeConfig.density, step=0.05, label="Density (ties, dare)", elem_id="merge-density"
+        )
+        rank = gr.Number(0, label="Rank (0: the method's own)", precision=0, minimum=0, elem_id="merge-rank")
+        name = gr.Textbox("merged", label="Name of the merge", elem_id="merge-name")
+    with gr.Row():
+        merge = gr.Button("Merge", variant="primary", elem_id="run-merge")
+        merge_zip = gr.DownloadButton("Download the merged adapter (zip)", elem_id="download-merge")
+    with gr.Accordion("Merge numbers", open=False):
+        merge_numbers = gr.JSON(label="merge", elem_id="merge-numbers")
+    merge_prompt = gr.Textbox(FALLBACK_PROMPTS[0], label="Prompt", elem_id="merge-prompt")
+    merge_ab = gr.Button("A/B the merge against its parts (A/B tab's base model)", elem_id="run-merge-ab")
+    merge_outputs = gr.Dataframe(label="Merge and parts", interactive=False, wrap=True, elem_id="merge-outputs")
+    return dict(
+        merge_weights=weights,
+        merge_method=method,
+        merge_density=density,
+        merge_rank=rank,
+        merge_name=name,
+        merge=merge,
+        merge_zip=merge_zip,
+        merge_numbers=merge_numbers,
+        merge_prompt=merge_prompt,
+        merge_ab=merge_ab,
+        merge_outputs=merge_outputs,
     )
 
 
@@ -295,4 +344,18 @@ def _wire(calls: Callbacks, settings: AppSettings, status, tabs, a: dict, k: dic
         [ex["adapters_zip"], ex["store_zip"], status],
         api_name="export",
         **heavy,
+    )
+    ex["merge"].click(
+        calls.merge,
+        [ex["tasks"], ex["merge_weights"], ex["merge_method"], ex["merge_density"], ex["merge_rank"], ex["merge_name"]],
+        [ex["merge_zip"], ex["merge_numbers"], status],
+        api_name="merge",
+        **heavy,
+    )
+    ex["merge_ab"].click(
+        calls.merge_ab,
+        [ab["source"], ex["merge_prompt"], ab["max_new_tokens"]],
+        [ex["merge_outputs"], status],
+        api_name="merge_ab",
+        concurrency_id=BASE_MODEL_QUEUE,
     )

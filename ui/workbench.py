@@ -34,12 +34,14 @@ from tqdm.auto import tqdm
 from vlora_core import quality
 from vlora_core.adapter import AdapterSize, LoRAAdapter
 from vlora_core.base_model import chat_prompt, generate_text
+from vlora_core.behaviour import aligned
 from vlora_core.compress import compatibility_problems
 from vlora_core.config import CompressConfig
 from vlora_core.errors import AdapterError, TaskError, VLoRAError, short_list
-from vlora_core.export import export_task, folder_names
+from vlora_core.export import export_task, folder_names, save_checked
 from vlora_core.io import archive
 from vlora_core.io.peft_files import folder_task_id, load_adapter, read_adapter_size
+from vlora_core.merge import MergeConfig, MergeResult, merge_adapters
 from vlora_core.model import VLoRAModel
 from vlora_core.records import check_task_id
 from vlora_core.subspace import SharedSubspace
@@ -48,6 +50,8 @@ from .settings import AppSettings
 
 ADAPTERS_ZIP = "vlora-adapters.zip"
 STORE_ZIP = "vlora-store.zip"
+MERGE_ZIP = "vlora-merge.zip"
+MERGE_CHOICE = "merge"  # the merge's name among its parts in the merge A/B
 SWEEP_EVERY_K_UP_TO = 32  # the sweep holds every k up to here (a slider move is a look-up), then k_grid's steps
 BASE_CHOICE = "base model"
 # A/B choices besides the base model: "<kind>: <task id>"; each kind names the subspace the task comes from.
@@ -119,6 +123,18 @@ class Exported:
 
 
 @dataclass(frozen=True)
+class Merged:
+    zip_path: Path  # the merged adapter as a PEFT folder, zipped
+    result: MergeResult  # the adapter, and its exact ΔW error against the uncut merge
+    task_ids: list[str]  # the parts, in order
+    weights: list[float]
+
+    @property
+    def name(self) -> str:
+        return self.result.adapter.name
+
+
+@dataclass(frozen=True)
 class Generation:
     choice: str
     text: str
@@ -162,6 +178,8 @@ class Workbench:
         self._decompositions: dict[str, _Decomposition] = {}  # method -> full decomposition and sweep
         self._measured = False  # the view's per-task quality is filled in
         self._counter = 0
+        self.merged: Merged | None = None  # the latest merge, for its A/B against its parts
+        self._downloads: dict[str, Path] = {}  # kind ("export", "merge") -> the folder of its latest zips
 
     # ---- bringing adapters ------------------------------------------------------------------------
     def add_archive(self, zip_path: str | Path, label: str | None = None) -> Loaded:
@@ -406,14 +424,65 @@ class Workbench:
         except BaseException:
             shutil.rmtree(zips, ignore_errors=True)
             raise
-        for old in (p for p in self.downloads.iterdir() if p != zips):
-            shutil.rmtree(old, ignore_errors=True)
+        self._replace_download("export", zips)
         return Exported(adapters_zip, store_zip, ids, self.config)
+
+    def _replace_download(self, kind: str, folder: Path) -> None:
+        """Keep only the latest zips of each kind: an export and a merge do not remove each other's."""
+        old = self._downloads.get(kind)
+        self._downloads[kind] = folder
+        if old is not None and old != folder:
+            shutil.rmtree(old, ignore_errors=True)
 
     def _current_view(self) -> SharedSubspace:
         if self.view is None:
             self.report(CompressConfig())
         return self.view
+
+    # ---- merging ----------------------------------------------------------------------------------
+    def merge(
+        self,
+        task_ids: list[str] | None,
+        weights: list[float] | None = None,
+        config: MergeConfig = MergeConfig(),
+        name: str = "merged",
+    ) -> Merged:
+        """Merge loaded adapters (default all; their original ΔW, not the compressed one) on ΔW with the core's
+        ``merge_adapters`` (what ``vlora merge`` runs), write the result as a PEFT folder (read back and checked)
+        and zip it for download."""
+        ids = list(dict.fromkeys(task_ids or self.adapters))
+        unknown = [t for t in ids if t not in self.adapters]
+        if unknown:
+            raise TaskError(f"unknown task {unknown[0]!r}; loaded tasks: {short_list(list(self.adapters))}.")
+        name = check_task_id((name or "").strip() or "merged")
+        with self.gate:
+            result = merge_adapters([self.adapters[t] for t in ids], weights, config=config, name=name)
+            zips = self._new_folder(self.downloads)
+            try:
+                with self._scratch("exports") as out:
+                    save_checked(result.adapter, out / "merge" / folder_names([name])[name])
+                    zip_path = archive.make_zip(out / "merge", zips / MERGE_ZIP)
+            except BaseException:
+                shutil.rmtree(zips, ignore_errors=True)
+                raise
+        self._replace_download("merge", zips)
+        self.merged = Merged(zip_path, result, ids, list(weights) if weights else [1.0] * len(ids))
+        return self.merged
+
+    def merge_ab(self, base_model, tokenizer, prompt: str, max_new_tokens: int) -> list[Generation]:
+        """The latest merge and each of its parts on one prompt, on the shared base model: one generation each,
+        the merge first. Parts and merge are held on one basis (padded to one rank per layer: exact ΔW)."""
+        if self.merged is None:
+            raise VLoRAError("nothing merged yet; pick tasks and weights and press Merge first.")
+        max_new_tokens = self.check_request(prompt, max_new_tokens)
+        parts = [t for t in self.merged.task_ids if t in self.adapters]
+        choices = [f"{MERGE_CHOICE}: {self.merged.name}", *parts]
+        adapters = [self.merged.result.adapter, *(self.adapters[t] for t in parts)]
+        with self.gate:
+            subspace = SharedSubspace.decompose(aligned(adapters), choices)
+        text = chat_prompt(tokenizer, prompt)
+        with attached(base_model, subspace) as model:
+            return [_generate(model, tokenizer, choice, text, max_new_tokens) for choice in choices]
 
     # ---- A/B testing ------------------------------------------------------------------------------
     def choices(self) -> list[str]:
@@ -498,6 +567,25 @@ def parse_choice(choice: str, task_ids: list[str]) -> tuple[str, str | None]:
     if task_id not in task_ids:
         raise TaskError(f"unknown task {task_id!r}; loaded tasks: {', '.join(map(repr, task_ids)) or 'none'}.")
     return kind, task_id
+
+
+def parse_weights(text: str | None, count: int) -> list[float] | None:
+    """'0.7, -0.3' -> [0.7, -0.3] for ``count`` tasks; blank -> None (1 each). Anything else raises."""
+    parts = [p for p in (text or "").replace(";", ",").split(",") if p.strip()]
+    if not parts:
+        return None
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        raise VLoRAError(
+            f"merge weights {text!r}: write numbers separated by commas, one per task in order (e.g. 1, -0.5)."
+        ) from None
+    if len(weights) != count:
+        raise VLoRAError(
+            f"merge weights: {len(weights)} numbers for {count} tasks; give one per task, in the order chosen "
+            "(blank: 1 each)."
+        )
+    return weights
 
 
 @contextmanager
