@@ -5,10 +5,13 @@ F_B = U·S^½, see ``gauge`` — is cut into vectors by the method, and the vect
 fitted with one thin SVD:
 
     vectors   (N, g, D)   g vectors of length D per task
-    basis     mean (D,) or None, components (k, D) with orthonormal rows, spectrum (m,) all singular values
+    basis     mean (D,) or None, components (k, D) with orthonormal rows, spectrum (m,) the singular values
+              formed (all of them, or the first k for a fixed k), energy Σ s² of the whole spectrum
     loadings  (N, g, k)   vectors ≈ mean + loadings @ components
 
-How a factor is cut into vectors is the method's business (``methods``: flat, rank).
+How a factor is cut into vectors is the method's business (``methods``: flat, rank). A fixed k well below
+the data's size is fitted by ``krylov.top_svd`` (the first k directions only, and the energy, so variance
+explained stays exact); otherwise, and for every direction, by ``_thin_svd``.
 """
 
 from __future__ import annotations
@@ -17,18 +20,26 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import krylov
+
 
 @dataclass(frozen=True)
 class Basis:
     """One layer side's shared directions: ``reconstruct(basis, loadings)`` gives every task's vectors back."""
 
     components: torch.Tensor  # (k, D), orthonormal rows, by decreasing singular value
-    spectrum: torch.Tensor  # (m,) every singular value of the fitted (centred) data, descending
+    spectrum: torch.Tensor  # (m',) the leading singular values of the fitted (centred) data (m' ≥ k), descending
     mean: torch.Tensor | None = None  # (D,) for centring methods
+    energy: float | None = None  # Σ s² over the whole spectrum; None: the spectrum is whole, energy its sum
 
     @property
     def k(self) -> int:
         return self.components.shape[0]
+
+    @property
+    def total_energy(self) -> float:
+        """The fitted data's (centred) energy, Σ s² over every singular value, formed or not."""
+        return float(self.spectrum.double().pow(2).sum()) if self.energy is None else self.energy
 
     def truncate(self, k: int, copy: bool = False) -> Basis:
         """The first k directions: a view of this basis's, or a copy that lets the rest be freed."""
@@ -38,14 +49,13 @@ class Basis:
     def to(self, device: str | torch.device) -> Basis:
         """The same basis on ``device``."""
         mean = None if self.mean is None else self.mean.to(device)
-        return Basis(self.components.to(device), self.spectrum.to(device), mean)
+        return Basis(self.components.to(device), self.spectrum.to(device), mean, self.energy)
 
     def variance_explained(self, k: int | None = None) -> float:
         """Share of the data's (centred) energy that the first k directions carry."""
-        energy = self.spectrum.double() ** 2
-        total = energy.sum().item()
+        total = self.total_energy
         k = self.k if k is None else k
-        return 1.0 if total == 0 else energy[:k].sum().item() / total
+        return 1.0 if total == 0 else min(1.0, (self.spectrum.double()[:k] ** 2).sum().item() / total)
 
 
 def max_components(num_vectors: int, dim: int, centre: bool) -> int:
@@ -69,9 +79,23 @@ def fit_many(
     """
     L, N, g, D = vectors.shape
     X = vectors.reshape(L, N * g, D).float()
+    if (
+        max_k is not None
+        and 0 < max_k < max_components(N * g, D, centre)
+        and krylov.cheaper_than_dense(N * g, D, max_k)
+    ):
+        return _fit_top(X, N, g, centre, max_k, rtol)
+    return _fit_dense(X, N, g, centre, rtol, max_k)
+
+
+def _fit_dense(
+    X: torch.Tensor, N: int, g: int, centre: bool, rtol: float, max_k: int | None
+) -> list[tuple[Basis, torch.Tensor]]:
+    """``fit_many`` by ``_thin_svd`` of X (L, N·g, D): the whole spectrum, at most ``max_k`` directions."""
+    L, _, D = X.shape
+    m = max_components(N * g, D, centre)
     mean = X.mean(dim=1, keepdim=True) if centre else None  # (L, 1, D)
     U, S, Vh = _thin_svd(X, centred=centre, top=max_k)  # (L, N·g, k'), (L, m), (L, k', D)
-    m = max_components(N * g, D, centre)
     out = []
     for i in range(L):
         largest = S[i, 0] if m else 0
@@ -82,6 +106,27 @@ def fit_many(
             mean=None if mean is None else mean[i, 0],
         )
         out.append((basis, (U[i, :, :kept] * S[i, :kept]).reshape(N, g, kept)))
+    return out
+
+
+def _fit_top(X: torch.Tensor, N: int, g: int, centre: bool, k: int, rtol: float) -> list[tuple[Basis, torch.Tensor]]:
+    """``fit_many`` of the first k directions by ``krylov.top_svd``; layers it leaves go the dense way."""
+    top = krylov.top_svd(X, k, centred=centre)
+    mean = X.mean(dim=1) if centre else None  # (L, D)
+    out = []
+    for i in range(X.shape[0]):
+        if not top.converged[i]:
+            out += _fit_dense(X[i : i + 1], N, g, centre, rtol, k)
+            continue
+        S = top.S[i]
+        kept = int((S > rtol * S[0]).sum()) if S.numel() and S[0] > 0 else 0
+        basis = Basis(
+            components=top.Vh[i, :kept].contiguous(),
+            spectrum=S.contiguous(),
+            mean=None if mean is None else mean[i],
+            energy=float(top.energy[i]),
+        )
+        out.append((basis, top.loadings[i, :, :kept].reshape(N, g, kept)))
     return out
 
 
@@ -200,7 +245,16 @@ def extend(
     components = Hh[:keep] @ extended
     tail = torch.cat([S[keep:], basis.spectrum[k:]])  # energy no longer (or never) kept stays unexplained
     spectrum = torch.cat([S[:keep], tail.sort(descending=True).values])
-    return Basis(components=components, spectrum=spectrum, mean=mean), (Z @ Hh[:keep].T).reshape(N + c, g, keep)
+    energy = None if basis.energy is None else float(S.double().pow(2).sum()) + unformed_energy(basis)
+    basis = Basis(components=components, spectrum=spectrum, mean=mean, energy=energy)
+    return basis, (Z @ Hh[:keep].T).reshape(N + c, g, keep)
+
+
+def unformed_energy(basis: Basis) -> float:
+    """The energy of the data beyond a basis's k directions that its spectrum does not list (0 if it is whole)."""
+    if basis.energy is None:
+        return 0.0
+    return max(0.0, basis.energy - float(basis.spectrum.double().pow(2).sum()))
 
 
 def _split(x: torch.Tensor, P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .basis import Basis
+from .basis import Basis, unformed_energy
 from .compress import new_task_id
 from .constants import SIDES
 from .errors import TaskError, VLoRAError
@@ -94,8 +94,10 @@ def widen(
     E = torch.cat([P, orthonormal_complement(P, candidates)])  # (k', D)
     Z = X @ E.T  # (N·g, k')
     _, S, Hh = torch.linalg.svd(Z, full_matrices=True)  # rotate to principal axes; Hh (k', k')
-    energy = torch.cat([S, S.new_zeros(len(E) - len(S)), basis.spectrum[k:]])
-    widened = Basis(components=(Hh @ E).contiguous(), spectrum=energy.sort(descending=True).values, mean=mean)
+    values = torch.cat([S, S.new_zeros(len(E) - len(S)), basis.spectrum[k:]])
+    spectrum = values.sort(descending=True).values
+    energy = None if basis.energy is None else float(values.double().pow(2).sum()) + unformed_energy(basis)
+    widened = Basis(components=(Hh @ E).contiguous(), spectrum=spectrum, mean=mean, energy=energy)
     return widened, (Z @ Hh.T).reshape(N, g, -1)
 
 

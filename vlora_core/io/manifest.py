@@ -12,7 +12,7 @@ import json
 import math
 import re
 
-from ..constants import STORE_FORMAT, STORE_FORMAT_VERSION
+from ..constants import READABLE_STORE_VERSIONS, STORE_FORMAT
 from ..errors import StoreError, VLoRAError
 from ..methods import get_method
 from ..records import check_task_id
@@ -51,7 +51,10 @@ def check(manifest: dict, path) -> None:
             raise StoreError(f"{path}: {what}; restore the store from a copy or rebuild it with `vlora compress`.")
 
     need(manifest.get("format") == STORE_FORMAT, "not a vlora store manifest")
-    need(manifest.get("format_version") == STORE_FORMAT_VERSION, f"format_version is not {STORE_FORMAT_VERSION}")
+    need(
+        manifest.get("format_version") in READABLE_STORE_VERSIONS,
+        f"format_version is not one of {', '.join(map(str, READABLE_STORE_VERSIONS))}",
+    )
     try:
         get_method(manifest.get("method"))
     except VLoRAError:

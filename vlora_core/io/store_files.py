@@ -28,7 +28,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from ..basis import Basis
-from ..constants import SIDES, STORE_FORMAT, STORE_FORMAT_VERSION, STORE_LOCK, STORE_MANIFEST
+from ..constants import READABLE_STORE_VERSIONS, SIDES, STORE_FORMAT, STORE_FORMAT_VERSION, STORE_LOCK, STORE_MANIFEST
 from ..errors import StoreError
 from ..methods import get_method
 from ..records import LayerShape, Task
@@ -268,10 +268,10 @@ def read_manifest(folder: Path) -> dict:
         raise StoreError(f"{path}: cannot be read ({error.strerror}); check its permissions and the disk.") from None
     if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
         raise StoreError(f"{path}: not a vlora store manifest; make one with `vlora compress`.")
-    if manifest.get("format_version") != STORE_FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_STORE_VERSIONS:
         raise StoreError(
             f"{path}: store format version {manifest.get('format_version')!r}, this vlora reads "
-            f"version {STORE_FORMAT_VERSION}; upgrade vlora or rebuild the store."
+            f"versions {', '.join(map(str, READABLE_STORE_VERSIONS))}; upgrade vlora or rebuild the store."
         )
     schema.check(schema.unseal(manifest, path), path)
     return manifest
@@ -329,6 +329,8 @@ def _basis_tensors(bases: Bases, names: list[str]) -> dict[str, torch.Tensor]:
             out[f"{i}.{side}.spectrum"] = basis.spectrum.contiguous()
             if basis.mean is not None:
                 out[f"{i}.{side}.mean"] = basis.mean.contiguous()
+            if basis.energy is not None:  # the spectrum lists only the leading values
+                out[f"{i}.{side}.energy"] = torch.tensor([basis.energy], dtype=torch.float64)
     return out
 
 
@@ -366,7 +368,7 @@ def _build(folder: Path, manifest: dict) -> Store:
             )
             spectrum = _tensor(raw, f"{i}.{side}.spectrum", where, lambda t: t.dim() == 1 and bool((t >= 0).all()))
             mean = _tensor(raw, f"{i}.{side}.mean", where, lambda t, D=D: t.shape == (D,)) if method.centre else None
-            bases[name][side] = Basis(components, spectrum, mean)
+            bases[name][side] = Basis(components, spectrum, mean, _energy(raw, f"{i}.{side}.energy", where, spectrum))
             ks[name, side] = (method.vectors_per_factor(d, r), components.shape[0])
     tasks = {}
     for entry in manifest["tasks"]:
@@ -389,6 +391,20 @@ def _build(folder: Path, manifest: dict) -> Store:
             entry["id"], loadings, entry["config"], extras, entry.get("source", ""), entry["dtype"], errors
         )
     return manifest["method"], shapes, bases, tasks, manifest.get("k_requested"), manifest["generation"]
+
+
+def _energy(data: dict, key: str, where: str, spectrum: torch.Tensor) -> float | None:
+    """The whole spectrum's energy where the store lists only leading singular values (None: it lists all)."""
+    t = data.get(key)
+    if t is None:
+        return None
+    listed = float(spectrum.double().pow(2).sum())
+    ok = t.dtype == torch.float64 and t.shape == (1,) and bool(torch.isfinite(t).all())
+    if not ok or not t.item() >= listed * (1 - 1e-6):
+        raise StoreError(
+            f"{where}: tensor {key!r} is not the spectrum's energy (one float64 >= Σ s²); rebuild the store."
+        )
+    return t.item()
 
 
 def _tensor(data: dict, key: str, where: str, fits) -> torch.Tensor:
