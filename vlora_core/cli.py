@@ -17,12 +17,20 @@ from .errors import VLoRAError
 from .export import EXPORT_FORMATS, export_all, export_all_serving, export_serving, export_task, save_checked
 from .io.atomic import disk_problem
 from .io.peft_files import load_adapter
-from .io.store_files import store_lock
+from .io.store_files import disk_bytes, store_lock
 from .merge import METHODS as MERGE_METHODS
 from .merge import MergeConfig, exact_merge
 from .methods import METHODS
+from .precision import FLAGS as PRECISION_FLAGS
+from .precision import PRECISIONS
 from .serving import VLLM_DEFAULT_MAX_LORA_RANK
 from .subspace import DEFAULT_CHUNK, SharedSubspace, stream_compress
+
+DTYPE_HELP = (
+    "storage precision of the basis, means and loadings: "
+    + "; ".join(f"{p.flag}: {p.summary}" for p in PRECISIONS.values())
+    + " (default: bf16 when every adapter is bf16 or fp16, else fp32)"
+)
 
 
 def compress(args) -> None:
@@ -30,7 +38,13 @@ def compress(args) -> None:
         if args.adaptive_k:
             raise VLoRAError("--stream keeps a fixed k; drop --adaptive-k or --stream.")
         subspace = stream_compress(
-            args.adapters, args.task_ids, args.k, method=args.method, chunk=args.stream, progress=True
+            args.adapters,
+            args.task_ids,
+            args.k,
+            method=args.method,
+            chunk=args.stream,
+            progress=True,
+            dtype=args.dtype or "float32",
         )
     else:
         adapters = [load_adapter(path) for path in _progress(args.adapters, "reading adapters")]
@@ -43,16 +57,19 @@ def compress(args) -> None:
             variance_threshold=args.threshold,
             progress=True,
             device=args.device,
+            dtype=args.dtype,
         )
     subspace.save(args.output, force=args.force)
     print(f"stored {len(subspace.tasks)} tasks in {args.output} ({subspace!r})")
     _print_summary(subspace)
+    _print_bytes(subspace, args.output)
 
 
 def info(args) -> None:
     subspace = SharedSubspace.load(args.store)
     if args.json:
         report = {"summary": quality.summary(subspace), "layers": [vars(r) for r in quality.layer_reports(subspace)]}
+        report["storage"] = {"dtype": subspace.dtype, "bytes_on_disk": disk_bytes(args.store)}
         print(json.dumps(_json_safe(report), indent=2, allow_nan=False))
         return
     print(f"{args.store}: {subspace!r}")
@@ -60,11 +77,22 @@ def info(args) -> None:
     for r in quality.layer_reports(subspace):
         print(f"{r.layer[-48:]:<48} {r.k_a:>4} {r.k_b:>4} {r.variance_a:>7.2%} {r.variance_b:>7.2%} {r.error:>8.4f}")
     _print_summary(subspace)
+    _print_bytes(subspace, args.store)
+
+
+def _print_bytes(subspace: SharedSubspace, store) -> None:
+    """The store's precision and its bytes on disk by part."""
+    parts = disk_bytes(store)
+    print(
+        f"stored in {subspace.dtype}: {sum(parts.values()):,} bytes on disk — basis {parts['basis']:,}, "
+        f"tasks {parts['tasks']:,} ({len(subspace.tasks)} files), manifest {parts['manifest']:,}"
+    )
 
 
 def export(args) -> None:
     subspace = SharedSubspace.load(args.store)
     overrides = dict(alpha=args.alpha, base_model=args.base_model, target_modules=args.target_modules, force=args.force)
+    overrides["dtype"] = args.dtype
     if args.all == (args.task is not None):
         raise VLoRAError("give either a TASK or --all (not both); `vlora info STORE` lists the tasks.")
     if args.max_rank is None and args.format == "peft":
@@ -192,6 +220,8 @@ def add(args) -> None:
     adapter = load_adapter(args.adapter)
     with store_lock(args.store):  # load, add and save as one step: a concurrent add waits, no task is lost
         subspace = SharedSubspace.load(args.store)
+        if args.dtype:  # the whole store moves to this precision
+            subspace.set_dtype(args.dtype)
         task = subspace.add(adapter, args.task_id, incremental=args.incremental)
         subspace.save(args.store)
     error = quality.task_errors(subspace)[task.id]
@@ -260,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", help="where the SVDs run, e.g. cuda (default: the CPU); results equal within fp32 rounding"
     )
+    p.add_argument("--dtype", choices=list(PRECISION_FLAGS), help=DTYPE_HELP)
     p.add_argument(
         "--stream",
         type=int,
@@ -285,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, help="lora_alpha to write (factors are rescaled so ΔW is unchanged)")
     p.add_argument("--base-model", help="base_model_name_or_path to write")
     p.add_argument("--target-modules", nargs="+", help="target_modules to write")
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], help="the factors' dtype (default: each task's original adapter's)"
+    )
     p.add_argument(
         "--max-rank",
         type=int,
@@ -324,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--incremental",
         action="store_true",
         help="grow the basis so the new task is stored exactly; stored tasks stay exactly as they were",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=list(PRECISION_FLAGS),
+        help="store the whole store in this precision from now on (default: keep the store's)",
     )
     p.set_defaults(run=add)
 

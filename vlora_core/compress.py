@@ -16,6 +16,7 @@ Adding later: ``project`` a new adapter on the fixed bases, or ``extend`` them t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from .errors import CompatibilityError, TaskError, VLoRAError, short_list
 from .gauge import canonical_factors
 from .io.peft_files import folder_task_id, load_adapter
 from .methods import get_method
+from .precision import get_precision
 from .quality import delta_w_errors
 from .records import Factors, LayerKs, LayerShape, Task, check_task_id
 
@@ -50,13 +52,16 @@ def fit(
     measure: bool = True,
     progress: bool = False,
     device: str | torch.device | None = None,
+    precision: str = "float32",
 ) -> Pieces:
     """Shapes, bases and tasks of ``adapters``: every direction, or cut to ``config``'s k.
 
     Layers are gauged and fitted a batch of one shape at a time, then cut and measured, so the canonical
-    factors of only one batch are ever held. A fixed k forms only k directions (the spectrum stays whole).
-    Each task's ΔW error per layer is recorded when cutting, unless ``measure=False``. With ``device``
-    (e.g. "cuda") the gauge and the SVDs of each batch run there; what is kept comes back to the CPU.
+    factors of only one batch are ever held. A fixed k forms only k directions (the spectrum lists those,
+    and the energy of all). What is kept is rounded to the storage ``precision`` (``precision.round_trip``)
+    before each task's ΔW error per layer is recorded, unless ``measure=False``: the errors are those of the
+    store on disk. With ``device`` (e.g. "cuda") the gauge and the SVDs of each batch run there; what is
+    kept comes back to the CPU.
     """
     ids = resolve_task_ids(adapters, task_ids)
     shapes = check_compatible(adapters)
@@ -71,6 +76,7 @@ def fit(
             stacked = tuple(F.cpu() for F in stacked)
         if config is not None:
             _cut_layers(bases, tasks.values(), batch, config)
+            round_to(precision, bases, tasks.values(), batch)
             if measure:
                 reference = {name: (stacked[0][i], stacked[1][i]) for i, name in enumerate(batch)}
                 measure_errors(method, shapes, bases, reference, list(tasks.values()))
@@ -146,6 +152,26 @@ def _cut_layers(bases: Bases, tasks: Iterable[Task], names: list[str], config: C
             task.loadings[name] = {s: t[..., : ks[name][s]].clone() for s, t in task.loadings[name].items()}
 
 
+def round_to(precision: str, bases: Bases, tasks: Iterable[Task], names: list[str] | None = None) -> None:
+    """Round the named layers' (default: all) bases, means and loadings to what ``precision`` stores, in place."""
+    rule = get_precision(precision)
+    if rule.name == "float32":
+        return
+    names = list(bases) if names is None else names
+    for name in names:
+        bases[name] = {
+            side: replace(
+                b,
+                components=rule.round_trip(b.components),
+                mean=None if b.mean is None else rule.round_trip(b.mean),
+            )
+            for side, b in bases[name].items()
+        }
+    for task in tasks:
+        for name in names:
+            task.loadings[name] = {side: rule.round_trip(t.detach()) for side, t in task.loadings[name].items()}
+
+
 # ---- reconstruction and ΔW errors -------------------------------------------------------------------
 def reconstruct(
     method: str, shape: LayerShape, sides: dict[str, basis_math.Basis], loadings: list[dict[str, torch.Tensor]]
@@ -217,10 +243,11 @@ def stream(
     headroom: int,
     measure: bool,
     progress: bool,
+    precision: str = "float32",
 ) -> Pieces:
     """``fit`` a chunk of adapter folders at a time: the first chunk is decomposed, each later one extends
-    the bases, dropping the weakest directions beyond ``headroom · k``; then all is cut to k. A second
-    pass over the files measures each task's ΔW error."""
+    the bases, dropping the weakest directions beyond ``headroom · k``; then all is cut to k and rounded to
+    the storage ``precision``. A second pass over the files measures each task's ΔW error."""
     ids = stream_task_ids(paths, task_ids)
     check_stream_options(chunk, headroom)
     chunks = [range(i, min(i + chunk, len(paths))) for i in range(0, len(paths), chunk)]
@@ -246,6 +273,7 @@ def stream(
         )
         tasks.update({t.id: t for t in new})
     bases, tasks = cut(bases, tasks, layer_ks(bases, config))
+    round_to(precision, bases, tasks.values())
     if measure:
         for part in chunks:
             adapters = [load_adapter(paths[i], ids[i]) for i in part]

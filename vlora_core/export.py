@@ -26,6 +26,7 @@ from .errors import VLoRAError, short_list
 from .io import gguf_files
 from .io.outputs import check_export_file, check_export_root, check_export_target
 from .io.peft_files import load_adapter, save_adapter
+from .precision import get_precision
 from .quality import delta_w_gap
 from .serving import cap_rank
 
@@ -45,6 +46,7 @@ def export_task(
     base_model: str | None = None,
     target_modules: list[str] | None = None,
     force: bool = False,
+    dtype: str | None = None,
 ) -> Path:
     """Write ``task_id`` as a PEFT adapter folder at ``out`` (atomically). ΔW is kept for any alpha.
 
@@ -57,6 +59,8 @@ def export_task(
         target_modules: target_modules to write (must cover every stored layer).
         force: replace ``out`` if it holds an earlier vlora export. Anything else already there (a file,
             a non-empty folder vlora did not write, a store or a folder inside one) is never replaced.
+        dtype: the factors' dtype ("fp32", "bf16", "fp16"); default: the dtype the task's original adapter had.
+            The same store and arguments give the same bytes (``io.peft_files`` writes a canonical header).
 
     Returns:
         The folder written.
@@ -64,7 +68,9 @@ def export_task(
     Example:
         >>> export_task(SharedSubspace.load("store/"), "sentiment", "exported/sentiment", alpha=32)
     """
-    adapter = task_adapter(subspace, task_id, alpha=alpha, base_model=base_model, target_modules=target_modules)
+    adapter = task_adapter(
+        subspace, task_id, alpha=alpha, base_model=base_model, target_modules=target_modules, dtype=dtype
+    )
     return save_adapter(adapter, out, check=lambda written: check_written(subspace, task_id, written, out), force=force)
 
 
@@ -88,12 +94,13 @@ def task_adapter(
     alpha: float | None = None,
     base_model: str | None = None,
     target_modules: list[str] | None = None,
+    dtype: str | None = None,
 ) -> LoRAAdapter:
-    """The task as PEFT factors under its own config (or overrides), in its original dtype."""
+    """The task as PEFT factors under its own config (or overrides), in its original dtype (or ``dtype``)."""
     task = subspace.task(task_id)
     config = export_config(task.config, alpha, base_model, target_modules, list(subspace.shapes))
     source = f"--alpha {config['lora_alpha']:g}" if alpha is not None else f"task {task_id!r}"
-    dtype = getattr(torch, task.dtype)
+    dtype = getattr(torch, export_dtype(dtype) if dtype else task.dtype)
     layers = {}
     for name, (F_A, F_B) in subspace.task_factors(task_id).items():
         scaling = lora_scaling(config, name, subspace.shapes[name].rank, source)
@@ -106,6 +113,14 @@ def task_adapter(
             )
         layers[name] = LoRALayer(A=A, B=B, scaling=scaling)
     return LoRAAdapter(task_id, config, layers, dict(task.extras), source=f"task {task_id!r}")
+
+
+def export_dtype(name: str) -> str:
+    """A dtype PEFT factors can be written in ("fp32", "bf16", "fp16" or their torch names)."""
+    precision = get_precision(name)
+    if precision.name not in ("float32", "bfloat16", "float16"):
+        raise VLoRAError(f"--dtype {name}: PEFT adapters hold floating-point factors; choose fp32, bf16 or fp16.")
+    return precision.name
 
 
 def export_tolerance(dtype: torch.dtype) -> float:

@@ -52,10 +52,11 @@ def cheaper_than_dense(rows: int, dim: int, k: int) -> bool:
 
     Dense costs about n²·n' (the Gram, n = the smaller side, n' the larger) plus 17·n³ (float64 eigh,
     measured relative to the Gram's float32 products); the Krylov path about ten thin products of width
-    b at twice the cost per number: 20·b·n·n'."""
+    b at twice the cost per number: 20·b·n·n', and its m x m eigenproblems, which make it slower below
+    n = 12·b (measured: n = 128, b = 16 takes 1.6x the dense time; n = 256 0.7x; n = 512 0.07x)."""
     n, n_other = min(rows, dim), max(rows, dim)
     b = block_size(k)
-    return 2 * b < n and 20 * b * n * n_other < n * n * n_other + 17 * n**3
+    return 12 * b < n and 20 * b * n * n_other < n * n * n_other + 17 * n**3
 
 
 def top_svd(X: torch.Tensor, k: int, centred: bool = False, max_dim: int | None = None) -> TopSVD:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .methods import get_method
+from .precision import get_precision
 
 
 def delta_w_errors(reference: tuple[torch.Tensor, torch.Tensor], approx: tuple[torch.Tensor, torch.Tensor]):
@@ -109,10 +110,17 @@ def summary(subspace) -> dict:
     }
 
 
-def stored_bytes(subspace, bytes_per_number: int = 4) -> int:
-    """Bytes of the shared basis plus every task's loadings (fp32), extras not counted."""
-    params = subspace.num_parameters()
-    return bytes_per_number * (params["basis"] + params["per_task"] * len(subspace.tasks))
+def stored_bytes(subspace, bytes_per_number: int | None = None) -> int:
+    """Bytes of the shared basis plus every task's loadings in the store's precision (int8: with its scales),
+    or at ``bytes_per_number``; extras, singular values and file headers not counted."""
+    if bytes_per_number is not None:
+        params = subspace.num_parameters()
+        return bytes_per_number * (params["basis"] + params["per_task"] * len(subspace.tasks))
+    rule = get_precision(getattr(subspace, "dtype", "float32"))
+    shapes = [b.components.shape for sides in subspace.bases.values() for b in sides.values()]
+    shapes += [b.mean.shape for sides in subspace.bases.values() for b in sides.values() if b.mean is not None]
+    shapes += [t.shape for task in subspace.tasks.values() for sides in task.loadings.values() for t in sides.values()]
+    return sum(rule.num_bytes(tuple(shape)) for shape in shapes)
 
 
 @dataclass(frozen=True)

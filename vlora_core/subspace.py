@@ -25,6 +25,7 @@ from .errors import TaskError
 from .io import store_files
 from .merge import MergeConfig, MergeResult
 from .methods import get_method
+from .precision import default_precision, get_precision
 from .records import Factors, LayerKs, LayerShape, Task, check_task_id
 
 log = logging.getLogger("vlora")
@@ -41,6 +42,8 @@ class SharedSubspace:
         bases: layer name -> side ("A"/"B") -> Basis (components (k, D), spectrum, mean).
         tasks: task id -> Task (loadings layer -> side -> (g, k), its adapter_config.json, extras).
         k_requested: the k asked for (None for adaptive k), to say where it was clipped.
+        dtype: the storage precision, a key of ``vlora_core.precision.PRECISIONS`` ("float32", "bfloat16",
+            "float16", "int8"); the numbers in memory are those it stores, as float32.
 
     Example:
         >>> subspace = SharedSubspace.from_adapters([load_adapter(p) for p in paths], num_components=4)
@@ -54,12 +57,14 @@ class SharedSubspace:
         bases: dict[str, dict[str, Basis]],
         tasks: dict[str, Task],
         k_requested: int | None = None,
+        dtype: str = "float32",
     ):
         self.method = method
         self.shapes = shapes
         self.bases = bases
         self.tasks = tasks
         self.k_requested = k_requested
+        self.dtype = get_precision(dtype).name
         self._origin: tuple[Path, int] | None = None  # the store folder it was loaded from / saved to, generation
 
     # ---- building ---------------------------------------------------------------------------------
@@ -76,6 +81,7 @@ class SharedSubspace:
         measure: bool = True,
         progress: bool = False,
         device: str | None = None,
+        dtype: str | None = None,
     ) -> SharedSubspace:
         """Compress adapters into a shared subspace with k (or adaptive k) directions per layer and side.
 
@@ -88,6 +94,9 @@ class SharedSubspace:
             measure: record each task's ΔW error per layer (about a quarter of the time).
             progress: show a progress bar.
             device: where the gauge and the SVDs run ("cuda" on a GPU; default: the CPU). The result is on the CPU.
+            dtype: storage precision of the basis, means and loadings: "fp32", "bf16", "fp16" or "int8" (per-row
+                scales); default: bf16 when every adapter is bf16 or fp16, else fp32 (``precision.default_precision``).
+                The ΔW errors recorded include the rounding.
 
         Returns:
             The subspace; ``vlora_core.quality`` reports its variance explained and ΔW errors.
@@ -96,10 +105,22 @@ class SharedSubspace:
             >>> SharedSubspace.from_adapters(adapters, task_ids=["a", "b", "c"], num_components=4)
         """
         config = CompressConfig(num_components, method, adaptive_k, variance_threshold)
-        pieces = compress.fit(
-            adapters, task_ids, config.method, config=config, measure=measure, progress=progress, device=device
+        dtype = (
+            get_precision(dtype).name
+            if dtype
+            else default_precision([Task.from_adapter(a, "-").dtype for a in adapters])
         )
-        subspace = cls(config.method, *pieces, None if config.adaptive_k else config.num_components)
+        pieces = compress.fit(
+            adapters,
+            task_ids,
+            config.method,
+            config=config,
+            measure=measure,
+            progress=progress,
+            device=device,
+            precision=dtype,
+        )
+        subspace = cls(config.method, *pieces, None if config.adaptive_k else config.num_components, dtype)
         note = subspace.clipping_note()
         if note:
             log.warning(note)
@@ -125,8 +146,14 @@ class SharedSubspace:
         config = k if isinstance(k, CompressConfig) else CompressConfig(k, self.method)
         bases, tasks = compress.cut(self.bases, self.tasks, compress.layer_ks(self.bases, config), copy)
         return SharedSubspace(
-            self.method, self.shapes, bases, tasks, None if config.adaptive_k else config.num_components
+            self.method, self.shapes, bases, tasks, None if config.adaptive_k else config.num_components, self.dtype
         )
+
+    def set_dtype(self, dtype: str) -> None:
+        """Store in ``dtype`` ("fp32", "bf16", "fp16", "int8") from now on: every basis and loading is rounded to
+        it (a store of higher precision loses what the lower one cannot hold; ΔW errors are not re-measured)."""
+        self.dtype = get_precision(dtype).name
+        compress.round_to(self.dtype, self.bases, list(self.tasks.values()))
 
     # ---- facts ------------------------------------------------------------------------------------
     @property
@@ -225,11 +252,15 @@ class SharedSubspace:
 
     def add(self, adapter: LoRAAdapter, task_id: str | None = None, *, incremental: bool = False) -> Task:
         """Add an adapter: projected on the fixed basis, or (``incremental``) growing the basis so it is
-        stored exactly while every stored task stays as it was. Returns the new task, its ΔW error recorded."""
+        stored exactly while every stored task stays as it was (in a store of lower precision than float32: within
+        that precision, the basis being rounded again). Returns the new task, its ΔW error recorded (rounding
+        included)."""
         task_id, factors = self._new_adapter(adapter, task_id)
         task = compress.project(self.method, self.bases, adapter, task_id, factors)
         if incremental:
             compress.extend(self.method, self.bases, list(self.tasks.values()), factors, [task])
+            compress.round_to(self.dtype, self.bases, list(self.tasks.values()))
+        compress.round_to(self.dtype, self.bases, [task])
         self.tasks[task.id] = task
         compress.measure_errors(self.method, self.shapes, self.bases, factors, [task])
         return task
@@ -246,6 +277,7 @@ class SharedSubspace:
         tasks = {i: t.bare() for i, t in self.tasks.items()} | {task_id: Task.from_adapter(adapter, task_id)}
         full = compress.fit_factors(self.method, self.shapes, factors, list(tasks.values()))
         self.bases, self.tasks = compress.cut(full, tasks, ks, copy=True)
+        compress.round_to(self.dtype, self.bases, list(self.tasks.values()))
         compress.measure_errors(self.method, self.shapes, self.bases, factors, list(self.tasks.values()))
         return self.tasks[task_id]
 
@@ -285,6 +317,7 @@ class SharedSubspace:
             self.bases,
             self.tasks,
             self.k_requested,
+            dtype=self.dtype,
             loaded_generation=loaded,
             force=force,
         )
@@ -321,6 +354,7 @@ def stream_compress(
     headroom: int = 2,
     measure: bool = True,
     progress: bool = False,
+    dtype: str = "float32",
 ) -> SharedSubspace:
     """Compress adapter folders a chunk at a time: peak memory is set by the chunk and the basis, not by N.
 
@@ -335,6 +369,7 @@ def stream_compress(
         method: "flat" or "rank".
         chunk: adapters read at a time (at least 2: the first chunk starts the basis).
         headroom: directions kept while streaming, as a multiple of k.
+        dtype: storage precision ("fp32", "bf16", "fp16", "int8"), as in ``SharedSubspace.from_adapters``.
 
     Returns:
         The ``SharedSubspace`` of every folder.
@@ -343,7 +378,8 @@ def stream_compress(
         >>> stream_compress(sorted(Path("adapters").iterdir()), num_components=8, chunk=32).save("store/")
     """
     config = CompressConfig(num_components, method)
+    dtype = get_precision(dtype).name
     pieces = compress.stream(
-        paths, task_ids, config, chunk=chunk, headroom=headroom, measure=measure, progress=progress
+        paths, task_ids, config, chunk=chunk, headroom=headroom, measure=measure, progress=progress, precision=dtype
     )
-    return SharedSubspace(config.method, *pieces, config.num_components)
+    return SharedSubspace(config.method, *pieces, config.num_components, dtype)

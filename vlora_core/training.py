@@ -17,14 +17,19 @@ require grad, in place, so every VLoRAModel pointing at them trains them.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .basis import Basis, unformed_energy
 from .compress import new_task_id
 from .constants import SIDES
 from .errors import TaskError, VLoRAError
+from .precision import get_precision
 from .records import Task
 from .subspace import SharedSubspace
+
+log = logging.getLogger("vlora")
 
 DEFAULT_NEW_COMPONENTS = 4  # directions orthogonal_init adds per layer and side: room to learn
 _RTOL = 1e-5  # a direction whose residual is below this share of its norm is already in the span
@@ -151,6 +156,7 @@ class SubspaceTrainer:
         self.params = [t.requires_grad_(True) for sides in task.loadings.values() for t in sides.values()]
         self.optimizer = optimizer(self.params, lr=lr, **optimizer_kwargs)
         self.steps = 0
+        self.rounding = 0.0  # relative change of the loadings when write_back stores them in the store's precision
 
     @property
     def num_trainable_params(self) -> int:
@@ -169,12 +175,25 @@ class SubspaceTrainer:
         return loss.item()
 
     def write_back(self) -> Task:
-        """End training: the trained loadings (already in the subspace) stop taking gradients."""
+        """End training: the trained loadings (already in the subspace) stop taking gradients.
+
+        Training runs in float32; a store of lower precision (``subspace.dtype``) then holds the loadings
+        rounded to it, and ``rounding`` says what that cost: the relative change of the task's loadings."""
         for t in self.params:
             t.grad = None
             t.requires_grad_(False)
         task = self.subspace.tasks[self.task_id]
         task.errors = {}  # any recorded error was against an adapter this task no longer is
+        trained = torch.cat([t.flatten() for sides in task.loadings.values() for t in sides.values()])
+        rule = get_precision(self.subspace.dtype)
+        with torch.no_grad():  # in place: a VLoRAModel holding these tensors runs what is stored
+            for sides in task.loadings.values():
+                for t in sides.values():
+                    t.copy_(rule.round_trip(t))
+        stored = torch.cat([t.flatten() for sides in task.loadings.values() for t in sides.values()])
+        self.rounding = ((stored - trained).norm() / trained.norm().clamp(min=1e-30)).item()
+        if self.rounding > 0:
+            log.info(f"task {self.task_id!r} stored in {self.subspace.dtype}: loadings moved by {self.rounding:.2e}")
         return task
 
     def callback(self):

@@ -15,6 +15,7 @@ import re
 from ..constants import READABLE_STORE_VERSIONS, STORE_FORMAT
 from ..errors import StoreError, VLoRAError
 from ..methods import get_method
+from ..precision import PRECISIONS
 from ..records import check_task_id
 
 SEAL = "manifest_sha256"  # the key holding the checksum of everything else in the manifest
@@ -61,6 +62,8 @@ def check(manifest: dict, path) -> None:
         need(False, f"unknown method {manifest.get('method')!r}")
     need(_whole(manifest.get("generation"), 0), "generation must be a whole number >= 0")
     need(manifest.get("k_requested") is None or _whole(manifest["k_requested"], 1), "k_requested must be >= 1")
+    storage = manifest.get("storage", "float32")
+    need(storage in PRECISIONS, f"storage {storage!r} is not one of {sorted(PRECISIONS)}")
     checksums = manifest.get("checksums")
     need(isinstance(checksums, dict) and bool(checksums), "checksums must list the data files")
     for name, digest in checksums.items():

@@ -129,6 +129,19 @@ def _read_torch_file(file: Path):
         ) from None
 
 
+def canonical_bytes(data: bytes) -> bytes:
+    """A safetensors file with its JSON header written one way: keys sorted, the metadata's too.
+
+    safetensors keeps the metadata in a hash map whose order changes from one process to the next, so the
+    same tensors could give different bytes; serving engines key their caches on file hashes. The tensors'
+    bytes and offsets are untouched; the header is padded with spaces to a multiple of 8 bytes, as the format
+    allows."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + size :]
+
+
 def save_adapter(
     adapter: LoRAAdapter, path: str | Path, check: Callable[[Path], None] | None = None, *, force: bool = False
 ) -> Path:
@@ -147,7 +160,7 @@ def save_adapter(
         raise AdapterError(
             f"{adapter.describe()}: its adapter_config.json holds NaN or Infinity; fix the number in the config."
         ) from None
-    weights = save_bytes(adapter_to_state_dict(adapter), metadata=EXPORT_METADATA)
+    weights = canonical_bytes(save_bytes(adapter_to_state_dict(adapter), metadata=EXPORT_METADATA))
     existed = target.is_dir()
     try:
         with atomic_folder(target, last=ADAPTER_CONFIG) as tmp:

@@ -1,8 +1,12 @@
 """The store on disk: a JSON manifest plus content-addressed safetensors files.
 
     STORE/manifest.json                 format, version, generation, method, layers, tasks, checksums, its own checksum
-    STORE/basis-<sha256[:16]>.safetensors      "<layer index>.<side>.components|spectrum|mean"
+    STORE/basis-<sha256[:16]>.safetensors      "<layer index>.<side>.components|spectrum|mean|energy"
     STORE/task-<sha256[:16]>.safetensors       "<layer index>.<side>" loadings, "extra.<key>" tensors
+
+Components, means and loadings are written in the store's precision (the manifest's "storage": float32,
+bfloat16, float16, or int8 with a bfloat16 "<key>.scale" per row, ``vlora_core.precision``) and read back
+as float32; singular values (float32) and energies (float64) are written as they are.
     STORE/.vlora.lock                   held by a writer (filelock) for the whole save
 
 Task ids live only inside the manifest, never in file names. A save, under the lock, re-reads the manifest
@@ -31,6 +35,7 @@ from ..basis import Basis
 from ..constants import READABLE_STORE_VERSIONS, SIDES, STORE_FORMAT, STORE_FORMAT_VERSION, STORE_LOCK, STORE_MANIFEST
 from ..errors import StoreError
 from ..methods import get_method
+from ..precision import SCALE, Precision, get_precision
 from ..records import LayerShape, Task
 from . import manifest as schema
 from .atomic import (
@@ -51,7 +56,7 @@ LOCK_TIMEOUT_S = 60.0  # how long a writer waits for another one before saying t
 READ_TRIES = 5  # a load whose files a writer removed meanwhile starts again from the new manifest
 
 Bases = dict[str, dict[str, Basis]]  # layer -> side -> Basis
-Store = tuple[str, dict[str, LayerShape], Bases, dict[str, Task], "int | None", int]  # ..., k, generation
+Store = tuple[str, dict[str, LayerShape], Bases, dict[str, Task], "int | None", str, int]  # ..., k, dtype, generation
 
 
 # ---- writing ------------------------------------------------------------------------------------------
@@ -63,6 +68,7 @@ def save_store(
     tasks: dict[str, Task],
     k_requested: int | None,
     *,
+    dtype: str = "float32",
     loaded_generation: int | None = None,
     force: bool = False,
 ) -> int:
@@ -77,7 +83,8 @@ def save_store(
     with _write_errors(folder, existed):
         made = make_folders(folder)
     try:
-        return _save_locked(folder, (method, shapes, bases, tasks, k_requested), loaded_generation, force, existed)
+        pieces = (method, shapes, bases, tasks, k_requested, get_precision(dtype))
+        return _save_locked(folder, pieces, loaded_generation, force, existed)
     except BaseException:
         if made:  # a new store that could not be written leaves no folder (nor lock file) behind
             remove_quietly(folder / STORE_LOCK)
@@ -87,13 +94,12 @@ def save_store(
 
 def _save_locked(folder: Path, pieces: tuple, loaded_generation: int | None, force: bool, existed: bool) -> int:
     """``save_store`` under the writer lock: check the target again, write, clean up."""
-    method, shapes, bases, tasks, k_requested = pieces
     with store_lock(folder, creating=True), _write_errors(folder, existed):
         previous = _check_target(folder, loaded_generation, force)
         folder.mkdir(parents=True, exist_ok=True)
         before = {p.name for p in folder.iterdir()}
         try:
-            manifest = _write_all(folder, method, shapes, bases, tasks, k_requested, previous)
+            manifest = _write_all(folder, *pieces, previous)
         except BaseException:
             for file in folder.iterdir():  # what this save wrote goes; the old store stays as it was
                 if file.name not in before:
@@ -104,13 +110,13 @@ def _save_locked(folder: Path, pieces: tuple, loaded_generation: int | None, for
         return manifest["generation"]
 
 
-def _write_all(folder, method, shapes, bases, tasks, k_requested, previous) -> dict:
+def _write_all(folder, method, shapes, bases, tasks, k_requested, precision: Precision, previous) -> dict:
     names = list(shapes)
     checksums = {}
-    basis_file = _write_data(folder, "basis", _basis_tensors(bases, names), checksums)
+    basis_file = _write_data(folder, "basis", _basis_tensors(bases, names, precision), checksums)
     entries = []
     for task in tasks.values():
-        file = _write_data(folder, "task", _task_tensors(task, names), checksums)
+        file = _write_data(folder, "task", _task_tensors(task, names, precision), checksums)
         entries.append(
             {
                 "id": task.id,
@@ -129,6 +135,7 @@ def _write_all(folder, method, shapes, bases, tasks, k_requested, previous) -> d
             "generation": (previous or {}).get("generation", 0) + 1,
             "method": method,
             "k_requested": k_requested,
+            "storage": precision.name,
             "layers": [{"name": n, "d_in": s.d_in, "d_out": s.d_out, "rank": s.rank} for n, s in shapes.items()],
             "basis_file": basis_file,
             "tasks": entries,
@@ -281,6 +288,16 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a number a store may hold")
 
 
+def disk_bytes(path: str | Path) -> dict[str, int]:
+    """Bytes on disk of the store at ``path``, by part: its manifest, the basis file, the task files (loadings
+    and extras) — the current generation's files only."""
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    size = lambda name: (folder / name).stat().st_size  # noqa: E731
+    tasks = sum(size(entry["file"]) for entry in manifest["tasks"])
+    return {"manifest": size(STORE_MANIFEST), "basis": size(manifest["basis_file"]), "tasks": tasks}
+
+
 def verify_files(folder: Path, manifest: dict) -> list[str]:
     """Every problem with the data files: missing, or not matching their recorded checksum."""
     problems = []
@@ -320,22 +337,30 @@ def _remove_unreferenced(folder: Path, keep: set[str]) -> None:
     sync_written(folder)
 
 
-def _basis_tensors(bases: Bases, names: list[str]) -> dict[str, torch.Tensor]:
+def _encoded(key: str, t: torch.Tensor, precision: Precision) -> dict[str, torch.Tensor]:
+    """``t`` as ``precision`` writes it: key -> values (and key.scale -> int8 scales)."""
+    return {key + suffix: part for suffix, part in precision.encode(t.detach()).items()}
+
+
+def _basis_tensors(bases: Bases, names: list[str], precision: Precision) -> dict[str, torch.Tensor]:
     out = {}
     for i, name in enumerate(names):
         for side in SIDES:
             basis = bases[name][side]
-            out[f"{i}.{side}.components"] = basis.components.contiguous()
+            out.update(_encoded(f"{i}.{side}.components", basis.components, precision))
             out[f"{i}.{side}.spectrum"] = basis.spectrum.contiguous()
             if basis.mean is not None:
-                out[f"{i}.{side}.mean"] = basis.mean.contiguous()
+                out.update(_encoded(f"{i}.{side}.mean", basis.mean, precision))
             if basis.energy is not None:  # the spectrum lists only the leading values
                 out[f"{i}.{side}.energy"] = torch.tensor([basis.energy], dtype=torch.float64)
     return out
 
 
-def _task_tensors(task: Task, names: list[str]) -> dict[str, torch.Tensor]:
-    out = {f"{i}.{side}": task.loadings[name][side].contiguous() for i, name in enumerate(names) for side in SIDES}
+def _task_tensors(task: Task, names: list[str], precision: Precision) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, name in enumerate(names):
+        for side in SIDES:
+            out.update(_encoded(f"{i}.{side}", task.loadings[name][side], precision))
     out.update({f"extra.{key}": t.contiguous() for key, t in task.extras.items()})
     return out
 
@@ -354,8 +379,9 @@ def _read_data(folder: Path, name: str) -> dict[str, torch.Tensor]:
 def _build(folder: Path, manifest: dict) -> Store:
     """The pieces, every tensor checked against the manifest's shapes (and finite) before it is used."""
     method = get_method(manifest["method"])
+    precision = get_precision(manifest.get("storage", "float32"))
     shapes = {l["name"]: LayerShape(l["d_in"], l["d_out"], l["rank"]) for l in manifest["layers"]}
-    raw = _read_data(folder, manifest["basis_file"])
+    raw = _decoded(_read_data(folder, manifest["basis_file"]), precision, manifest["basis_file"])
     bases, ks = {}, {}
     for i, (name, shape) in enumerate(shapes.items()):
         bases[name] = {}
@@ -372,7 +398,7 @@ def _build(folder: Path, manifest: dict) -> Store:
             ks[name, side] = (method.vectors_per_factor(d, r), components.shape[0])
     tasks = {}
     for entry in manifest["tasks"]:
-        data = _read_data(folder, entry["file"])
+        data = _decoded(_read_data(folder, entry["file"]), precision, entry["file"])
         loadings = {
             name: {
                 side: _tensor(
@@ -390,7 +416,26 @@ def _build(folder: Path, manifest: dict) -> Store:
         tasks[entry["id"]] = Task(
             entry["id"], loadings, entry["config"], extras, entry.get("source", ""), entry["dtype"], errors
         )
-    return manifest["method"], shapes, bases, tasks, manifest.get("k_requested"), manifest["generation"]
+    k_requested, generation = manifest.get("k_requested"), manifest["generation"]
+    return manifest["method"], shapes, bases, tasks, k_requested, precision.name, generation
+
+
+def _decoded(data: dict[str, torch.Tensor], precision: Precision, file: str) -> dict[str, torch.Tensor]:
+    """A data file's tensors with every stored component, mean and loading back in float32 (extras, singular
+    values and energies as written); a tensor not in the store's precision is a StoreError naming it."""
+    out = {}
+    for key, t in data.items():
+        if key.endswith(SCALE) or key.startswith("extra.") or key.endswith((".spectrum", ".energy")):
+            out[key] = t
+            continue
+        parts = {"": t, SCALE: data.get(key + SCALE)} if precision.name == "int8" else {"": t}
+        dtypes = tuple(None if p is None else p.dtype for p in parts.values())
+        if dtypes != precision.stored_dtypes or (SCALE in parts and parts[SCALE].shape != t.shape[:-1]):
+            raise StoreError(
+                f"{file}: tensor {key!r} is not stored as {precision.name} (the manifest's storage); rebuild the store."
+            )
+        out[key] = precision.decode(parts)
+    return out
 
 
 def _energy(data: dict, key: str, where: str, spectrum: torch.Tensor) -> float | None:
