@@ -1,6 +1,7 @@
 """Item 1: compress time for N synthetic adapters against the floor (bare safetensors load of the same files).
 
     python bench/compress.py --n 8 32 128 --kinds mixture column --runs 5
+    python bench/compress.py --n 8 32 128 --cases "vlora flat" "vlora rank" --out compress_rank   # rank vs flat
 
 Cases, interleaved run by run so machine noise hits all alike:
     floor        safetensors.load_file of every adapter file (nothing else)
@@ -9,7 +10,7 @@ Cases, interleaved run by run so machine noise hits all alike:
     vlora flat, no errors   flat with measure=False: no ΔW error per task, which the peers do not compute either
     vlora cli    `vlora compress ... -k K` end to end in a fresh process (imports, load, fit, save)
     peers        bench/peer_driver.py in bench/.venv-peers (each times its own load + compress)
-Results: bench/results/compress.json (min / median / max per case, ratios to the floor).
+Results: bench/results/compress.json (min / median / max per case, ratios to the floor, rank ÷ flat), or --out NAME.
 """
 
 from __future__ import annotations
@@ -79,10 +80,16 @@ def peer(tool: str, k: int):
     return run
 
 
-def cases(k: int, peers: list[str], methods: list[str]) -> dict:
+def cases(k: int, peers: list[str], methods: list[str], only: list[str] | None = None) -> dict:
     table = {"floor": floor} | {f"vlora {m}": vlora_inprocess(m, k) for m in methods}
     table["vlora flat, no errors"] = vlora_inprocess("flat", k, measure=False)  # like the peers: no ΔW errors
-    return table | {"vlora cli": vlora_cli(k)} | {name: peer(name, k) for name in peers}
+    table = table | {"vlora cli": vlora_cli(k)} | {name: peer(name, k) for name in peers}
+    if only:
+        unknown = sorted(set(only) - set(table))
+        if unknown:
+            raise SystemExit(f"unknown --cases {unknown}; choose from: {', '.join(table)}")
+        table = {name: fn for name, fn in table.items() if name in only}
+    return table
 
 
 def measure(dirs, table: dict, runs: int, peer_runs: dict[str, int]) -> dict:
@@ -108,26 +115,27 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--peer-runs", nargs="*", default=["vlora-dev=3", "lorashare=1"], help="TOOL=RUNS: fewer runs for slow peers"
     )
+    parser.add_argument("--cases", nargs="*", help="time only these cases (e.g. 'vlora flat' 'vlora rank')")
+    parser.add_argument("--out", default="compress", help="results file name under bench/results/ (no .json)")
     args = parser.parse_args(argv)
     peers = args.peers if PEERS_PYTHON.exists() else []
-    results = (read_result("compress") or {}).get("results", {})  # keep rows of earlier runs (other N / kinds)
+    results = (read_result(args.out) or {}).get("results", {})  # keep rows of earlier runs (other N / kinds)
     for kind in args.kinds:
         for n in args.n:
             print(f"{kind} N={n}", flush=True)
             row = measure(
                 adapter_dirs(kind, n),
-                cases(args.k, peers, args.methods),
+                cases(args.k, peers, args.methods, args.cases),
                 args.runs,
                 {t: int(r) for t, r in (p.split("=") for p in args.peer_runs)},
             )
-            base = row["floor"]["median"]
-            results[f"{kind}/{n}"] = {
-                "kind": kind,
-                "n": n,
-                "cases": row,
-                "ratio_to_floor": {c: v["median"] / base for c, v in row.items()},
-            }
-            write_result("compress", {"k": args.k, "results": results})
+            entry = {"kind": kind, "n": n, "cases": row}
+            if "floor" in row:
+                entry["ratio_to_floor"] = {c: v["median"] / row["floor"]["median"] for c, v in row.items()}
+            if "vlora flat" in row and "vlora rank" in row:
+                entry["rank_over_flat"] = row["vlora rank"]["median"] / row["vlora flat"]["median"]
+            results[f"{kind}/{n}"] = entry
+            write_result(args.out, {"k": args.k, "results": results})
     print_table(results)
     return results
 
@@ -136,10 +144,10 @@ def print_table(results: dict) -> None:
     print(f"{'kind/N':<14} {'case':<12} {'median s':>9} {'min':>8} {'max':>8} {'x floor':>8} runs")
     for key, r in results.items():
         for case, v in r["cases"].items():
-            print(
-                f"{key:<14} {case:<12} {v['median']:9.3f} {v['min']:8.3f} {v['max']:8.3f} "
-                f"{r['ratio_to_floor'][case]:8.2f} {v['runs']}"
-            )
+            ratio = r.get("ratio_to_floor", {}).get(case, float("nan"))
+            print(f"{key:<14} {case:<12} {v['median']:9.3f} {v['min']:8.3f} {v['max']:8.3f} {ratio:8.2f} {v['runs']}")
+        if "rank_over_flat" in r:
+            print(f"{key:<14} rank ÷ flat {r['rank_over_flat']:9.2f}")
 
 
 if __name__ == "__main__":

@@ -73,9 +73,11 @@ def top_svd(X: torch.Tensor, k: int, centred: bool = False, max_dim: int | None 
     Q = torch.linalg.qr(op.forward(omega.expand(L, -1, -1))).Q  # (L, n, b)
     blocks, T = [Q], X.new_zeros(L, max_dim + b, max_dim + b)
     previous = None  # the last step's leading Ritz values
+    images = []  # Aᵀ·Q_j of every block
     while True:
         m = sum(q.shape[-1] for q in blocks)
-        Z = op.forward(op.backward(blocks[-1]))  # (L, n, b) = A·Aᵀ·Q_j
+        images.append(op.backward(blocks[-1]))  # (L, n', b) = Aᵀ·Q_j, kept for the second pass
+        Z = op.forward(images[-1])  # (L, n, b) = A·Aᵀ·Q_j
         basis = torch.cat(blocks, dim=-1)  # (L, n, m)
         coeffs = basis.mT @ Z
         Z = Z - basis @ coeffs
@@ -96,7 +98,7 @@ def top_svd(X: torch.Tensor, k: int, centred: bool = False, max_dim: int | None 
                 break
         previous = values
         blocks.append(Q_next[..., :step])
-    return _second_pass(op, basis, Y[..., : min(m, k + b)], k, converged)
+    return _second_pass(op, basis, torch.cat(images, dim=-1), Y[..., : min(m, k + b)], k, converged)
 
 
 def _orthonormal(Z: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,10 +118,12 @@ def _ritz(T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return theta.flip(-1), Y.flip(-1)
 
 
-def _second_pass(op: _Operator, basis: torch.Tensor, Y: torch.Tensor, k: int, converged: torch.Tensor) -> TopSVD:
+def _second_pass(
+    op: _Operator, basis: torch.Tensor, images: torch.Tensor, Y: torch.Tensor, k: int, converged: torch.Tensor
+) -> TopSVD:
     """Rotate the leading Ritz vectors once more with a float64 eigenproblem of their own Gram."""
     U1 = basis @ Y.float()  # (L, n, k') orthonormal, left side
-    W = op.backward(U1)  # (L, n', k') = Aᵀ·U1
+    W = images @ Y.float()  # (L, n', k') = Aᵀ·U1, from the blocks' images: no product with A
     G = W.double().mT @ W.double()  # (L, k', k')
     lam, Y2 = _ritz(G)
     k = min(k, Y2.shape[-1])

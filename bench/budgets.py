@@ -1,0 +1,198 @@
+"""Issue 14: fidelity per byte at matched byte budgets — bytes on disk against ΔW error and behaviour.
+
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python bench/budgets.py            # demo adapters, bundled SmolLM2-135M
+
+For each budget (10x, 25 %, 50 %, 75 % of the input files' bytes) and each variant — vlora flat / rank x
+fp32 / bf16 / int8 (``SharedSubspace.decompose`` cut at each k, rounded, saved; its folder's bytes), vlora-dev
+1.0.0 and lorashare 0.1.3 (their stores as their own save writes them, bench/peer_store.py) — the largest k
+whose store fits the budget is taken; every task's reconstruction is then scored against its original
+adapter on the demo prompts with ``vlora_core.behaviour`` (teacher-forced on the original's greedy answer:
+mean KL, 1 − effect retained, top-1 agreement; every variant in one joint decomposition, one reference run)
+and with the pooled ΔW relative error. The goal: vlora's loss at most half the best peer's at every budget.
+Results: bench/results/budgets.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from common import HERE, PEERS_PYTHON, dir_bytes, write_result
+
+from vlora import SharedSubspace, load_adapter
+from vlora_core.base_model import load_base_model
+from vlora_core.behaviour import CANDIDATE, BehaviourConfig, aligned, measure_variants, reference
+from vlora_core.io.prompts import read_prompts
+from vlora_core.quality import delta_w_gap, overall_error
+
+DEMO = HERE.parent / "assets" / "demo_adapters"
+PROMPTS = HERE.parent / "assets" / "demo_prompts.jsonl"
+BUDGETS = {"10x": 0.10, "25 %": 0.25, "50 %": 0.50, "75 %": 0.75}
+DTYPES = ("float32", "bfloat16", "int8")
+KS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32, 40)
+PEER_KS = {"vlora-dev": (1, 2, 3, 4), "lorashare": (2, 4, 6, 8, 12, 16, 20, 24, 32)}
+
+
+def vlora_points(adapters, method: str, dtype: str, tmp: Path) -> list[dict]:
+    """Every k of one basis in one precision: bytes of the saved store folder, ΔW error, the task adapters."""
+    full = SharedSubspace.decompose(adapters, method=method)
+    points, seen = [], set()
+    for k in KS:
+        sub = full.truncated(k, copy=True)
+        used = max(v for sides in sub.layer_ks.values() for v in sides.values())
+        if used in seen:
+            continue
+        seen.add(used)
+        sub.set_dtype(dtype)
+        sub.measure_against(full)
+        folder = sub.save(tmp / f"{method}-{dtype}-{used}")
+        candidates = {t: sub.to_adapter(t) for t in sub.task_ids}
+        points.append({"k": used, "disk_bytes": dir_bytes(folder), "error": overall_error(sub), "adapters": candidates})
+    return points
+
+
+def peer_points(tool: str, dirs: list[Path], originals: dict, tmp: Path) -> list[dict]:
+    points = []
+    for k in PEER_KS[tool]:
+        out = tmp / f"{tool}-{k}"
+        proc = subprocess.run(
+            [str(PEERS_PYTHON), str(HERE / "peer_store.py"), tool, "--k", str(k), "--out", str(out), *map(str, dirs)],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode:
+            points.append({"k": k, "failed": proc.stderr[-300:]})
+            continue
+        disk = json.loads(proc.stdout.strip().splitlines()[-1])["disk_bytes"]
+        candidates = {d.name: load_adapter(out / "tasks" / d.name, d.name) for d in dirs}
+        points.append(
+            {"k": k, "disk_bytes": disk, "error": pooled_error(originals, candidates), "adapters": candidates}
+        )
+    return points
+
+
+def pooled_error(originals: dict, candidates: dict) -> float:
+    """sqrt(Σ ‖ΔW − ΔW'‖² / Σ ‖ΔW‖²) over tasks and layers, from 2r x 2r Grams in float64."""
+    num = den = 0.0
+    for task, adapter in originals.items():
+        for name, layer in adapter.layers.items():
+            other = candidates[task].layers[name]
+            F = (layer.A.double().T * layer.scaling)[None], layer.B.double()[None]
+            G = (other.A.double().T * other.scaling)[None], other.B.double()[None]
+            norm2 = ((F[1][0].T @ F[1][0]) * (F[0][0].T @ F[0][0])).sum().item()
+            num += delta_w_gap(F, G).item() ** 2 * norm2
+            den += norm2
+    return math.sqrt(num / den)
+
+
+def pick(points: list[dict], budget: float) -> dict | None:
+    """The point with the most bytes within ``budget`` (the best k the budget buys)."""
+    fits = [p for p in points if "disk_bytes" in p and p["disk_bytes"] <= budget]
+    return max(fits, key=lambda p: p["disk_bytes"]) if fits else None
+
+
+def behaviour(originals: dict, chosen: dict[str, dict], prompts, config: BehaviourConfig) -> dict[str, dict]:
+    """label -> task -> TaskBehaviour, every chosen point's adapters in one joint decomposition."""
+    ids = list(originals)
+    labels = list(chosen)
+    adapters = aligned([originals[t] for t in ids] + [chosen[lb]["adapters"][t] for lb in labels for t in ids])
+    names = ids + [f"{CANDIDATE}{lb}/{t}" for lb in labels for t in ids]
+    full = SharedSubspace.decompose(adapters, names)
+    model, tokenizer = load_base_model("bundled", dtype="fp32")
+    ref = reference(model, tokenizer, full, prompts, config, task_ids=ids)
+    variants = {lb: {t: full.tasks[f"{CANDIDATE}{lb}/{t}"] for t in ids} for lb in labels}
+    return measure_variants(model, tokenizer, full, ref, variants, config)
+
+
+def summary(tasks: dict) -> dict:
+    kl = [b.kl for b in tasks.values()]
+    lost = [1 - b.effect_retained for b in tasks.values() if not b.no_effect]
+    agree = [b.agreement for b in tasks.values()]
+    return {
+        "kl": sum(kl) / len(kl),
+        "effect_lost": sum(lost) / len(lost) if lost else float("nan"),
+        "agreement": sum(agree) / len(agree),
+        "per_task": {
+            t: {"kl": b.kl, "effect_retained": b.effect_retained, "agreement": b.agreement} for t, b in tasks.items()
+        },
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--answer-tokens", type=int, default=8)
+    parser.add_argument("--peers", nargs="*", default=list(PEER_KS))
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    dirs = sorted(p for p in DEMO.iterdir() if (p / "adapter_config.json").is_file())
+    originals = {d.name: load_adapter(d) for d in dirs}
+    original_bytes = sum((d / "adapter_model.safetensors").stat().st_size for d in dirs)
+    peers = args.peers if PEERS_PYTHON.exists() else []
+    curves = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in ("flat", "rank"):
+            for dtype in DTYPES:
+                curves[f"vlora {method} {dtype}"] = vlora_points(list(originals.values()), method, dtype, Path(tmp))
+        for tool in peers:
+            curves[tool] = peer_points(tool, dirs, originals, Path(tmp))
+    chosen, table = {}, {}
+    for budget, share in BUDGETS.items():
+        table[budget] = {}
+        for variant, points in curves.items():
+            point = pick(points, share * original_bytes)
+            if point is not None:
+                label = f"{variant} k={point['k']}"
+                chosen[label] = point
+                table[budget][variant] = label
+    config = BehaviourConfig(answer_tokens=args.answer_tokens)
+    scored = behaviour(originals, chosen, read_prompts(PROMPTS), config)
+    rows = {
+        lb: {"k": p["k"], "disk_bytes": p["disk_bytes"], "error": p["error"]} | summary(scored[lb])
+        for lb, p in chosen.items()
+    }
+    verdicts = {}
+    for budget, picks in table.items():
+        ours = {v: rows[lb] for v, lb in picks.items() if v.startswith("vlora ")}
+        theirs = {v: rows[lb] for v, lb in picks.items() if not v.startswith("vlora ")}
+        verdicts[budget] = verdict(ours, theirs)
+    payload = {
+        "original_bytes": original_bytes,
+        "budgets": BUDGETS,
+        "answer_tokens": args.answer_tokens,
+        "curves": {v: [{k: x for k, x in p.items() if k != "adapters"} for p in pts] for v, pts in curves.items()},
+        "picks": table,
+        "rows": rows,
+        "verdicts": verdicts,
+    }
+    write_result("budgets", payload)
+    for budget, v in verdicts.items():
+        print(budget, json.dumps(v))
+    return payload
+
+
+def verdict(ours: dict, theirs: dict) -> dict:
+    """The best vlora variant against the best peer at one budget, by KL and by effect lost (lower is better)."""
+    out = {}
+    for metric in ("kl", "effect_lost", "error"):
+        mine = min(ours.items(), key=lambda kv: kv[1][metric], default=None)
+        peer = min(theirs.items(), key=lambda kv: kv[1][metric], default=None)
+        if mine is None:
+            out[metric] = {"vlora": None}
+            continue
+        entry = {"vlora": mine[0], "vlora_value": mine[1][metric]}
+        if peer is not None:
+            ratio = mine[1][metric] / peer[1][metric] if peer[1][metric] > 0 else float("inf")
+            entry |= {"peer": peer[0], "peer_value": peer[1][metric], "ratio": ratio, "meets_half": ratio <= 0.5}
+        else:
+            entry |= {"peer": None, "meets_half": True}  # no peer store fits this budget at all
+        out[metric] = entry
+    return out
+
+
+if __name__ == "__main__":
+    main()
