@@ -266,12 +266,13 @@ class Callbacks:
     def export(
         self,
         task_ids: list[str] | None,
-        alpha: float | None,
+        alpha: str | float | None,
         base_model: str,
         request: gr.Request,
         progress=gr.Progress(track_tqdm=True),
     ):
         """Export tasks (all when empty) at the current k. Returns (adapters zip, store zip, status)."""
+        alpha = _alpha(alpha)
         with self.sessions.open(request) as bench:
             exported = bench.export(task_ids or None, alpha=alpha, base_model=(base_model or "").strip() or None)
         sizes = [plots.human_bytes(path.stat().st_size) for path in (exported.adapters_zip, exported.store_zip)]
@@ -371,6 +372,20 @@ def _cells(r: AdapterRow) -> list:
         plots.human_bytes(r.num_bytes),
         r.problem or "—",
     ]
+
+
+def _alpha(value: str | float | None) -> float | None:
+    """The export's lora_alpha box: blank keeps each adapter's own; the core checks the number's range."""
+    text = "" if value is None else str(value).strip()
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise gr.Error(
+            f"lora_alpha to write: {text[:40]!r} is not a number; type one such as 16, or leave it blank to keep "
+            "each adapter's own."
+        ) from None
 
 
 def _count(items: list, noun: str) -> str:

@@ -221,11 +221,10 @@ def _export_tab() -> dict:
             elem_id="export-tasks",
         )
         with gr.Row():
-            alpha = gr.Number(
-                None,
-                label="lora_alpha to write (ΔW is unchanged)",
+            # A text box: an empty number box sends 0 from the browser, which is a value (refused), not "keep".
+            alpha = gr.Textbox(
+                label="lora_alpha to write (ΔW is unchanged; blank: each adapter's own)",
                 placeholder="each adapter's own",
-                minimum=0,
                 elem_id="export-alpha",
             )
             base_model = gr.Textbox(label="base_model_name_or_path to write (blank: keep)", elem_id="export-base")

@@ -71,7 +71,7 @@ class Loaded:
 
 @dataclass(frozen=True)
 class AdapterRow:
-    task_id: str  # a refused folder: its path as in the upload
+    task_id: str  # a refused folder: the id it would have had (its path in the upload if that id is taken)
     rank_min: int
     rank_max: int
     alpha: float | None
@@ -246,12 +246,13 @@ class Workbench:
             shown = folder.relative_to(root).as_posix() if folder.is_relative_to(root) else str(folder)
             try:
                 task_id, adapter = self._admit(folder, root, shown, name, label)
-            except VLoRAError as error:
-                refused[shown], _ = str(error), errors.append(error)
+            except VLoRAError as error:  # listed under the id it would have had (its path if that is taken)
+                refused[shown if name in refused or name in self.adapters else name] = str(error)
+                errors.append(error)
                 continue
             adapter.source = task_id  # compatibility messages name adapters as the table does
             self.adapters[task_id] = adapter
-            for key in (shown, task_id):
+            for key in (name, shown, task_id):  # loading a fixed folder clears its refusal
                 self.refused.pop(key, None)
             added.append(task_id)
             if task_id != name:

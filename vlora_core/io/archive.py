@@ -116,9 +116,11 @@ def _write_entries(zf: zipfile.ZipFile, entries, dest: Path, label: str, max_tot
 
 
 def adapter_folders(root: str | Path) -> list[Path]:
-    """Every folder under ``root`` (itself included) holding an adapter_config.json, sorted; links not followed."""
+    """Every folder under ``root`` (itself included) holding a PEFT file (adapter_config.json or the weights),
+    sorted; links not followed. A folder with weights but no config is listed, so that reading it says what is
+    missing instead of skipping it unseen."""
     root = Path(root)
-    found = [Path(folder) for folder, _, files in os.walk(root) if ADAPTER_CONFIG in files]
+    found = [Path(folder) for folder, _, files in os.walk(root) if any(name in files for name in ADAPTER_FILES)]
     return sorted(f for f in found if not any(part in SKIPPED_FOLDERS for part in f.relative_to(root).parts))
 
 
