@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,19 +16,27 @@ from transformers import LlamaForCausalLM
 from vlora_core import CompressConfig, SharedSubspace, VLoRAModel, load_adapter
 from vlora_core.behaviour import (
     BehaviourConfig,
+    TaskBehaviour,
+    check_ks,
     compare_adapters,
+    compare_pair,
+    effect_warnings,
     evaluate,
     measure,
     recommend,
     reference,
+    running,
     stored_bytes,
+    task_scores,
 )
 from vlora_core.errors import CompatibilityError, VLoRAError
 from vlora_core.io.prompts import (
     GENERIC_PROMPTS,
     Prompt,
     PromptError,
+    prompt_rows,
     prompts_by_task,
+    prompts_from_rows,
     read_prompts,
     write_prompts,
 )
@@ -39,6 +48,8 @@ PROMPTS = (
     Prompt("a b c d e f", task="b"),  # task b is checked on this one alone
 )
 CONFIG = BehaviourConfig(answer_tokens=6, batch_rows=5)  # several batches of mixed lengths
+# the same prompts behind a shared opening (as a chat template's system turn): run once per task, then each row
+PREFIXED = tuple(Prompt("Answer in your own way: " + p.text, p.answer, p.task) for p in PROMPTS)
 
 
 # ---- fixtures: a tiny Llama with a byte tokenizer, adapters written by peft ------------------------------
@@ -212,11 +223,13 @@ def one_row_logits(model, task_subspace, task, tokens):
             wrapped.unload()
 
 
-@pytest.mark.parametrize(("method", "k"), [("flat", 1), ("rank", 3)])
-def test_batched_equals_naive_per_row(tiny, adapters, method, k):
+@pytest.mark.parametrize(
+    ("method", "k", "prompts"), [("flat", 1, PROMPTS), ("rank", 3, PROMPTS), ("rank", 2, PREFIXED)]
+)
+def test_batched_equals_naive_per_row(tiny, adapters, method, k, prompts):
     model, tokenizer = tiny
     full = SharedSubspace.decompose(adapters, ["a", "b", "c"], method=method)
-    ref = reference(model, tokenizer, full, PROMPTS, CONFIG)
+    ref = reference(model, tokenizer, full, prompts, CONFIG)
     report = measure(model, tokenizer, full, ref, [k], CONFIG)
     cut = full.truncated(k)
     for task in ref.task_ids:
@@ -237,6 +250,30 @@ def test_batched_equals_naive_per_row(tiny, adapters, method, k):
         assert got.kl == pytest.approx(kl / positions, rel=1e-3, abs=1e-6)
         assert got.agreement == agree / positions
         assert got.effect_retained == pytest.approx(1 - math.sqrt(gap / effect), abs=1e-4)
+
+
+@pytest.mark.parametrize("method", ["flat", "rank"])
+def test_a_shared_opening_runs_once_per_task_with_the_same_numbers(tiny, adapters, method):
+    model, tokenizer = tiny
+    full = SharedSubspace.decompose(adapters, ["a", "b", "c"], method=method)
+    with running(model, tokenizer, full, full.tasks, CONFIG) as runner:
+        rows = [("a", (5, 6, 7, 8, 9)), ("b", (5, 6, 7, 1)), ("a", (5, 6, 2, 3))]
+        prefix = runner.shared_prefix(rows, [4, 3, 3])  # rows use outputs from positions 4, 3 and 3 on
+        assert prefix.tokens == (5, 6) and prefix.tasks == {"a": 0, "b": 1}  # 2 of the 3 rows' tokens, 2 tasks
+        assert prefix.layers[0][0].shape[:3:2] == (2, 2)  # keys (tasks, heads, tokens, head_dim)
+        assert runner.shared_prefix(rows, [1, 3, 3]).tokens == (5,)  # never up to a used position
+        assert runner.shared_prefix(rows[:2], [4, 3]) is None  # a task per row: nothing saved
+    config = BehaviourConfig(answer_tokens=6, batch_rows=5, greedy_chars=5)
+    shared, plain = (
+        evaluate(model, tokenizer, full, [1, 2], PREFIXED, replace(config, share_prefix=on)) for on in (True, False)
+    )
+    for ours, theirs in zip(shared.settings, plain.settings):
+        for task, result in ours.tasks.items():
+            other = theirs.tasks[task]
+            assert result.positions == other.positions and result.greedy_same == other.greedy_same
+            assert result.agreement == other.agreement
+            assert result.kl == pytest.approx(other.kl, rel=1e-4, abs=1e-7)
+            assert result.effect_retained == pytest.approx(other.effect_retained, abs=1e-5)
 
 
 def test_generated_answers_are_the_originals_greedy_continuation(tiny, adapters):
@@ -313,3 +350,50 @@ def test_prompts_by_task_own_else_shared_and_unknown_tasks_named(tmp_path):
         prompts_by_task(read_prompts(path), ["sentiment"])
     with pytest.raises(PromptError, match="no prompt for task 'a'"):
         prompts_by_task([Prompt("x", task="b")], ["a", "b"])
+
+
+def test_prompt_table_rows_round_trip_and_fail_by_row():
+    rows = prompt_rows(PROMPTS)
+    assert rows[0] == ["", "hello there", " general kenobi"] and rows[3] == ["b", "a b c d e f", ""]
+    back = prompts_from_rows([*rows, ["", "", ""], [None, None, None]])  # blank rows are skipped
+    assert [(p.text, p.answer, p.task) for p in back] == [(p.text, p.answer, p.task) for p in PROMPTS]
+    assert back[1].origin == "prompt table, row 2"
+    with pytest.raises(PromptError, match=r'prompt table, row 2: "prompt" must be non-empty text'):
+        prompts_from_rows([["", "fine", ""], ["sentiment", "  ", "positive"]])
+    with pytest.raises(PromptError, match="holds no prompts"):
+        prompts_from_rows([["", " ", ""]])
+
+
+# ---- what the workbench and the export check use ----------------------------------------------------------
+@pytest.mark.parametrize(
+    ("k_max", "expected"),
+    [(1, [1]), (4, [1, 2, 3, 4]), (5, [1, 2, 3, 4, 5]), (40, [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 40])],
+)
+def test_check_ks_doubles_with_halfway_steps_up_to_lossless(k_max, expected):
+    assert check_ks(k_max) == expected
+
+
+def test_effect_warnings_name_low_near_zero_and_nothing_to_keep():
+    def result(effect, agreement=0.9, no_effect=False):
+        return TaskBehaviour("t", 0.1, agreement, effect, no_effect, 10)
+
+    results = {"fine": result(0.97), "low": result(0.8), "gone": result(0.02), "idle": result(math.nan, 1, True)}
+    low, gone, idle = effect_warnings(results)  # in task order; "fine" says nothing
+    assert low.startswith("'low': effect retained 0.800, below 0.95") and "larger k" in low
+    assert gone.startswith("'gone': effect retained 0.020, near zero") and "base model" in gone
+    assert idle.startswith("'idle': the original adapter changes nothing")
+    assert effect_warnings(results, min_effect=0.75) == [gone, idle]
+    assert effect_warnings({"fine": result(0.97)}) == []
+
+
+def test_compare_pair_is_exact_for_a_task_against_itself_and_sees_the_base(tiny, adapters):
+    model, tokenizer = tiny
+    full = SharedSubspace.decompose(adapters, ["a", "b", "c"], method="rank")
+    same = compare_pair(model, tokenizer, full, "a", "a", "the cat sat on", " the mat")
+    assert same.kl == pytest.approx(0.0, abs=1e-7) and same.agreement == 1.0 and same.positions == len(" the mat")
+    other = compare_pair(model, tokenizer, full, "a", None, "the cat sat on", " the mat")  # against the base
+    ref = reference(model, tokenizer, full, [Prompt("the cat sat on", " the mat")], CONFIG, task_ids=["a"])
+    base = task_scores(ref, ref.base, CONFIG)["a"]  # the base model against the original, the same positions
+    assert other.kl == pytest.approx(base.kl, rel=1e-4) and other.agreement == base.agreement
+    with pytest.raises(PromptError, match="the answer '' has no tokens"):
+        compare_pair(model, tokenizer, full, "a", "b", "hi", "")

@@ -20,8 +20,10 @@ positions cover the adapter's own behaviour.
 Forward passes: one VLoRAModel over the full basis holds every variant as a task (a setting's loadings,
 zero-padded to the full k, stand for the same ΔW as the truncated store), so each task x setting x prompt is
 one row of a mixed batch; rows are left-padded, sorted by length, and only the last A positions' logits are
-computed. The base model's and the originals' logits are computed once (``reference``) and reused for every
-setting; settings that keep the same k everywhere are measured once.
+computed. The tokens every row starts with (a chat template's system turn: 24 of SmolLM2's ~55 per row) run once
+per task, and every row goes on from that cache (``Runner.shared_prefix``). The base model's and the originals'
+logits are computed once (``reference``) and reused for every setting; settings that keep the same k everywhere
+are measured once.
 
 Glossary (with ``adapter``'s): N tasks, P prompts of a task, R rows of a batch, W its width in tokens, A scored
 positions per row (padded to the batch's longest answer), V vocabulary, z logits.
@@ -31,12 +33,14 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from vlora_core import CompressConfig, SharedSubspace, VLoRAModel
 from vlora_core.adapter import LoRAAdapter, LoRALayer
@@ -50,6 +54,7 @@ SUMS = ("kl", "agree", "gap_sq", "norm_sq", "positions")  # the columns of ``pos
 KL, AGREE, GAP_SQ, NORM_SQ, POSITIONS = range(len(SUMS))
 BYTES_PER_NUMBER = 4  # stores hold fp32
 CANDIDATE = "candidate: "  # prefix of the candidates' ids inside ``compare_adapters``' joint decomposition
+NEAR_ZERO_EFFECT = 0.1  # effect retained below this: the task acts about like the base model
 
 Progress = Callable[[float, str], object]  # (fraction done, what is running), e.g. a gr.Progress
 
@@ -62,6 +67,7 @@ class BehaviourConfig:
     greedy_chars: int = 0  # > 0: also compare each variant's greedy answer with the original's first n characters
     chat: bool = True  # wrap prompts in the tokenizer's chat template (as chat adapters are trained)
     no_effect_tol: float = 1e-4  # ‖z_o − z_base‖ ≤ tol · ‖z_base‖: the adapter has no effect to keep
+    share_prefix: bool = True  # run the tokens every row starts with (a chat template's system turn) once per task
 
     def __post_init__(self):
         for name, least in (("answer_tokens", 1), ("max_answer_tokens", 1), ("batch_rows", 1), ("greedy_chars", 0)):
@@ -231,6 +237,21 @@ def _batches(lengths: Sequence[int], batch_rows: int) -> Iterator[list[int]]:
 
 
 @dataclass(frozen=True)
+class Prefix:
+    """The tokens every row of a pass starts with (the chat template's system turn, say), run once per task:
+    each layer's keys and values (n, heads, p, head_dim), row i for ``tasks[i]``. Rows then run only the rest."""
+
+    tokens: tuple[int, ...]
+    tasks: dict[str | None, int]  # task id -> its row in the keys and values
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per decoder layer: keys, values
+
+    def cache(self, tasks: Sequence[str | None]) -> DynamicCache:
+        """A fresh cache holding, for each row, the prefix as its task ran it."""
+        index = torch.tensor([self.tasks[t] for t in tasks], device=self.layers[0][0].device)
+        return DynamicCache([(keys[index], values[index]) for keys, values in self.layers])
+
+
+@dataclass(frozen=True)
 class Runner:
     """A VLoRAModel holding every task a pass needs, and what running it takes."""
 
@@ -244,21 +265,56 @@ class Runner:
     def device(self) -> torch.device:
         return next(self.model.base_model.parameters()).device
 
-    def logits(self, runs: Sequence[Run], answers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced logits (R, A, V) at each row's last A inputs, and which are scored (R, A) bool."""
-        ids, mask = left_padded([tokens for _, tokens in runs], self.pad_id)
-        A, device = max(answers), self.device
-        keep = "logits_to_keep" in inspect.signature(type(self.model.base_model).forward).parameters
+    def logits(
+        self, runs: Sequence[Run], answers: Sequence[int], prefix: Prefix | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced logits (R, A, V) at each row's last A inputs, and which are scored (R, A) bool; rows
+        go on from ``prefix`` (a ``shared_prefix`` of them all) when given."""
+        ids, mask, past = self._inputs(runs, prefix)
+        A, p = max(answers), 0 if prefix is None else len(prefix.tokens)
         out = self.model(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),  # left padding: each row counts from 0
+            input_ids=ids[:, p:],
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, p:],  # left padding: each row counts from 0
+            past_key_values=past,
             task_ids=[task for task, _ in runs],
             use_cache=False,
-            **({"logits_to_keep": A} if keep else {}),  # the LM head then runs on A positions, not W
+            **self._keep(A),  # the LM head then runs on A positions, not W
         )
         scored = torch.arange(A)[None] >= (A - torch.tensor(answers))[:, None]  # (R, A): the last `answer` ones
-        return out.logits[:, -A:], scored.to(device)
+        return out.logits[:, -A:], scored.to(self.device)
+
+    def shared_prefix(self, runs: Sequence[Run], starts: Sequence[int]) -> Prefix | None:
+        """The leading tokens all ``runs`` share, short of each row's first position whose output is used
+        (``starts``), run once per task; None when that saves nothing (``BehaviourConfig.share_prefix`` off,
+        no such tokens, or a task per row)."""
+        tokens = tuple(os.path.commonprefix([t for _, t in runs]))[: min(starts, default=0)]
+        tasks = list(dict.fromkeys(task for task, _ in runs))
+        if not self.config.share_prefix or not tokens or len(tasks) == len(runs):
+            return None
+        parts = []
+        for start in range(0, len(tasks), self.config.batch_rows):
+            chunk = tasks[start : start + self.config.batch_rows]
+            ids = torch.tensor([tokens] * len(chunk), device=self.device)
+            past = self.model(input_ids=ids, task_ids=chunk, use_cache=True, **self._keep(1)).past_key_values
+            parts.append([(layer.keys, layer.values) for layer in past.layers])
+        layers = tuple((torch.cat(keys), torch.cat(values)) for keys, values in (zip(*ls) for ls in zip(*parts)))
+        return Prefix(tokens, {task: i for i, task in enumerate(tasks)}, layers)
+
+    def _inputs(self, runs: Sequence[Run], prefix: Prefix | None):
+        """input_ids and attention_mask (R, p + W): the prefix, left padding, each row's own tokens; and the
+        prefix's cache (None without one)."""
+        shared = () if prefix is None else prefix.tokens
+        ids, mask = left_padded([tokens[len(shared) :] for _, tokens in runs], self.pad_id)
+        ids = torch.cat([torch.tensor(shared, dtype=torch.long).expand(len(runs), len(shared)), ids], 1)
+        mask = F.pad(mask, (len(shared), 0), value=1)
+        past = None if prefix is None else prefix.cache([task for task, _ in runs])
+        return ids.to(self.device), mask.to(self.device), past
+
+    def _keep(self, n: int) -> dict:
+        """``logits_to_keep=n`` where the model takes it: the LM head runs on the last n positions only."""
+        keep = "logits_to_keep" in inspect.signature(type(self.model.base_model).forward).parameters
+        return {"logits_to_keep": n} if keep else {}
 
     def compare(
         self,
@@ -269,8 +325,9 @@ class Runner:
     ) -> torch.Tensor:
         """``position_sums`` of each run against each of its reference rows' logits (a, V), in result slots (S, 5)."""
         slots = torch.zeros(sum(len(t) for t in targets), len(SUMS))
+        prefix = self.shared_prefix(runs, [len(t) - a for (_, t), a in zip(runs, answers)])
         for done, batch in enumerate(_batches([len(t) for _, t in runs], self.config.batch_rows)):
-            logits, scored = self.logits([runs[j] for j in batch], [answers[j] for j in batch])
+            logits, scored = self.logits([runs[j] for j in batch], [answers[j] for j in batch], prefix)
             rows = [b for b, j in enumerate(batch) for _ in targets[j]]
             pairs = [pair for j in batch for pair in targets[j]]
             stacked = _stacked([ref[i] for i, _ in pairs], logits.shape[1], logits.device)  # (M, A, V)
@@ -281,8 +338,10 @@ class Runner:
     def originals(self, rows: Sequence[ScoredRow]) -> list[torch.Tensor]:
         """The original adapters' logits (a, V) at each row's scored positions, fp32 on the CPU."""
         kept: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+        runs = [(row.task, row.inputs) for row in rows]
+        prefix = self.shared_prefix(runs, [len(row.inputs) - row.answer for row in rows])
         for done, batch in enumerate(_batches([len(r.tokens) for r in rows], self.config.batch_rows)):
-            logits, _ = self.logits([(rows[j].task, rows[j].inputs) for j in batch], [rows[j].answer for j in batch])
+            logits, _ = self.logits([runs[j] for j in batch], [rows[j].answer for j in batch], prefix)
             for b, j in enumerate(batch):
                 kept[j] = logits[b, logits.shape[1] - rows[j].answer :].to("cpu", torch.float32, copy=True)
             self._tick(done + 1, len(rows), "original adapters")
@@ -291,11 +350,13 @@ class Runner:
     def greedy(self, runs: Sequence[Run]) -> list[tuple[int, ...]]:
         """Each run's greedy continuation (at most ``answer_tokens``), up to and including its first end token."""
         found: list[tuple[int, ...]] = [()] * len(runs)
+        prefix = self.shared_prefix(runs, [len(t) - 1 for _, t in runs])
         for done, batch in enumerate(_batches([len(t) for _, t in runs], self.config.batch_rows)):
-            ids, mask = left_padded([runs[j][1] for j in batch], self.pad_id)
+            ids, mask, past = self._inputs([runs[j] for j in batch], prefix)
             out = self.model.generate(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
+                input_ids=ids,
+                attention_mask=mask,
+                past_key_values=past,  # generate runs only what the cache does not hold
                 task_ids=[runs[j][0] for j in batch],
                 max_new_tokens=self.config.answer_tokens,
                 do_sample=False,
@@ -590,6 +651,69 @@ def _size(setting: SettingBehaviour) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return ""
+
+
+def check_ks(k_max: int) -> list[int]:
+    """The k a behaviour check measures on a basis of ``k_max`` directions: 1, 2, 3, 4, 6, 8, 12, 16, 24, ...
+    (powers of two and the steps halfway between them) and ``k_max`` itself, where nothing is cut."""
+    ks = {1, k_max} | {2**e for e in range(k_max.bit_length())} | {3 * 2**e for e in range(k_max.bit_length())}
+    return sorted(k for k in ks if k <= k_max)
+
+
+def effect_warnings(results: dict[str, TaskBehaviour], min_effect: float = DEFAULT_MIN_EFFECT) -> list[str]:
+    """One sentence per task that does not keep its effect: below ``min_effect``, near zero (it acts about like
+    the base model), or nothing to keep (the original changes nothing on these prompts). Empty: all is well."""
+    found = []
+    for task, b in results.items():
+        if b.no_effect:
+            found.append(
+                f"{task!r}: the original adapter changes nothing on these prompts, so there is no effect to keep; "
+                "check the adapter, or give prompts of its own kind."
+            )
+        elif b.effect_retained < NEAR_ZERO_EFFECT:
+            found.append(
+                f"{task!r}: effect retained {b.effect_retained:.3f}, near zero: it acts about like the base model "
+                f"(top-1 agreement {b.agreement:.3f}); keep more directions (a larger k)."
+            )
+        elif b.effect_retained < min_effect:
+            found.append(
+                f"{task!r}: effect retained {b.effect_retained:.3f}, below {min_effect:g} (top-1 agreement "
+                f"{b.agreement:.3f}); a larger k keeps more (`vlora eval` shows which k keeps enough)."
+            )
+    return found
+
+
+# ---- two tasks on one prompt (the A/B test) ---------------------------------------------------------------
+@dataclass(frozen=True)
+class PairBehaviour:
+    """B against A on one prompt, teacher-forced on one answer."""
+
+    kl: float  # mean KL(A ‖ B) per position, nats
+    agreement: float  # share of positions whose top-1 token is the same
+    positions: int  # answer tokens scored
+
+
+def compare_pair(
+    base_model,
+    tokenizer,
+    subspace: SharedSubspace,
+    a: str | None,
+    b: str | None,
+    prompt: str,
+    answer: str,
+    config: BehaviourConfig = BehaviourConfig(),
+) -> PairBehaviour:
+    """Tasks ``a`` and ``b`` of ``subspace`` (None: the base model) on ``prompt``, teacher-forced on ``answer``
+    (say, A's own): one mixed batch of two rows. Raises ``PromptError`` for an empty prompt or answer."""
+    given = Prompt(prompt, answer, origin="the A/B prompt")
+    head = _tokens(tokenizer, chat_prompt(tokenizer, prompt) if config.chat else prompt, given, "prompt")
+    tail = _tokens(tokenizer, answer, given, "answer", config.max_answer_tokens)
+    row = ScoredRow(str(a), head + tail, len(tail))
+    tasks = {t: subspace.task(t) for t in (a, b) if t is not None}
+    with running(base_model, tokenizer, subspace, tasks, config) as runner:
+        logits, scored = runner.logits([(a, row.inputs), (b, row.inputs)], [row.answer] * 2)
+    kl, agree, _, _, positions = position_sums(logits[1:], logits[:1], scored[1:])[0].tolist()
+    return PairBehaviour(kl / positions, agree / positions, int(positions))
 
 
 # ---- one adapter set against another (export checks) -------------------------------------------------------

@@ -95,6 +95,11 @@ def parse_line(line: str, origin: str) -> Prompt:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise PromptError(f"{origin}: not JSON ({err.msg}, column {err.colno}); {_shape_hint()}") from None
+    return parse_record(record, origin)
+
+
+def parse_record(record: object, origin: str) -> Prompt:
+    """One prompt's object (a line's JSON, a table row) as a Prompt, checked as ``parse_line`` checks it."""
     if not isinstance(record, dict):
         raise PromptError(f"{origin}: a JSON {type(record).__name__}, not an object; {_shape_hint()}")
     unknown = [key for key in record if key not in PROMPT_KEYS]
@@ -135,6 +140,29 @@ def _shape_hint() -> str:
 def _did_you_mean(key: str) -> str:
     close = difflib.get_close_matches(key, PROMPT_KEYS, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ---- as a table: one row per prompt (task, prompt, answer), blank for none ------------------------------------
+TABLE_COLUMNS = ("task", "prompt", "answer")
+
+
+def prompt_rows(prompts: Iterable[Prompt]) -> list[list[str]]:
+    """Prompts as table rows: task ("" when shared), prompt, answer ("" when none)."""
+    return [[p.task or "", p.text, p.answer or ""] for p in prompts]
+
+
+def prompts_from_rows(rows: Iterable[Sequence[object]], origin: str = "prompt table") -> tuple[Prompt, ...]:
+    """The prompts of table rows (task, prompt, answer), checked as a file's lines are: a blank task is shared by
+    every task, a blank answer is none, a blank row is skipped. Raises ``PromptError`` naming the row."""
+    found = []
+    for n, row in enumerate(rows, 1):
+        cells = dict(zip(TABLE_COLUMNS, ("" if cell is None else str(cell) for cell in row)))
+        record = {key: value for key, value in cells.items() if value.strip() or key == "prompt"}
+        if any(value.strip() for value in cells.values()):
+            found.append(parse_record(record, f"{origin}, row {n}"))
+    if not found:
+        raise PromptError(f"{origin}: holds no prompts; type one per row (task blank: every task's) or upload a file.")
+    return tuple(found)
 
 
 # ---- which prompts a task gets ------------------------------------------------------------------------
