@@ -320,3 +320,15 @@ def test_gguf_layout_matches_the_bundled_llama_cpp_model(tmp_path):
         base_name, side = t.name.rsplit(".", 1)
         W = weights[base_name]
         assert (t.shape[0] if side == "lora_a" else t.shape[1]) == W.shape[0 if side == "lora_a" else 1]
+
+
+def test_export_gguf_cli_takes_the_factor_dtype(folders, twins, tmp_path):
+    store = tmp_path / "store"
+    assert run_cli("compress", folders["plain"], twins["plain"], "-o", store, "-k", "1").returncode == 0
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(LLAMA))
+    for dtype, kind in (("fp16", gguf.GGMLQuantizationType.F16), ("fp32", gguf.GGMLQuantizationType.F32)):
+        out = tmp_path / f"{dtype}.gguf"
+        done = run_cli("export", store, "plain", "--format", "gguf", "--model", config, "--dtype", dtype, "-o", out)
+        assert done.returncode == 0, done.stderr
+        assert {t.tensor_type for t in gguf.GGUFReader(out).tensors} == {kind}

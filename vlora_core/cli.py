@@ -112,6 +112,7 @@ def export(args) -> None:
                 "config.json, org/name); its architecture names the llama.cpp tensors."
             )
         options["base_config"] = base_model_config(args.model)
+        options["gguf_dtype"] = "f16" if args.dtype == "fp16" else "f32"  # llama.cpp reads f32 and f16 pairs
     if args.all:
         done = list(export_all_serving(subspace, args.output, **options).values())
     else:

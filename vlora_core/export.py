@@ -213,7 +213,7 @@ def export_serving(
     max_rank: int | None = None,
     format: str = "peft",
     base_config: dict | None = None,
-    dtype: str = "f32",
+    gguf_dtype: str = "f32",
     force: bool = False,
     **overrides,
 ) -> ServingExport:
@@ -224,8 +224,8 @@ def export_serving(
         max_rank: the cap (e.g. vLLM's --max-lora-rank, 16 by default); None: every layer at its own rank.
         format: "peft" (a folder, checked with ``serving.check_vllm`` conventions: scaling 1 where capped) or
             "gguf" (one file; ``base_config`` is then the base model's config.json, see ``io.gguf_files``).
-        dtype: the GGUF tensors' dtype, "f32" or "f16".
-        force, overrides: as for ``export_task`` (alpha, base_model, target_modules).
+        gguf_dtype: the GGUF tensors' dtype, "f32" or "f16".
+        force, overrides: as for ``export_task`` (alpha, base_model, target_modules, dtype of the factors).
 
     Returns:
         A ``ServingExport`` with the path and the cap's exact truncation error.
@@ -244,7 +244,7 @@ def export_serving(
     if format == "gguf":
         if base_config is None:
             raise VLoRAError("--format gguf needs the base model's config (--model SRC: bundled, a folder, org/name).")
-        path = save_gguf_checked(adapter, out, base_config, dtype=dtype, force=force)
+        path = save_gguf_checked(adapter, out, base_config, dtype=gguf_dtype, force=force)
     else:
         path = save_checked(adapter, out, force=force)
     return ServingExport(task_id, path, format, max_rank, adapter.ranks, layer_errors, error)
