@@ -124,3 +124,42 @@ def test_eval_measures_behaviour_per_k_and_recommends(adapter_dirs, tmp_path):
     assert text.returncode == 0 and "rank basis: k=" in text.stdout and "keeps every task" in text.stdout
     bad = vlora("eval", *args[:-1], "0,x")
     assert bad.returncode == 1 and "--k '0,x': give whole numbers" in bad.stderr
+
+
+# ---- vlora export --verify ------------------------------------------------------------------------------
+def test_export_verify_warns_below_the_threshold_and_is_quiet_when_kept(adapter_dirs, tmp_path):
+    from vlora_core.base_model import load_base_model
+    from vlora_core.behaviour import compare_adapters
+    from vlora_core.io.peft_files import load_adapter
+    from vlora_core.io.prompts import read_prompts
+
+    model = make_tiny_model(tmp_path / "model")
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"prompt": "the cat sat on", "answer": " the mat today"}, {"prompt": "one two three"}]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    measure_on = ["--model", model, "--prompts", prompts]
+    assert vlora("compress", *adapter_dirs, "-o", tmp_path / "k1", "-k", "1").returncode == 0
+    low = vlora(
+        "export", tmp_path / "k1", "qa", "-o", tmp_path / "qa", "--verify", "--original", adapter_dirs[3], *measure_on
+    )
+    assert low.returncode == 0, low.stderr  # a warning, not a failure: the export stands
+    base_model, tokenizer = load_base_model(model)
+    original, written = load_adapter(adapter_dirs[3], "qa"), load_adapter(tmp_path / "qa", "qa")
+    expected = compare_adapters(base_model, tokenizer, {"qa": original}, {"qa": written}, read_prompts(prompts))["qa"]
+    assert expected.effect_retained < 0.95  # k = 1 of 3 directions loses part of qa's effect
+    assert f"qa: effect retained {expected.effect_retained:.3f}" in low.stdout
+    assert "against its original folder" in low.stdout
+    assert f"vlora export: warning: 'qa': effect retained {expected.effect_retained:.3f}, below 0.95" in low.stderr
+
+    assert vlora("compress", *adapter_dirs, "-o", tmp_path / "k3", "-k", "3").returncode == 0  # every direction
+    kept = vlora(
+        "export", tmp_path / "k3", "--all", "-o", tmp_path / "all", "--verify", "--original", *adapter_dirs, *measure_on
+    )
+    assert kept.returncode == 0 and "warning" not in kept.stderr  # quiet: every task keeps its whole effect
+    assert kept.stdout.count("effect retained 1.000, top-1 agreement 1.000") == 4
+    stored = vlora("export", tmp_path / "k1", "qa", "-o", tmp_path / "qa2", "--verify", *measure_on)
+    assert stored.returncode == 0 and "effect retained 1.000" in stored.stdout and "the task as stored" in stored.stdout
+    missing = vlora("export", tmp_path / "k3", "--all", "-o", tmp_path / "x", "--verify", "--original", adapter_dirs[0])
+    assert missing.returncode == 1 and "--original: no folder named" in missing.stderr
+    gguf = vlora("export", tmp_path / "k3", "qa", "-o", tmp_path / "q.gguf", "--format", "gguf", "--verify")
+    assert gguf.returncode == 1 and "--verify reads the export back as a PEFT folder" in gguf.stderr

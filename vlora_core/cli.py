@@ -13,7 +13,7 @@ import sys
 
 from . import quality
 from .config import DEFAULT_METHOD, DEFAULT_NUM_COMPONENTS, DEFAULT_VARIANCE_THRESHOLD
-from .errors import VLoRAError
+from .errors import VLoRAError, short_list
 from .export import EXPORT_FORMATS, export_all, export_all_serving, export_serving, export_task, save_checked
 from .io.atomic import disk_problem
 from .io.peft_files import load_adapter
@@ -95,12 +95,17 @@ def export(args) -> None:
     overrides["dtype"] = args.dtype
     if args.all == (args.task is not None):
         raise VLoRAError("give either a TASK or --all (not both); `vlora info STORE` lists the tasks.")
+    if args.verify and args.format != "peft":
+        raise VLoRAError("--verify reads the export back as a PEFT folder; drop --format gguf, or --verify.")
     if args.max_rank is None and args.format == "peft":
         if args.all:
-            for task_id, path in export_all(subspace, args.output, **overrides).items():
-                print(f"exported {task_id!r} to {path}")
+            written = export_all(subspace, args.output, **overrides)
         else:
-            print(f"exported {args.task!r} to {export_task(subspace, args.task, args.output, **overrides)}")
+            written = {args.task: export_task(subspace, args.task, args.output, **overrides)}
+        for task_id, path in written.items():
+            print(f"exported {task_id!r} to {path}")
+        if args.verify:
+            _verify_export(subspace, written, args)
         return
     options = dict(overrides, max_rank=args.max_rank, format=args.format)
     if args.format == "gguf":
@@ -122,6 +127,47 @@ def export(args) -> None:
         print(f"exported {result.task_id!r} to {result.path} ({result.format}, ranks {_rank_range(result.ranks)}{cap})")
     if args.model and args.max_rank is not None and args.format == "peft":
         _print_cap_behaviour(subspace, done, args)
+    if args.verify:
+        _verify_export(subspace, {r.task_id: r.path for r in done}, args)
+
+
+def _verify_export(subspace: SharedSubspace, written: dict, args) -> None:
+    """Each task as written, read back, against its original (--original, else the task as the store holds it)
+    on the prompts, on --model (default: bundled): a line per task, and a warning for each that keeps less than
+    --min-effect of its effect, or nearly none (the export still stands: exit 0)."""
+    from .base_model import load_base_model
+    from .behaviour import compare_adapters, effect_warnings
+    from .io.prompts import GENERIC_PROMPTS, read_prompts
+
+    originals = _originals(subspace, list(written), args.original or [])
+    candidates = {task_id: load_adapter(path, task_id) for task_id, path in written.items()}
+    prompts = read_prompts(args.prompts) if args.prompts else GENERIC_PROMPTS
+    mine = [p for p in prompts if p.task is None or p.task in written]  # other tasks' own prompts are not asked
+    source = args.model or "bundled"
+    model, tokenizer = load_base_model(source)
+    against = "its original folder" if args.original else "the task as stored"
+    results = compare_adapters(model, tokenizer, originals, candidates, mine)
+    for task_id, b in results.items():
+        print(f"  {task_id}: {_behaviour_line(b)} (the export against {against}, on {source})")
+    for warning in effect_warnings(results, args.min_effect):
+        print(f"vlora export: warning: {warning}", file=sys.stderr)
+
+
+def _originals(subspace: SharedSubspace, task_ids: list[str], folders: list[str]) -> dict:
+    """Each task's original: its --original folder (named as the task; one folder for one task), else the store's."""
+    from .io.peft_files import folder_task_id
+
+    if not folders:
+        return {task_id: subspace.to_adapter(task_id) for task_id in task_ids}
+    named = {task_id: folders[0] for task_id in task_ids} if len(folders) == len(task_ids) == 1 else {}
+    named |= {folder_task_id(folder): folder for folder in folders if folder_task_id(folder) in task_ids}
+    missing = [task_id for task_id in task_ids if task_id not in named]
+    if missing:
+        raise VLoRAError(
+            f"--original: no folder named {short_list([repr(t) for t in missing])} among {short_list(folders)}; "
+            "give each exported task's original adapter folder, named as its task id."
+        )
+    return {task_id: load_adapter(folder, task_id) for task_id, folder in named.items()}
 
 
 def _rank_range(ranks: dict[str, int]) -> str:
@@ -335,6 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-rank, each capped task's behaviour against its exact ΔW is measured on it",
     )
     p.add_argument("--prompts", help="prompts for that measure (JSON lines, as for `vlora eval`)")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="then measure each exported task's effect retained on --prompts on --model (default: bundled) against "
+        "its --original folder (else the task as stored), and warn below --min-effect or near zero",
+    )
+    p.add_argument("--original", nargs="+", metavar="DIR", help="--verify against these adapter folders")
+    p.add_argument("--min-effect", type=float, default=0.95, help="--verify warns below this effect retained")
     p.set_defaults(run=export)
 
     p = commands.add_parser("merge", help="merge stored tasks on ΔW into one adapter (a folder and/or a new task)")
