@@ -10,6 +10,9 @@ through its documented Python API with its recommended settings and an explicit 
 ``compress`` reports the seconds of load + compress (imports excluded). ``fidelity`` reports the stored
 bytes (fp32 numbers kept for all tasks) and the pooled ΔW relative error, computed from r x r Grams the
 same way as vlora_core.quality (sqrt(Σ ‖ΔW − ΔW'‖² / Σ ‖ΔW‖²) over tasks and layers).
+``merge`` (vlora-dev only, bench/merge.py) runs its documented merge, vlora.merge.task_arithmetic(adapters,
+weights) — the weighted sums of the A and of the B factors — and saves it with vlora.save_adapter to --out;
+it reports the seconds of the merge alone.
 """
 
 from __future__ import annotations
@@ -101,14 +104,32 @@ def lorashare_score(share, dirs):
 TOOLS = {"vlora-dev": (vlora_dev_compress, vlora_dev_score), "lorashare": (lorashare_compress, lorashare_score)}
 
 
+def vlora_dev_merge(dirs, weights, out) -> float:
+    import vlora
+    from vlora.merge import task_arithmetic
+
+    adapters = [vlora.load_adapter(d) for d in dirs]
+    start = time.perf_counter()
+    merged = task_arithmetic(adapters, weights)
+    seconds = time.perf_counter() - start
+    vlora.save_adapter(merged, out)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tool", choices=list(TOOLS))
-    parser.add_argument("mode", choices=["compress", "fidelity"])
-    parser.add_argument("--k", type=int, required=True)
+    parser.add_argument("mode", choices=["compress", "fidelity", "merge"])
+    parser.add_argument("--k", type=int)
+    parser.add_argument("--weights", help="merge: comma-separated, one per folder")
     parser.add_argument("--out", required=True)
     parser.add_argument("dirs", nargs="+")
     args = parser.parse_args()
+    if args.mode == "merge":
+        weights = [float(w) for w in args.weights.split(",")]
+        seconds = vlora_dev_merge(args.dirs, weights, args.out)
+        print(json.dumps({"tool": args.tool, "seconds": seconds, "torch": torch.__version__}))
+        return
     compress, score = TOOLS[args.tool]
     start = time.perf_counter()
     result = compress(args.dirs, args.k)
