@@ -35,7 +35,7 @@ PROMPTS = HERE.parent / "assets" / "demo_prompts.jsonl"
 BUDGETS = {"10x": 0.10, "25 %": 0.25, "50 %": 0.50, "75 %": 0.75}
 DTYPES = ("float32", "bfloat16", "int8")
 KS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32, 40)
-PEER_KS = {"vlora-dev": (1, 2, 3, 4), "lorashare": (2, 4, 6, 8, 12, 16, 20, 24, 32)}
+PEER_KS = {"vlora-dev": (1, 2, 3, 4), "lorashare": (2, 3, 4, 6, 8, 12, 16, 20, 24, 32)}
 
 
 def vlora_points(adapters, method: str, dtype: str, tmp: Path) -> list[dict]:

@@ -48,11 +48,35 @@ def fidelity_plot() -> None:
                 ax.plot([p["bytes"] / 2**20 for p in pts], [p["error"] for p in pts], "o-", label=tool)
         ax.axvline(curves["original_bytes"] / 2**20, color="grey", ls=":", label="original files")
         ax.set_xscale("log")
-        ax.set_xlabel("stored MiB (all tasks, fp32)")
+        ax.set_xlabel("store MiB on disk (all tasks)")
         ax.set_ylabel("pooled ΔW relative error")
         ax.set_title(name)
         ax.legend(fontsize=8)
     _save(fig, "fidelity")
+
+
+def budgets_plot() -> None:
+    """Behaviour lost (mean KL; 1 − effect retained) against bytes on disk, per variant, demo adapters."""
+    data = read_result("budgets")
+    if not data:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    by_variant: dict = {}
+    for label, row in data["rows"].items():
+        by_variant.setdefault(label.rsplit(" k=", 1)[0], []).append(row)
+    for ax, metric, name in zip(axes, ("kl", "effect_lost"), ("mean KL (nats)", "1 − effect retained")):
+        for variant, rows in by_variant.items():
+            rows = sorted(rows, key=lambda r: r["disk_bytes"])
+            style = "o-" if variant.startswith("vlora") else "s--"
+            ax.plot([r["disk_bytes"] / 2**20 for r in rows], [r[metric] for r in rows], style, label=variant)
+        for share in data["budgets"].values():
+            ax.axvline(share * data["original_bytes"] / 2**20, color="grey", ls=":", lw=0.8)
+        ax.set_xlabel("store MiB on disk (5 demo adapters; dotted: the budgets)")
+        ax.set_ylabel(name)
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Behaviour lost at matched byte budgets (SmolLM2-135M, demo prompts)")
+    _save(fig, "budgets")
 
 
 def scale_plot() -> None:
@@ -73,6 +97,7 @@ def scale_plot() -> None:
 def main() -> None:
     compress_plot()
     fidelity_plot()
+    budgets_plot()
     scale_plot()
 
 

@@ -81,6 +81,49 @@ def greedy_table(data) -> list[str]:
     return lines
 
 
+def budgets_table(data) -> list[str]:
+    """Per budget: every variant's best k within it, its bytes, ΔW error and behaviour; then the verdict."""
+    lines = [
+        "| budget | variant | k | MiB on disk | ΔW rel. error | mean KL | 1 − effect | top-1 agreement |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for budget, picks in data["picks"].items():
+        for variant, label in picks.items():
+            r = data["rows"][label]
+            lines.append(
+                f"| {budget} | {variant} | {r['k']} | {r['disk_bytes'] / 2**20:.2f} | {r['error']:.4f} | "
+                f"{r['kl']:.4f} | {r['effect_lost']:.4f} | {r['agreement']:.3f} |"
+            )
+    lines += [
+        "",
+        "| budget | metric | best vlora | value | best peer | value | ratio | ≤ 0.5× |",
+        "|---|---|---|---:|---|---:|---:|---|",
+    ]
+    for budget, verdict in data["verdicts"].items():
+        for metric, v in verdict.items():
+            if v.get("vlora") is None:
+                lines.append(f"| {budget} | {metric} | none fits | | | | | |")
+                continue
+            peer = v.get("peer") or "none fits"
+            ratio = f"{v['ratio']:.2f}" if "ratio" in v else "–"
+            peer_value = f"{v['peer_value']:.4f}" if "peer_value" in v else "–"
+            lines.append(
+                f"| {budget} | {metric} | {v['vlora']} | {v['vlora_value']:.4f} | {peer} | {peer_value} | {ratio} | "
+                f"{'met' if v['meets_half'] else 'missed'} |"
+            )
+    return lines
+
+
+def rank_table(data) -> list[str]:
+    lines = ["| kind / N | vlora flat s | vlora rank s | rank ÷ flat |", "|---|---:|---:|---:|"]
+    for key, r in data["results"].items():
+        c = r["cases"]
+        lines.append(
+            f"| {key} | {c['vlora flat']['median']:.3f} | {c['vlora rank']['median']:.3f} | {r['rank_over_flat']:.2f} |"
+        )
+    return lines
+
+
 def switching_table(data) -> list[str]:
     lines = ["| measure | unit | bare | PEFT | vlora |", "|---|---|---:|---:|---:|"]
     for r in data["results"].values():
@@ -96,6 +139,9 @@ def main() -> None:
         ("compress", compress_summary),
         ("compress", compress_table),
         ("fidelity", fidelity_table),
+        ("budgets", budgets_table),
+        ("compress_rank_before", rank_table),
+        ("compress_rank_after", rank_table),
         ("greedy", greedy_table),
         ("scale", scale_table),
         ("switching", switching_table),

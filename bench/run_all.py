@@ -8,6 +8,7 @@ bench/switching.py's, run separately (it writes bench/results/switching.json).
 
 from __future__ import annotations
 
+import budgets
 import compress
 import fidelity
 import greedy
@@ -22,7 +23,12 @@ def main() -> None:
     compress.main(["--n", "8", "32", "--kinds", "mixture", "column", *FIVE_EACH])
     scale.main(["--n", "100", "300", "1000", "--hidden", "512"])
     greedy.main(["--tokens", "32"])
-    fidelity.main(["--n", "16", "--peers", "vlora-dev=1,2,4,8,15", "lorashare=16"])
+    fidelity.main(["--n", "16", "--no-demo"])  # bytes on disk x fp32/bf16/int8; the demo set is budgets.py's
+    budgets.main([])  # behaviour at 10x, 25 %, 50 %, 75 % of the demo adapters' bytes (bundled SmolLM2-135M)
+    compress.main(
+        ["--n", "8", "32", "128", "--kinds", "mixture", "--runs", "3"]
+        + ["--cases", "vlora flat", "vlora rank", "--out", "compress_rank_after"]
+    )
     compress.main(["--n", "128", "--kinds", "mixture", "--methods", "flat", *FIVE_EACH])
     profiles.main(["--n", "32", "--kind", "mixture"])
     plots.main()

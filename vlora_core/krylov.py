@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-TOL = 1e-7  # converged when each of the k Ritz residuals is below this share of the largest eigenvalue
+TOL = 1e-6  # converged when each of the k Ritz residuals is below this share of the largest eigenvalue
 SETTLE = 1e-5  # Ritz values that moved less than this share since the last step are worth checking
 SEED = 0  # of the random start block: fixed, so a compress is deterministic
 
@@ -70,23 +70,24 @@ def top_svd(X: torch.Tensor, k: int, centred: bool = False, max_dim: int | None 
     max_dim = min(n, max_dim or max(8 * b, n // 2))
     generator = torch.Generator().manual_seed(SEED)
     omega = torch.randn(op.right_dim, b, generator=generator).to(X.device)
-    Q = torch.linalg.qr(op.forward(omega.expand(L, -1, -1))).Q  # (L, n, b)
-    blocks, T = [Q], X.new_zeros(L, max_dim + b, max_dim + b)
+    size = max_dim + b
+    basis_all = X.new_empty(L, n, size)  # the blocks Q_j side by side (filled as they come: no re-concatenation)
+    images = X.new_empty(L, op.right_dim, size)  # Aᵀ·Q_j of every block, kept for the second pass
+    basis_all[..., :b] = torch.linalg.qr(op.forward(omega.expand(L, -1, -1))).Q
+    T = X.new_zeros(L, size, size)
+    m, width = b, b  # directions so far; the last block's
     previous = None  # the last step's leading Ritz values
-    images = []  # Aᵀ·Q_j of every block
     while True:
-        m = sum(q.shape[-1] for q in blocks)
-        images.append(op.backward(blocks[-1]))  # (L, n', b) = Aᵀ·Q_j, kept for the second pass
-        Z = op.forward(images[-1])  # (L, n, b) = A·Aᵀ·Q_j
-        basis = torch.cat(blocks, dim=-1)  # (L, n, m)
+        basis, block = basis_all[..., :m], basis_all[..., m - width : m]  # (L, n, m), (L, n, width)
+        images[..., m - width : m] = op.backward(block)  # (L, n', width) = Aᵀ·Q_j
+        Z = op.forward(images[..., m - width : m])  # (L, n, width) = A·Aᵀ·Q_j
         coeffs = basis.mT @ Z
         Z = Z - basis @ coeffs
         again = basis.mT @ Z  # second Gram-Schmidt pass
         Z = Z - basis @ again
         Q_next, R_next = _orthonormal(Z, basis)
-        width = blocks[-1].shape[-1]
         T[:, :m, m - width : m] = coeffs + again
-        T[:, m : m + Z.shape[-1], m - width : m] = R_next
+        T[:, m : m + width, m - width : m] = R_next
         step = min(b, n - m)
         last = m + step > max_dim or step == 0
         values = torch.linalg.eigvalsh(T[:, :m, :m]).flip(-1)[:, :k]  # cheap: is it worth the eigenvectors?
@@ -97,8 +98,9 @@ def top_svd(X: torch.Tensor, k: int, centred: bool = False, max_dim: int | None 
             if last or bool(converged.all()):
                 break
         previous = values
-        blocks.append(Q_next[..., :step])
-    return _second_pass(op, basis, torch.cat(images, dim=-1), Y[..., : min(m, k + b)], k, converged)
+        basis_all[..., m : m + step] = Q_next[..., :step]
+        m, width = m + step, step
+    return _second_pass(op, basis, images[..., :m], Y[..., : min(m, k + b)], k, converged)
 
 
 def _orthonormal(Z: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
