@@ -1,33 +1,43 @@
-"""vlora_core: many PEFT LoRA adapters as one shared basis plus small per-task loadings."""
+"""vlora_core: many PEFT LoRA adapters as one shared basis plus small per-task loadings.
 
-from .adapter import LoRAAdapter, LoRALayer
-from .config import CompressConfig
-from .errors import AdapterError, CompatibilityError, StoreError, TaskError, VLoRAError
-from .export import export_all, export_task
-from .io.peft_files import load_adapter, save_adapter
-from .model import VLoRAModel
-from .records import LayerShape, Task
-from .subspace import SharedSubspace, stream_compress
-from .training import SubspaceTrainer, orthogonal_init
+Names are imported on first use (PEP 562), so ``import vlora_core`` (and the `vlora` command's parser) needs no
+torch; ``from vlora_core import SharedSubspace`` and ``from vlora_core import *`` work as before.
+"""
 
-__all__ = [
-    "AdapterError",
-    "CompatibilityError",
-    "CompressConfig",
-    "LayerShape",
-    "LoRAAdapter",
-    "LoRALayer",
-    "SharedSubspace",
-    "StoreError",
-    "SubspaceTrainer",
-    "Task",
-    "TaskError",
-    "VLoRAError",
-    "VLoRAModel",
-    "export_all",
-    "export_task",
-    "load_adapter",
-    "orthogonal_init",
-    "save_adapter",
-    "stream_compress",
-]
+from importlib import import_module
+
+_WHERE = {  # public name -> the module that defines it
+    "LoRAAdapter": ".adapter",
+    "LoRALayer": ".adapter",
+    "CompressConfig": ".config",
+    "AdapterError": ".errors",
+    "CompatibilityError": ".errors",
+    "StoreError": ".errors",
+    "TaskError": ".errors",
+    "VLoRAError": ".errors",
+    "export_all": ".export",
+    "export_task": ".export",
+    "load_adapter": ".io.peft_files",
+    "save_adapter": ".io.peft_files",
+    "VLoRAModel": ".model",
+    "LayerShape": ".records",
+    "Task": ".records",
+    "SharedSubspace": ".subspace",
+    "stream_compress": ".subspace",
+    "SubspaceTrainer": ".training",
+    "orthogonal_init": ".training",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_WHERE[name], __name__), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -6,7 +6,6 @@ The CLI flags, the workbench controls and the Python API all take their defaults
 from dataclasses import dataclass
 
 from .errors import VLoRAError
-from .methods import get_method
 
 DEFAULT_NUM_COMPONENTS = 4
 DEFAULT_VARIANCE_THRESHOLD = 0.9
@@ -28,6 +27,8 @@ class CompressConfig:
                 f"num_components (k) must be at least 1, got {self.num_components}; "
                 "try k=4, or use adaptive k with a variance threshold."
             )
+        from .methods import get_method  # here, not at the top: the CLI reads the defaults above without torch
+
         get_method(self.method)  # unknown names: an error listing the known ones
         if not 0.0 < self.variance_threshold <= 1.0:
             raise VLoRAError(f"variance threshold must be in (0, 1], got {self.variance_threshold}; for example 0.9.")

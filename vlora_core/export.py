@@ -26,11 +26,11 @@ from .errors import VLoRAError, short_list
 from .io import gguf_files
 from .io.outputs import check_export_file, check_export_root, check_export_target
 from .io.peft_files import load_adapter, save_adapter
+from .options import EXPORT_FORMATS  # a PEFT folder, or one llama.cpp .gguf file
 from .precision import get_precision
 from .quality import delta_w_gap
 from .serving import cap_rank
 
-EXPORT_FORMATS = ("peft", "gguf")  # a PEFT folder, or one llama.cpp .gguf file
 GGUF_SUFFIX = ".gguf"
 
 if TYPE_CHECKING:  # annotations only: the container imports this module

@@ -39,6 +39,7 @@ import torch
 
 from .adapter import LoRAAdapter, LoRALayer, lora_scaling
 from .errors import CompatibilityError, VLoRAError, short_list
+from .options import MERGE_DEFAULTS, MERGE_METHODS, agree
 
 Part = tuple[torch.Tensor, torch.Tensor, float]  # one task at one layer: A (r, d_in), B (d_out, r), c = w·s
 
@@ -47,10 +48,10 @@ Part = tuple[torch.Tensor, torch.Tensor, float]  # one task at one layer: A (r, 
 class MergeConfig:
     """How to merge; the defaults every caller (library, CLI, workbench) takes."""
 
-    method: str = "linear"  # one of METHODS
-    density: float = 0.5  # ties / dare: share ρ of each task's ΔW entries kept (0 < ρ <= 1)
+    method: str = MERGE_DEFAULTS["method"]  # one of METHODS
+    density: float = MERGE_DEFAULTS["density"]  # ties / dare: share ρ of each task's ΔW entries kept (0 < ρ <= 1)
     rank: int | None = None  # each layer's rank, by the SVD of the merged ΔW; None: the method's own (see module doc)
-    seed: int = 0  # dare: seeds the masks (each layer's generator from the seed and the layer name)
+    seed: int = MERGE_DEFAULTS["seed"]  # dare: seeds the masks (each layer's generator from the seed and layer name)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -215,6 +216,7 @@ METHODS: dict[str, Callable[[Sequence[Part], MergeConfig, str, int | None], LowR
     "ties": _ties,
     "dare": _dare,
 }
+agree(MERGE_METHODS, METHODS, "merge methods")
 
 
 # ---- bookkeeping: adapters in, adapter out ------------------------------------------------------------------------

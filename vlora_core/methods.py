@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from . import basis as bases
 from .errors import VLoRAError
+from .options import BASIS_METHODS, agree
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def get_method(name: str) -> Method:
 register(
     Method(
         name="flat",
-        summary="each factor flattened, centred PCA across tasks: k loadings per layer and side",
+        summary=BASIS_METHODS["flat"],
         k_limit="N - 1 for the flat basis",
         centre=True,
         to_vectors=lambda F_: F_.reshape(F_.shape[0], 1, -1),
@@ -98,7 +99,7 @@ register(
 register(
     Method(
         name="rank",
-        summary="rank columns of all tasks share k directions (Share): k x r loadings per layer and side",
+        summary=BASIS_METHODS["rank"],
         k_limit="min(N x r, d) for the rank basis",
         centre=False,
         to_vectors=lambda F_: F_.transpose(1, 2),
@@ -108,3 +109,4 @@ register(
         factor=lambda L, P, r: L @ P,
     )
 )
+agree(BASIS_METHODS, METHODS, "basis methods")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import VLoRAError
+from .options import STORAGE, agree
 
 SCALE = ".scale"  # the key suffix of an int8 tensor's per-row scales in a store file
 
@@ -82,11 +83,8 @@ def register(precision: Precision) -> Precision:
     return precision
 
 
-for _dtype, _flag, _size, _summary in (
-    (torch.float32, "fp32", 4, "exact"),
-    (torch.bfloat16, "bf16", 2, "half the bytes, relative error <= 2^-9 a number"),
-    (torch.float16, "fp16", 2, "half the bytes, relative error <= 2^-12, range +-65504"),
-):
+for _dtype, _size in ((torch.float32, 4), (torch.bfloat16, 2), (torch.float16, 2)):
+    _flag, _summary = STORAGE[str(_dtype).removeprefix("torch.")]
     register(
         Precision(
             str(_dtype).removeprefix("torch."),
@@ -101,15 +99,16 @@ for _dtype, _flag, _size, _summary in (
 register(
     Precision(
         "int8",
-        "int8",
+        STORAGE["int8"][0],
         1,
-        "a quarter of the bytes, error <= max|row|/253 a number (+ a bf16 scale a row)",
+        STORAGE["int8"][1],
         _encode_int8,
         _decode_int8,
         (torch.int8, torch.bfloat16),
     )
 )
 FLAGS = {p.flag: p.name for p in PRECISIONS.values()}  # fp32 -> float32, ...
+agree(STORAGE, PRECISIONS, "storage precisions")
 
 
 def get_precision(name: str) -> Precision:

@@ -12,13 +12,11 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .adapter import LoRAAdapter
-from .errors import TaskError
+from .errors import MAX_TASK_ID, TaskError, check_task_id  # noqa: F401  (torch-free, for the manifest)
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # F_A (N, d_in, r), F_B (N, d_out, r)
 Loadings = dict[str, dict[str, torch.Tensor]]  # layer -> side -> (g, k)
 LayerKs = dict[str, dict[str, int]]  # layer -> side -> k
-
-MAX_TASK_ID = 200  # characters
 
 
 @dataclass(frozen=True)
@@ -66,12 +64,3 @@ class Task:
             for n, sides in self.loadings.items()
         }
         return replace(self, loadings=loadings)
-
-
-def check_task_id(task_id: object) -> str:
-    """A usable task id: a non-blank string of at most MAX_TASK_ID printable characters."""
-    if not isinstance(task_id, str) or not task_id.strip():
-        raise TaskError(f"task id {task_id!r} is empty; give each task a short name.")
-    if len(task_id) > MAX_TASK_ID or any(ord(c) < 32 for c in task_id):
-        raise TaskError(f"task id {task_id[:40]!r}... must be at most {MAX_TASK_ID} printable characters.")
-    return task_id

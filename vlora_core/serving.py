@@ -56,9 +56,9 @@ from .constants import ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_LEGACY, PEFT_PREFIX
 from .errors import AdapterError, CompatibilityError, VLoRAError
 from .io.peft_files import read_adapter_config, weight_shapes
 from .merge import LowRank, adapter_from_factors, factor_svd, product_norm, relative_errors
+from .options import VLLM_DEFAULT_MAX_LORA_RANK
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py MaxLoRARanks
-VLLM_DEFAULT_MAX_LORA_RANK = 16  # vllm/config/lora.py LoRAConfig.max_lora_rank
 VLLM_WEIGHT_FILES = (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_LEGACY, "adapter_model.pt")  # from_local_checkpoint's order
 # What vLLM's Llama takes LoRA on (packed modules expanded): vllm/model_executor/models/llama.py.
 LLAMA_LORA_MODULES = (

@@ -25,12 +25,12 @@ from .errors import TaskError
 from .io import store_files
 from .merge import MergeConfig, MergeResult
 from .methods import get_method
+from .options import DEFAULT_CHUNK  # adapters read at a time by stream_compress
 from .precision import default_precision, get_precision
 from .records import Factors, LayerKs, LayerShape, Task, check_task_id
+from .reports import describe
 
 log = logging.getLogger("vlora")
-
-DEFAULT_CHUNK = 32  # adapters read at a time by stream_compress
 
 
 class SharedSubspace:
@@ -337,11 +337,7 @@ class SharedSubspace:
         return subspace
 
     def __repr__(self) -> str:
-        ks = sorted({k for sides in self.layer_ks.values() for k in sides.values()})
-        return (
-            f"SharedSubspace(method={self.method!r}, tasks={len(self.tasks)}, layers={len(self.shapes)}, "
-            f"k={ks[0] if len(ks) == 1 else ks})"
-        )
+        return describe(self.method, len(self.tasks), len(self.shapes), self.layer_ks)
 
 
 def stream_compress(

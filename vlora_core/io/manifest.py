@@ -2,7 +2,8 @@
 
 Nothing in a manifest is trusted as written: ``check`` validates every field a load uses (types, ranges,
 unique ids, known method and dtype, files that the checksums list) and ``seal``/``unseal`` keep a SHA-256 of
-the manifest's own canonical JSON in it, so one changed digit is found before anything is read.
+the manifest's own canonical JSON in it, so one changed digit is found before anything is read. Torch-free:
+``vlora info`` reads a store through here (and the data files' checksums) without importing torch.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import hashlib
 import json
 import math
 import re
+import sys
+from pathlib import Path
 
-from ..constants import READABLE_STORE_VERSIONS, STORE_FORMAT
-from ..errors import StoreError, VLoRAError
-from ..methods import get_method
-from ..precision import PRECISIONS
-from ..records import check_task_id
+from ..constants import READABLE_STORE_VERSIONS, STORE_FORMAT, STORE_MANIFEST
+from ..errors import StoreError, VLoRAError, check_task_id
+from ..options import BASIS_METHODS
+from ..options import STORAGE as PRECISIONS
 
 SEAL = "manifest_sha256"  # the key holding the checksum of everything else in the manifest
 DTYPES = {"float32", "float16", "bfloat16", "float64"}  # the original adapters' dtypes a store records
@@ -56,10 +58,7 @@ def check(manifest: dict, path) -> None:
         manifest.get("format_version") in READABLE_STORE_VERSIONS,
         f"format_version is not one of {', '.join(map(str, READABLE_STORE_VERSIONS))}",
     )
-    try:
-        get_method(manifest.get("method"))
-    except VLoRAError:
-        need(False, f"unknown method {manifest.get('method')!r}")
+    need(manifest.get("method") in _known_methods(), f"unknown method {manifest.get('method')!r}")
     need(_whole(manifest.get("generation"), 0), "generation must be a whole number >= 0")
     need(manifest.get("k_requested") is None or _whole(manifest["k_requested"], 1), "k_requested must be >= 1")
     storage = manifest.get("storage", "float32")
@@ -79,6 +78,11 @@ def check(manifest: dict, path) -> None:
         for key in ("d_in", "d_out", "rank"):
             need(_whole(layer.get(key), 1), f"layer {layer['name']!r}: {key} must be a whole number >= 1")
         need(layer["rank"] <= min(layer["d_in"], layer["d_out"]), f"layer {layer['name']!r}: rank exceeds its dims")
+        variance = layer.get("variance_explained", [0.0, 0.0])  # format 3 stores written before it have none
+        need(
+            isinstance(variance, list) and len(variance) == 2 and all(_number(v) and 0 <= v <= 1 for v in variance),
+            f"layer {layer['name']!r}: variance_explained must be [A, B], two numbers in [0, 1]",
+        )
     need(len({layer["name"] for layer in layers}) == len(layers), "a layer name appears twice")
     need(manifest.get("basis_file") in checksums, "basis_file is not among the checksummed files")
     tasks = manifest.get("tasks")
@@ -107,9 +111,76 @@ def check(manifest: dict, path) -> None:
     need(len({entry["id"] for entry in tasks}) == len(tasks), "a task id appears twice")
 
 
+def _known_methods():
+    """The basis methods: vlora_core.methods' table once it is imported (a caller may have registered more), else
+    the torch-free names it starts with (all a fresh `vlora info` process can know)."""
+    methods = sys.modules.get("vlora_core.methods")
+    return BASIS_METHODS if methods is None else methods.METHODS
+
+
 def _whole(value, least: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---- reading (torch-free) -----------------------------------------------------------------------------
+def read_manifest(folder: Path) -> dict:
+    """The manifest of the store at ``folder``, checked against its own checksum and its schema."""
+    path = folder / STORE_MANIFEST
+    if not folder.is_dir():
+        raise StoreError(f"{folder}: no such folder; pass a store made by `vlora compress`.")
+    if not path.is_file():
+        raise StoreError(f"{folder}: not a vlora store (no {STORE_MANIFEST}); make one with `vlora compress`.")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise StoreError(f"{path}: damaged manifest ({error}); restore the store from a copy or rebuild it.") from None
+    except OSError as error:
+        raise StoreError(f"{path}: cannot be read ({error.strerror}); check its permissions and the disk.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
+        raise StoreError(f"{path}: not a vlora store manifest; make one with `vlora compress`.")
+    if manifest.get("format_version") not in READABLE_STORE_VERSIONS:
+        raise StoreError(
+            f"{path}: store format version {manifest.get('format_version')!r}, this vlora reads "
+            f"versions {', '.join(map(str, READABLE_STORE_VERSIONS))}; upgrade vlora or rebuild the store."
+        )
+    check(unseal(manifest, path), path)
+    return manifest
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number a store may hold")
+
+
+def disk_bytes(path: str | Path) -> dict[str, int]:
+    """Bytes on disk of the store at ``path``, by part: its manifest, the basis file, the task files (loadings
+    and extras) — the current generation's files only."""
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    size = lambda name: (folder / name).stat().st_size  # noqa: E731
+    tasks = sum(size(entry["file"]) for entry in manifest["tasks"])
+    return {"manifest": size(STORE_MANIFEST), "basis": size(manifest["basis_file"]), "tasks": tasks}
+
+
+def verify_files(folder: Path, manifest: dict) -> list[str]:
+    """Every problem with the data files: missing, or not matching their recorded checksum."""
+    problems = []
+    for name, digest in manifest.get("checksums", {}).items():
+        file = folder / name
+        if not file.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        try:
+            if hashlib.sha256(file.read_bytes()).hexdigest() != digest:
+                problems.append(f"{name} does not match its checksum")
+        except OSError as error:
+            problems.append(f"{name} cannot be read ({error.strerror})")
+    return problems
+
+
+def damaged(folder: Path, problems: list[str]) -> StoreError:
+    """The error for a store whose data files are missing or do not match their checksums."""
+    return StoreError(f"{folder}: the store is damaged: {'; '.join(problems)}. Restore it from a copy or rebuild it.")

@@ -32,7 +32,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from ..basis import Basis
-from ..constants import READABLE_STORE_VERSIONS, SIDES, STORE_FORMAT, STORE_FORMAT_VERSION, STORE_LOCK, STORE_MANIFEST
+from ..constants import SIDES, STORE_FORMAT, STORE_FORMAT_VERSION, STORE_LOCK, STORE_MANIFEST
 from ..errors import StoreError
 from ..methods import get_method
 from ..precision import SCALE, Precision, get_precision
@@ -47,6 +47,7 @@ from .atomic import (
     sync_written,
     write_bytes_atomic,
 )
+from .manifest import damaged, disk_bytes, read_manifest, verify_files  # noqa: F401  (torch-free, re-exported)
 from .outputs import check_path, enclosing_store
 
 _DATA_PREFIXES = ("basis-", "task-")
@@ -136,7 +137,7 @@ def _write_all(folder, method, shapes, bases, tasks, k_requested, precision: Pre
             "method": method,
             "k_requested": k_requested,
             "storage": precision.name,
-            "layers": [{"name": n, "d_in": s.d_in, "d_out": s.d_out, "rank": s.rank} for n, s in shapes.items()],
+            "layers": [_layer_entry(n, s, bases[n]) for n, s in shapes.items()],
             "basis_file": basis_file,
             "tasks": entries,
             "checksums": checksums,
@@ -145,6 +146,12 @@ def _write_all(folder, method, shapes, bases, tasks, k_requested, precision: Pre
     data = (json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
     write_bytes_atomic(folder / STORE_MANIFEST, data)
     return manifest
+
+
+def _layer_entry(name: str, shape: LayerShape, sides: dict[str, Basis]) -> dict:
+    """A layer in the manifest: its shape, and each side's variance explained (so `vlora info` needs no torch)."""
+    variance = [sides[side].variance_explained() for side in SIDES]
+    return {"name": name, "d_in": shape.d_in, "d_out": shape.d_out, "rank": shape.rank, "variance_explained": variance}
 
 
 def _known(pair) -> bool:
@@ -243,9 +250,7 @@ def load_store(path: str | Path) -> Store:
                 problems = ["a data file vanished while reading"]
         if attempt + 1 < READ_TRIES and _moved_on(folder, manifest):
             continue
-        raise StoreError(
-            f"{folder}: the store is damaged: {'; '.join(problems)}. Restore it from a copy or rebuild it."
-        )
+        raise damaged(folder, problems)
     raise AssertionError("unreachable")
 
 
@@ -258,60 +263,6 @@ def _moved_on(folder: Path, manifest: dict) -> bool:
 
 class _Vanished(Exception):
     """A data file that verified a moment ago is gone: a writer has moved the store on."""
-
-
-def read_manifest(folder: Path) -> dict:
-    """The manifest of the store at ``folder``, checked against its own checksum and its schema."""
-    path = folder / STORE_MANIFEST
-    if not folder.is_dir():
-        raise StoreError(f"{folder}: no such folder; pass a store made by `vlora compress`.")
-    if not path.is_file():
-        raise StoreError(f"{folder}: not a vlora store (no {STORE_MANIFEST}); make one with `vlora compress`.")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise StoreError(f"{path}: damaged manifest ({error}); restore the store from a copy or rebuild it.") from None
-    except OSError as error:
-        raise StoreError(f"{path}: cannot be read ({error.strerror}); check its permissions and the disk.") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
-        raise StoreError(f"{path}: not a vlora store manifest; make one with `vlora compress`.")
-    if manifest.get("format_version") not in READABLE_STORE_VERSIONS:
-        raise StoreError(
-            f"{path}: store format version {manifest.get('format_version')!r}, this vlora reads "
-            f"versions {', '.join(map(str, READABLE_STORE_VERSIONS))}; upgrade vlora or rebuild the store."
-        )
-    schema.check(schema.unseal(manifest, path), path)
-    return manifest
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a number a store may hold")
-
-
-def disk_bytes(path: str | Path) -> dict[str, int]:
-    """Bytes on disk of the store at ``path``, by part: its manifest, the basis file, the task files (loadings
-    and extras) — the current generation's files only."""
-    folder = Path(path)
-    manifest = read_manifest(folder)
-    size = lambda name: (folder / name).stat().st_size  # noqa: E731
-    tasks = sum(size(entry["file"]) for entry in manifest["tasks"])
-    return {"manifest": size(STORE_MANIFEST), "basis": size(manifest["basis_file"]), "tasks": tasks}
-
-
-def verify_files(folder: Path, manifest: dict) -> list[str]:
-    """Every problem with the data files: missing, or not matching their recorded checksum."""
-    problems = []
-    for name, digest in manifest.get("checksums", {}).items():
-        file = folder / name
-        if not file.is_file():
-            problems.append(f"{name} is missing")
-            continue
-        try:
-            if hashlib.sha256(file.read_bytes()).hexdigest() != digest:
-                problems.append(f"{name} does not match its checksum")
-        except OSError as error:
-            problems.append(f"{name} cannot be read ({error.strerror})")
-    return problems
 
 
 def _write_data(folder: Path, kind: str, tensors: dict[str, torch.Tensor], checksums: dict) -> str:
