@@ -180,3 +180,56 @@ def _check_peft_loads(folder: Path, originals: list[Path], base_model, input_ids
         with torch.no_grad():
             assert torch.allclose(exported(input_ids).logits, served(input_ids).logits, atol=1e-4)
     shutil.rmtree(folder)
+
+
+def test_behaviour_check_in_a_browser(page, app_url, workload, tmp_path):
+    """Tab 2's behaviour check (issue 13) in a session of its own: a prompt file uploaded into the table, the check
+    drawn with the current k marked and moved by the slider; the A/B pair line; the check after an export."""
+    expect = playwright.expect
+    folders = workload[0]
+    context = page.context.browser.new_context(viewport={"width": 1200, "height": 1400})  # its own session
+    mine = context.new_page()
+    mine.set_default_timeout(TIMEOUT_MS)
+    mine.goto(app_url, wait_until="domcontentloaded")
+    upload = zip_tree(folders[0].parent, tmp_path / "adapters.zip", folders=[f.name for f in folders])
+    mine.set_input_files("#adapters-zip input[type=file]", str(upload))
+    mine.wait_for_selector("#adapters-zip a[href$='adapters.zip']")
+    mine.click("#load-zip")
+    mine.wait_for_selector("#variance-plot .js-plotly-plot .main-svg")  # on the k tab, drawn
+    number = mine.locator("#k-slider input[type=number]")
+    number.fill("2")
+    number.press("Enter")
+    expect(mine.locator("#k-summary")).to_contain_text("k = 2")
+
+    prompts = tmp_path / "prompts.jsonl"
+    task = folders[0].name
+    prompts.write_text(
+        '{"prompt": "the cat sat on", "answer": " the mat"}\n{"prompt": "one two three"}\n'
+        f'{{"prompt": "a b c d e f", "task": "{task}"}}\n'
+    )
+    mine.set_input_files("#behaviour-prompt-file input[type=file]", str(prompts))
+    expect(mine.locator("#behaviour-prompts")).to_contain_text("a b c d e f")  # the file, read into the table
+    mine.click("#check-behaviour")
+    mine.wait_for_selector("#behaviour-plot .js-plotly-plot .main-svg")
+    expect(mine.locator("#behaviour-summary")).to_contain_text("At k = 2 (now)")
+    expect(mine.locator("#behaviour-summary")).to_contain_text("basis:")
+    expect(mine.locator("#behaviour-plot")).to_contain_text("k = 2 (now)")
+    expect(mine.locator("#status")).to_contain_text("Behaviour checked")
+    number.fill("1")  # the marks follow k without measuring again
+    number.press("Enter")
+    expect(mine.locator("#behaviour-summary")).to_contain_text("At k = 1 (now)")
+    expect(mine.locator("#behaviour-plot")).to_contain_text("k = 1 (now)")
+
+    mine.get_by_role("tab", name="3 · A/B test").click()
+    tokens = mine.locator("#max-new-tokens input[type=number]")
+    tokens.fill("8")
+    tokens.press("Enter")
+    mine.click("#run-ab")
+    expect(mine.locator("#ab-pair")).to_contain_text("top-1 agreement")  # next to the two outputs
+    expect(mine.locator("#ab-pair")).to_contain_text("KL(A ‖ B)")
+
+    mine.get_by_role("tab", name="4 · Export").click()
+    mine.click("#run-export")
+    expect(mine.locator("#export-check")).to_contain_text("against their originals")
+    expect(mine.locator("#export-check")).to_contain_text(f"{task}: effect retained")
+    context.close()
