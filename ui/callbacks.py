@@ -15,14 +15,16 @@ import gradio as gr
 import pandas as pd
 
 from vlora_core.base_model import BUNDLED, get_base_model
+from vlora_core.behaviour import effect_warnings
 from vlora_core.config import CompressConfig
+from vlora_core.io.prompts import PromptError, prompt_rows, prompts_from_rows, read_prompts
 from vlora_core.merge import MergeConfig
 
 from . import plots
-from .errors import user_errors
+from .errors import Failures, markdown_text, user_errors
 from .session import Sessions
 from .settings import AppSettings
-from .workbench import BASE_CHOICE, AdapterRow, KReport, Loaded, Workbench, parse_weights
+from .workbench import AdapterRow, KReport, Loaded, Workbench, parse_choice, parse_weights
 
 try:  # ZeroGPU on a Space; elsewhere the decorator changes nothing
     from spaces import GPU
@@ -32,6 +34,8 @@ except ImportError:
         return fn if fn is not None else (lambda f: f)
 
 
+PROMPT_COLUMNS = ["task (blank: every task)", "prompt", "answer (blank: the original's own)"]
+SUMMARY_CLASS = "k-summary"  # the element around the summary text (ui/layout.py's SHOW_K rewrites its content)
 TABLE_COLUMNS = ["task id", "rank", "alpha", "target modules", "layers", "size", "problem"]
 MERGE_AB_COLUMNS = ["adapter", "output", "tokens/s"]
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -41,6 +45,7 @@ class Callbacks:
     def __init__(self, sessions: Sessions, settings: AppSettings):
         self.sessions = sessions
         self.settings = settings
+        self.failures = Failures()  # each session's last failure, for the status line (ui/errors.py)
 
     # ---- 1. bringing adapters ---------------------------------------------------------------------
     @user_errors
@@ -98,35 +103,30 @@ class Callbacks:
             removed = bench.remove(task_ids or None)  # none chosen: all, refused entries too
             return adapter_table(bench.table()), f"Removed {len(removed)} adapters; {len(bench.adapters)} left."
 
-    @user_errors
-    def adapter_lists(self, request: gr.Request):
-        """Task lists for the remove, export and A/B dropdowns (not an API endpoint)."""
-        with self.sessions.open(request) as bench:
-            tasks, choices = list(bench.adapters), bench.choices()
-        first = tasks[0] if tasks else None
-        a = f"compressed: {first}" if first else BASE_CHOICE
-        b = f"original: {first}" if first else BASE_CHOICE
-        return (
-            gr.Dropdown(choices=tasks, value=[]),
-            gr.Dropdown(choices=tasks, value=[]),
-            gr.Dropdown(choices=choices, value=a),
-            gr.Dropdown(choices=choices, value=b),
-        )
-
     def _listing(self, bench: Workbench, loaded: Loaded, label: str):
+        """The table and one status line for a load: what came in, and each folder refused or adapter that does
+        not fit, by name (the problem column holds each one's reason and fix, once); one toast points there."""
         rows = bench.table()
-        problems = [r for r in rows if r.problem and not r.refused]
         status = f"Loaded {len(loaded.added)} adapters from {label} ({len(bench.adapters)} in this session)."
         if loaded.renamed:
             renamed = ", ".join(f"{old} → {new}" for old, new in loaded.renamed.items())
             status += f" Renamed to keep task ids unique: {renamed}."
+        notes = []
         if loaded.refused:
-            names = ", ".join(loaded.refused)
-            status += f" **Refused {len(loaded.refused)} ({names}): see the problem column; fix those folders only.**"
-            gr.Warning(html.escape(next(iter(loaded.refused.values())), quote=False))  # toasts render HTML
-        if problems:
-            status += f" **{len(problems)} do not fit with {rows[0].task_id}: see the problem column.**"
-            gr.Warning(html.escape(problems[0].problem, quote=False))
+            notes.append(
+                f"Refused {len(loaded.refused)}, not loaded: {', '.join(loaded.refused)} (fix those folders only)"
+            )
+        groups = bench.groups()
+        if len(groups) > 1:
+            misfits = [t for group in groups[1:] for t in group]
+            notes.append(
+                f"{_count(misfits, 'adapter')} do not fit with the other {len(groups[0])} ({', '.join(misfits)}): "
+                "keep one group with 'Keep only this group' below the table"
+            )
+        if notes:
+            said = "; ".join(notes) + ". The problem column says why."
+            status += f" **{markdown_text(said)}**"
+            gr.Warning(html.escape(said, quote=False))  # the one toast of this load; toasts render HTML
         return adapter_table(rows), status
 
     # ---- 2. tuning k ------------------------------------------------------------------------------
@@ -145,54 +145,11 @@ class Callbacks:
         config = CompressConfig(_whole(k), method, bool(adaptive_k), float(threshold))
         with self.sessions.open(request) as bench:
             report = bench.report(config, progress=True)
-        status = (
-            f"Compressed ({plots.setting_label(report.config)}): ×{report.ratio:.1f} smaller, "
-            f"mean ΔW error {report.mean_error:.1%}."
-        )
-        return (
-            summary(report),
-            plots.variance_figure(report),
-            plots.task_error_figure(report),
-            plots.storage_figure(report),
-            plots.bytes_figure(report),
-            numbers(report),
-            status,
-        )
-
-    @user_errors
-    def overview(
-        self,
-        method: str,
-        k: float,
-        adaptive_k: bool,
-        threshold: float,
-        request: gr.Request,
-        progress=gr.Progress(track_tqdm=True),
-    ):
-        """After adapters are loaded (not an API endpoint): the k tab drawn at the current setting, the k
-        slider sized, the tab shown — or, with fewer than two adapters, a word on what is missing."""
-        with self.sessions.open(request) as bench:
-            ready = len(bench.adapters) >= 2
-        if not ready:
-            return (
-                *[gr.skip()] * 6,
-                "Add at least one more adapter: a shared subspace needs two or more.",
-                gr.skip(),
-                gr.skip(),
-            )
-        drawn = self.compress(method, k, adaptive_k, threshold, request)
-        return (*drawn, self.k_range(method, k, request), gr.Tabs(selected="tune"))
-
-    @user_errors
-    def k_range(self, method: str, k: float, request: gr.Request):
-        """The k slider's end: the most directions this basis has; k moves down to it (not an API endpoint)."""
-        with self.sessions.open(request) as bench:
-            k_max = bench.k_max(method)
-        return gr.Slider(maximum=max(k_max, 2), value=min(int(k), k_max))
+        return (summary(report), *plots.figures(report).values(), numbers(report), compressed_line(report))
 
     # ---- 3. A/B test ------------------------------------------------------------------------------
     @user_errors
-    def load_model(self, source: str, progress=gr.Progress(track_tqdm=True)):
+    def load_model(self, source: str, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
         """Load (once per process) the shared base model. Returns the status."""
         source = self._model_source(source)
         progress(0, desc=f"loading {source}")
@@ -226,19 +183,22 @@ class Callbacks:
         progress(0.5, desc="generating")
         with self.sessions.open(request) as bench:
             runs = _generate(bench, model, tokenizer, prompt or "", [choice_a, choice_b], new_tokens)
+            tested = [tested_setting(r.choice, bench.config) for r in runs]
         stats = [
-            f"switch {r.switch_ms:.2f} ms · {r.new_tokens} tokens in {r.seconds:.2f} s · {r.tokens_per_s:.1f} tokens/s"
-            for r in runs
+            f"**{what}** · switch {r.switch_ms:.2f} ms · {r.new_tokens} tokens in {r.seconds:.2f} s · "
+            f"{r.tokens_per_s:.1f} tokens/s"
+            for r, what in zip(runs, tested)
         ]
         numbers_ = [
             {
                 "choice": r.choice,
+                "setting": what,
                 "switch_ms": round(r.switch_ms, 3),
                 "new_tokens": r.new_tokens,
                 "seconds": round(r.seconds, 3),
                 "tokens_per_s": round(r.tokens_per_s, 2),
             }
-            for r in runs
+            for r, what in zip(runs, tested)
         ]
         return (
             runs[0].text,
@@ -340,6 +300,108 @@ class Callbacks:
         rows = [[r.choice, r.text, round(r.tokens_per_s, 1)] for r in runs]
         return pd.DataFrame(rows, columns=MERGE_AB_COLUMNS), f"Merge A/B done on {source}: {len(runs)} outputs."
 
+    # ---- behaviour: what each task still does (k tab, A/B tab, export) ----------------------------------
+    @user_errors
+    def read_prompt_file(self, path: str | None):
+        """An uploaded prompt file (JSON lines) into the prompt table (not an API endpoint)."""
+        if not path:
+            return gr.skip()
+        try:
+            return prompt_frame(read_prompts(path))
+        except PromptError as error:  # the file as the user named it, not its place in Gradio's cache
+            raise PromptError(str(error).replace(f"{Path(path).parent}/", "")) from None
+
+    @user_errors
+    def check_behaviour(
+        self,
+        method: str,
+        k: float,
+        adaptive_k: bool,
+        source: str,
+        table,
+        min_effect: float,
+        min_agreement: float,
+        request: gr.Request,
+        progress=gr.Progress(),
+    ):
+        """Each task's effect retained and top-1 agreement at each k of the basis, on the table's prompts (empty:
+        the demo's for the demo adapters, else a generic set), on the A/B tab's base model.
+
+        Returns (prompt table, summary, plot, numbers, status)."""
+        source = self._model_source(source)
+        with self.sessions.open(request) as bench:
+            prompts = table_prompts(table) or bench.check_prompts()
+        progress(0, desc=f"loading {source}")
+        model, tokenizer = get_base_model(source)
+        current = None if adaptive_k else _whole(k)
+        with self.sessions.open(request) as bench:
+            bench.check_behaviour(model, tokenizer, method, prompts, current, progress=progress)
+            view = bench.behaviour_view(method, current, min_effect, min_agreement)
+        status = f"Behaviour checked on {source}, {view.prompts} prompts: {view.recommendation.summary()}"
+        return (
+            prompt_frame(prompts),
+            behaviour_summary(view),
+            plots.behaviour_figure(view),
+            behaviour_numbers(view),
+            status,
+        )
+
+    @user_errors
+    def behaviour_marks(
+        self, method: str, k: float, adaptive_k: bool, min_effect: float, min_agreement: float, request: gr.Request
+    ):
+        """The latest check of this basis redrawn at the current k and thresholds (not an API endpoint)."""
+        with self.sessions.open(request) as bench:
+            view = bench.behaviour_view(method, None if adaptive_k else _whole(k), min_effect, min_agreement)
+        if view is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        return behaviour_summary(view), plots.behaviour_figure(view), behaviour_numbers(view)
+
+    @user_errors
+    def ab_behaviour(self, source: str, prompt: str, choice_a: str, choice_b: str, answer_a: str, request: gr.Request):
+        """After an A/B run: B against A on the prompt, teacher-forced on A's answer. Returns a line of text."""
+        if not (answer_a or "").strip():
+            return "A gave no answer to compare B on."
+        source = self._model_source(source)
+        model, tokenizer = get_base_model(source)
+        with self.sessions.open(request) as bench:
+            pair = bench.ab_behaviour(model, tokenizer, prompt or "", [choice_a, choice_b], answer_a)
+        return (
+            f"**B against A** on A's answer ({pair.positions} tokens, teacher-forced): KL(A ‖ B) "
+            f"**{pair.kl:.4f}** nats per token · top-1 agreement **{pair.agreement:.1%}**"
+        )
+
+    @user_errors
+    def export_check(
+        self, verify: bool, source: str, table, min_effect: float, request: gr.Request, progress=gr.Progress()
+    ):
+        """After an export: each exported task, read back, against its original on the prompts; a warning for
+        each that keeps less than ``min_effect`` of its effect (or nearly none). Returns the text (the status line
+        keeps the export's own words)."""
+        if not verify:
+            return "Behaviour not checked (switched off)."
+        source = self._model_source(source)
+        with self.sessions.open(request) as bench:
+            prompts = table_prompts(table) or bench.check_prompts()
+        progress(0, desc=f"loading {source}")
+        model, tokenizer = get_base_model(source)
+        with self.sessions.open(request) as bench:
+            results = bench.check_export(model, tokenizer, prompts)
+        warnings = effect_warnings(results, min_effect)
+        for warning in warnings:
+            gr.Warning(html.escape(warning, quote=False))
+        lines = [
+            f"- {task}: "
+            + ("no effect to keep" if b.no_effect else f"effect retained **{b.effect_retained:.3f}**")
+            + f", top-1 agreement {b.agreement:.3f}, KL {b.kl:.4f}"
+            for task, b in results.items()
+        ]
+        verdict = f"**{len(warnings)} of {len(results)} tasks below {min_effect:g}.**" if warnings else "All kept."
+        text = f"Exported tasks against their originals on {source} ({len(prompts)} prompts): {verdict}\n" + "\n".join(
+            lines
+        )
+        return text
+
     # ---- the session's end ------------------------------------------------------------------------
     def end_session(self, request: gr.Request) -> None:
         self.sessions.close(request)
@@ -397,12 +459,40 @@ def _whole(value: float) -> object:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def summary(report: KReport) -> str:
+def tested_setting(choice: str, config: CompressConfig | None) -> str:
+    """What an A/B choice runs, in words: 'qa at flat basis, k = 4', 'qa, original (every direction)', ..."""
+    kind, task_id = parse_choice(choice, [choice.partition(": ")[2]])
+    config = config or CompressConfig()
+    if kind == "base":
+        return "base model"
+    if kind == "original":
+        return f"{task_id}, original (every direction)"
+    if kind != "compressed":  # "compressed k=N"
+        config = CompressConfig(int(kind.removeprefix("compressed k=")), config.method)
+    return f"{task_id} at {plots.setting_label(config)}"
+
+
+def compressed_line(report: KReport) -> str:
+    """The status line after a k view: the setting, how much smaller, the mean error."""
     return (
-        f"**×{report.ratio:.1f} smaller**: {plots.human_bytes(report.stored_bytes)} stored (shared basis "
+        f"Compressed ({plots.setting_label(report.config)}): ×{report.ratio:.1f} smaller, "
+        f"mean ΔW error {report.mean_error:.1%}."
+    )
+
+
+def summary(report: KReport) -> str:
+    """The k tab's summary line, as HTML: ``summary_text`` in the element a k change in the page rewrites."""
+    return f'<div class="{SUMMARY_CLASS}">{summary_text(report)}</div>'
+
+
+def summary_text(report: KReport) -> str:
+    """How much smaller, the mean and worst ΔW error, the setting, and where k was clipped (HTML, escaped)."""
+    note = f"<br>Note: {html.escape(report.note)}" if report.note else ""
+    return (
+        f"<b>×{report.ratio:.1f} smaller</b>: {plots.human_bytes(report.stored_bytes)} stored (shared basis "
         f"{plots.human_bytes(report.basis_bytes)} + loadings) for {plots.human_bytes(report.original_bytes)} of "
-        f"adapters · mean ΔW error **{report.mean_error:.2%}** (worst {max(report.task_errors):.2%}) · "
-        f"{plots.setting_label(report.config)}" + (f"  \nNote: {report.note}" if report.note else "")
+        f"adapters · mean ΔW error <b>{report.mean_error:.2%}</b> (worst {max(report.task_errors):.2%}) · "
+        f"{html.escape(plots.setting_label(report.config))}{note}"
     )
 
 
@@ -426,4 +516,51 @@ def numbers(report: KReport) -> dict:
             )
         ],
         "note": report.note,
+    }
+
+
+def table_prompts(table) -> tuple | None:
+    """The prompt table's prompts (a DataFrame of task, prompt, answer); None when it is empty."""
+    rows = [] if table is None else table.values.tolist() if hasattr(table, "values") else table
+    if not any(str(cell or "").strip() for row in rows for cell in row):
+        return None
+    return prompts_from_rows(rows)
+
+
+def prompt_frame(prompts) -> pd.DataFrame:
+    return pd.DataFrame(prompt_rows(prompts), columns=PROMPT_COLUMNS)
+
+
+def behaviour_summary(view) -> str:
+    """The recommendation in the core's words, and the worst task at the current k."""
+    text = view.recommendation.summary()
+    if view.current_k in view.ks:
+        at = view.ks.index(view.current_k)
+        effect = min((e[at] for e in view.effect.values() if e[at] == e[at]), default=float("nan"))
+        agreement = min(a[at] for a in view.agreement.values())
+        text += f"  \nAt k = {view.current_k} (now): worst effect retained {effect:.3f}, worst top-1 agreement {agreement:.3f}."
+    return text
+
+
+def behaviour_numbers(view) -> dict:
+    """The check's numbers for the API and the numbers panel (an effect with nothing to keep: null)."""
+    return {
+        "method": view.method,
+        "ks": view.ks,
+        "stored_bytes": view.stored_bytes,
+        "current_k": view.current_k,
+        "recommended_k": view.recommended_k,
+        "min_effect": view.recommendation.min_effect,
+        "min_agreement": view.recommendation.min_agreement,
+        "prompts": view.prompts,
+        "no_effect": list(view.recommendation.no_effect),
+        "tasks": {
+            t: {
+                "effect_retained": [None if e != e else e for e in view.effect[t]],
+                "agreement": view.agreement[t],
+                "kl": view.kl[t],
+            }
+            for t in view.task_ids
+        },
+        "summary": view.recommendation.summary(),
     }

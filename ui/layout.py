@@ -1,7 +1,10 @@
 """The workbench page: four tabs (adapters, k, A/B test, export), a status line, and the events wiring them.
 
 Named API endpoints (for gradio_client): load_adapters, load_folder, load_path, load_demo, remove_adapters,
-compress, load_model, ab_test, export, merge, merge_ab. Follow-up steps (refreshing dropdowns, the k slider's range) are private.
+compress, load_model, ab_test, export, merge, merge_ab, check_behaviour, ab_behaviour (after ab_test), export_check
+(after export). The page's own steps (``ui/page.py``: refreshing lists,
+redrawing the k tab, a k change in place, claiming the session back after a reload, the status line after a
+failure) are private.
 """
 
 from __future__ import annotations
@@ -10,15 +13,17 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from vlora_core.base_model import DEFAULT_MAX_NEW_TOKENS
+from vlora_core.behaviour import DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_EFFECT
 from vlora_core.config import DEFAULT_METHOD, DEFAULT_NUM_COMPONENTS, DEFAULT_VARIANCE_THRESHOLD
 from vlora_core.merge import METHODS as MERGE_METHODS
 from vlora_core.merge import MergeConfig
 from vlora_core.methods import METHODS
 
-from .callbacks import Callbacks
+from .callbacks import PROMPT_COLUMNS, SUMMARY_CLASS, Callbacks
+from .page import SHARED_EXAMPLE, PageSteps
 from .session import Sessions
 from .settings import AppSettings
-from .workbench import BASE_CHOICE, CHOICE_KINDS, demo_prompts
+from .workbench import AT_K_KIND, BASE_CHOICE, CHOICE_KINDS, demo_prompts
 
 # Three lines of events, so that light work never waits behind heavy work (Gradio's default is one line per
 # event, one at a time: a k change would wait for another session's SVDs). The heavy steps also hold the
@@ -31,6 +36,43 @@ FALLBACK_PROMPTS = ["What is the tallest mountain in the world?", "How do I make
 INTRO = """# vlora workbench
 Many PEFT LoRA adapters for one base model, stored as **one shared basis + tiny per-task loadings**.
 Bring adapters → tune k (no SVD per change) → A/B test on the base model → download PEFT folders."""
+SESSION_KEY = "vlora-session"  # the browser's storage entry that holds this page's session key (ui/session.py)
+# BrowserState encrypts what it stores; with its default (a random secret per start) a page reloaded after a
+# restart could not read its old key and would start afresh without a word. The key is a random capability in
+# the user's own storage, so a fixed secret loses nothing, and the page can say that its session has ended.
+SESSION_SECRET = "vlora-workbench-session"
+# A k change in the page, shown at once: on the slider's input the page takes the entry for k from the table of
+# every swept k (``PageSteps.k_table``, JSON text sent after each whole drawing and kept on window), moves only
+# what a k changes in each figure (Plotly.update on the plots Gradio drew; its plot component puts Plotly on
+# window) and rewrites the summary's text: no server round trip, no figure sent, not even Gradio's own dispatch
+# (a listener of the page's own, installed on loading). The server still hears of the change (``set_k``) and
+# answers for a k the table lacks, shown the same way. Tables and entries travel as text: a string costs
+# Gradio's page nothing to copy, where a JSON value is deep-copied on every status change of every event.
+PAGE_JS = """() => {
+  const plots = {variance: "variance-plot", errors: "error-plot", storage: "storage-plot", bytes: "bytes-plot"};
+  window.vloraShowK = (entry) => {
+    if (!entry) return;
+    for (const [name, u] of Object.entries(entry.update)) {
+      const plot = document.querySelector(`#${plots[name]} .js-plotly-plot`);
+      if (!plot || !window.Plotly || !plot._fullLayout) continue;
+      // at its present size, which spares Plotly measuring the page four times; then sized by the window again
+      const {width, height} = plot._fullLayout;
+      window.Plotly.update(plot, u.data, {...u.layout, autosize: false, width, height}, u.traces);
+      Object.assign(plot.layout, {autosize: true, width: undefined, height: undefined});
+    }
+    const summary = document.querySelector("#k-summary .SUMMARY_CLASS");
+    if (summary) summary.innerHTML = entry.summary;
+  };
+  document.addEventListener("input", (event) => {  // before Gradio's own handling of the input, which waits a tick
+    if (!event.target.closest || !event.target.closest("#k-slider") || !window.vloraKTable) return;
+    window.vloraShowK(window.vloraKTable[String(Number(event.target.value))]);
+  });
+}""".replace("SUMMARY_CLASS", SUMMARY_CLASS)
+KEEP_K_TABLE = "(table) => { window.vloraKTable = table ? JSON.parse(table) : null; }"
+SHOW_K_ENTRY = "(entry) => { if (entry && window.vloraShowK) window.vloraShowK(JSON.parse(entry)); }"
+# Shows the tab a step names (its id), by clicking its button: a gr.Tabs among an event's outputs would make the
+# page deep-copy every component inside the tabs on every later event (hundreds of ms per k change).
+SHOW_TAB = """(tab) => { if (tab) document.querySelector(`#stages button[data-tab-id="${tab}"]`)?.click(); }"""
 
 
 def build_app(settings: AppSettings | None = None) -> gr.Blocks:
@@ -43,12 +85,14 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
         gr.Markdown(INTRO)
         gr.Markdown(f"<small>{settings.limits_note()}</small>", elem_id="limits")
         status = gr.Markdown("Start by loading adapters.", label="status", elem_id="status")
-        with gr.Tabs(elem_id="stages") as tabs:
+        session_key = gr.BrowserState(None, storage_key=SESSION_KEY, secret=SESSION_SECRET)
+        with gr.Tabs(elem_id="stages"):
             a = _adapters_tab(settings)
             k = _tune_tab()
             ab = _ab_tab(settings)
             ex = _export_tab()
-        _wire(calls, settings, status, tabs, a, k, ab, ex)
+        goto = gr.Textbox(visible=False)  # the tab a step asks to show (SHOW_TAB)
+        _wire(calls, PageSteps(calls), settings, demo, session_key, status, goto, a, k, ab, ex)
         demo.unload(calls.end_session)
     demo.queue(max_size=64)
     return demo
@@ -83,7 +127,19 @@ def _adapters_tab(settings: AppSettings) -> dict:
                 )
                 load_path = gr.Button("Load path", visible=settings.allow_server_paths, elem_id="load-path")
                 load_demo = gr.Button("Load demo adapters", elem_id="load-demo")
-        table = gr.Dataframe(label="Adapters", interactive=False, wrap=True, elem_id="adapter-table")
+        table = gr.Dataframe(
+            label="Adapters",
+            interactive=False,
+            wrap=True,
+            column_widths=["12%", "6%", "6%", "12%", "6%", "8%", "50%"],  # the problem column's text, wrapped
+            max_height=1000,
+            elem_id="adapter-table",
+        )
+        with gr.Row(visible=False, elem_id="groups") as groups:  # shown when the adapters do not all fit together
+            group = gr.Dropdown(
+                label="These adapters cannot share one subspace: the groups that can", elem_id="group", scale=4
+            )
+            keep_group = gr.Button("Keep only this group", elem_id="keep-group", scale=1)
         with gr.Row():
             remove = gr.Dropdown(
                 label="Tasks to remove (none chosen: all)",
@@ -102,6 +158,9 @@ def _adapters_tab(settings: AppSettings) -> dict:
         load_path=load_path,
         load_demo=load_demo,
         table=table,
+        groups=groups,
+        group=group,
+        keep_group=keep_group,
         remove=remove,
         remove_button=remove_button,
     )
@@ -130,7 +189,7 @@ def _tune_tab() -> dict:
                 label="Variance to explain (adaptive k)",
                 elem_id="threshold",
             )
-        summary = gr.Markdown(label="summary", elem_id="k-summary")
+        summary = gr.HTML(label="summary", elem_id="k-summary")
         with gr.Row():
             variance = gr.Plot(label="Variance explained", elem_id="variance-plot")
             errors = gr.Plot(label="ΔW error per task", elem_id="error-plot")
@@ -139,7 +198,13 @@ def _tune_tab() -> dict:
             size = gr.Plot(label="Bytes", elem_id="bytes-plot")
         with gr.Accordion("Numbers", open=False):
             numbers = gr.JSON(label="numbers", elem_id="k-numbers")
+        k_table = gr.Textbox(visible=False)  # every swept k as the page shows it (SHOW_K; JSON text)
+        k_shown = gr.Textbox(visible=False)  # the server's answer to a k change the table lacks (SHOW_ENTRY)
+        behaviour = _behaviour_section()
     return dict(
+        **behaviour,
+        k_table=k_table,
+        k_shown=k_shown,
         method=method,
         k=k,
         adaptive=adaptive,
@@ -155,7 +220,7 @@ def _tune_tab() -> dict:
 
 def _ab_tab(settings: AppSettings) -> dict:
     prompts = demo_prompts(settings.demo_prompts) or FALLBACK_PROMPTS
-    with gr.Tab("3 · A/B test", id="ab"):
+    with gr.Tab("3 · A/B test", id="ab") as tab:
         with gr.Row():
             source = gr.Textbox(
                 settings.model_source,
@@ -165,12 +230,21 @@ def _ab_tab(settings: AppSettings) -> dict:
             )
             load_model = gr.Button("Load model", elem_id="load-model")
         prompt = gr.Textbox(prompts[0], label="Prompt", lines=2, max_length=settings.max_prompt_chars, elem_id="prompt")
-        gr.Examples([[p] for p in prompts], inputs=[prompt], label="Example prompts")
+        examples = gr.Dataset(  # the loaded tasks' own prompts first (ui/page.py)
+            components=["textbox", "textbox"],
+            headers=["for", "example prompt"],
+            samples=[[SHARED_EXAMPLE, p] for p in prompts],
+            type="index",
+            layout="table",
+            label="Example prompts",
+            elem_id="ab-examples",
+        )
         gr.Markdown(
             "A and B: *base model*, or a task — "
             + "; ".join(f"*{kind}*: {what}" for kind, what in CHOICE_KINDS.items())
-            + "."
+            + f"; *{AT_K_KIND}*: the same basis at N directions per layer side (type any N)."
         )
+        setting = gr.Markdown(elem_id="ab-setting")  # which setting *compressed* tests (filled when the tab opens)
         with gr.Row():
             choice_a = gr.Dropdown(
                 [BASE_CHOICE], value=BASE_CHOICE, label="A", allow_custom_value=True, elem_id="choice-a"
@@ -194,9 +268,13 @@ def _ab_tab(settings: AppSettings) -> dict:
             with gr.Column():
                 text_b = gr.Textbox(label="output B", lines=6, elem_id="output-b")
                 stats_b = gr.Markdown(label="stats B", elem_id="stats-b")
+        pair = gr.Markdown(elem_id="ab-pair")  # B against A on A's answer: KL and top-1 agreement
         with gr.Accordion("Numbers", open=False):
             numbers = gr.JSON(label="timings", elem_id="ab-numbers")
     return dict(
+        tab=tab,
+        examples=examples,
+        setting=setting,
         source=source,
         load_model=load_model,
         prompt=prompt,
@@ -208,6 +286,7 @@ def _ab_tab(settings: AppSettings) -> dict:
         stats_a=stats_a,
         text_b=text_b,
         stats_b=stats_b,
+        pair=pair,
         numbers=numbers,
     )
 
@@ -228,19 +307,78 @@ def _export_tab() -> dict:
                 elem_id="export-alpha",
             )
             base_model = gr.Textbox(label="base_model_name_or_path to write (blank: keep)", elem_id="export-base")
-        run = gr.Button("Export at the current k", variant="primary", elem_id="run-export")
+        with gr.Row():
+            run = gr.Button("Export at the current k", variant="primary", elem_id="run-export", scale=3)
+            verify = gr.Checkbox(
+                True,
+                label="Then check each task's behaviour (tab 2's prompts, A/B tab's base model)",
+                elem_id="export-verify",
+                scale=2,
+            )
         with gr.Row():
             adapters_zip = gr.DownloadButton("Download PEFT adapters (zip)", elem_id="download-adapters")
             store_zip = gr.DownloadButton("Download the vlora store (zip)", elem_id="download-store")
+        check = gr.Markdown(elem_id="export-check")
         merge = _merge_section()
     return dict(
         tasks=tasks,
         alpha=alpha,
         base_model=base_model,
         run=run,
+        verify=verify,
+        check=check,
         adapters_zip=adapters_zip,
         store_zip=store_zip,
         **merge,
+    )
+
+
+def _behaviour_section() -> dict:
+    """Tab 2's behaviour check: prompts (a file, or typed per task), the thresholds, the check, its plot."""
+    with gr.Accordion("Check behaviour: what each task still does at each k", open=True, elem_id="behaviour"):
+        gr.Markdown(
+            "Each task at each k against its original adapter and the base model (the A/B tab's), teacher-forced "
+            "on the answers: **effect retained** (1: the adapter's whole effect, 0: as the base model) and **top-1 "
+            "agreement**. Prompts: upload a JSON-lines file or type them below, one per row (task blank: every "
+            "task's; answer blank: the original's own); none: the demo's prompts for the demo adapters, else a "
+            "generic set. Each basis and prompt set is measured once; moving k only moves the marks."
+        )
+        with gr.Row():
+            prompt_file = gr.File(label="Prompt file (JSON lines)", elem_id="behaviour-prompt-file", scale=1)
+            with gr.Column(scale=1):
+                min_effect = gr.Slider(
+                    0.5, 1.0, value=DEFAULT_MIN_EFFECT, step=0.01, label="Effect retained to keep", elem_id="min-effect"
+                )
+                min_agreement = gr.Slider(
+                    0.5,
+                    1.0,
+                    value=DEFAULT_MIN_AGREEMENT,
+                    step=0.01,
+                    label="Top-1 agreement to keep",
+                    elem_id="min-agreement",
+                )
+        prompts = gr.Dataframe(
+            headers=PROMPT_COLUMNS,
+            column_count=3,
+            interactive=True,
+            wrap=True,
+            label="Prompts (blank: the defaults)",
+            elem_id="behaviour-prompts",
+        )
+        check = gr.Button("Check behaviour", variant="primary", elem_id="check-behaviour")
+        verdict = gr.Markdown(elem_id="behaviour-summary")
+        plot = gr.Plot(label="Behaviour over k", elem_id="behaviour-plot")
+        with gr.Accordion("Behaviour numbers", open=False):
+            numbers = gr.JSON(label="behaviour", elem_id="behaviour-numbers")
+    return dict(
+        prompt_file=prompt_file,
+        min_effect=min_effect,
+        min_agreement=min_agreement,
+        prompts=prompts,
+        check=check,
+        verdict=verdict,
+        behaviour_plot=plot,
+        behaviour_numbers=numbers,
     )
 
 
@@ -285,34 +423,80 @@ def _merge_section() -> dict:
 
 
 # ---- the events -----------------------------------------------------------------------------------
-def _wire(calls: Callbacks, settings: AppSettings, status, tabs, a: dict, k: dict, ab: dict, ex: dict) -> None:
+def _wire(calls: Callbacks, steps: PageSteps, settings: AppSettings, demo, session_key, status, goto, a, k, ab, ex):
     heavy = dict(concurrency_id=HEAVY_QUEUE, concurrency_limit=settings.heavy_jobs)
     light = dict(concurrency_id=LIGHT_QUEUE, concurrency_limit=LIGHT_JOBS)
+    private = dict(api_visibility="private")
     listing = [a["table"], status]
     settings_in = [k["method"], k["k"], k["adaptive"], k["threshold"]]
-    plots_out = [k["summary"], k["variance"], k["errors"], k["storage"], k["size"], k["numbers"], status]
-    lists_out = [a["remove"], ex["tasks"], ab["choice_a"], ab["choice_b"]]
+    view = [k["summary"], k["variance"], k["errors"], k["storage"], k["size"], k["numbers"]]
+    lists_out = [
+        a["remove"], ex["tasks"], ab["choice_a"], ab["choice_b"], a["groups"], a["group"], ab["examples"]
+    ]  # fmt: skip
+
+    def told(event, step: str, outputs: list):
+        """``event``, and on its failure the status line saying what failed and why (its other outputs' red
+        marks cleared), until the next step."""
+        kept = [o for o in outputs if o is not status]
+        event.failure(steps.failed(step, len(kept)), None, [*kept, status], show_progress="hidden", **private, **light)
+        return event
 
     # the public endpoints first: private events that reuse a function would take the plain api_name
-    gr.on(
-        [k["k"].change, k["adaptive"].change, k["threshold"].change],
-        calls.compress,
-        settings_in,
-        plots_out,
-        api_name="compress",
-        trigger_mode="always_last",
-        show_progress="minimal",
-        **light,  # a look-up once the basis is decomposed (a first compress holds the heavy gate)
-    )
-    k["method"].change(calls.compress, settings_in, plots_out, api_visibility="private", **heavy).success(
-        calls.k_range, [k["method"], k["k"]], [k["k"]], api_visibility="private", **light
-    )
+    table = dict(fn=steps.k_table, inputs=[k["method"], k["adaptive"]], outputs=[k["k_table"]], **private, **light)
 
-    def after_loading(event):
-        """Refresh the task lists; then draw the k tab at the current setting, size the slider, show the tab."""
-        event.success(calls.adapter_lists, None, lists_out, api_visibility="private", **light).success(
-            calls.overview, settings_in, plots_out + [k["k"], tabs], api_visibility="private", **heavy
-        )
+    def kept(event):
+        """``event`` (which sends the k table), then the table kept on the page for PAGE_JS's listener."""
+        event.success(None, [k["k_table"]], None, js=KEEP_K_TABLE, **private)
+        return event
+
+    compressing = told(
+        gr.on(
+            [k["adaptive"].change, k["threshold"].change],
+            calls.compress,
+            settings_in,
+            [*view, status],
+            api_name="compress",
+            trigger_mode="always_last",
+            show_progress="minimal",
+            **light,  # a look-up once the basis is decomposed (a first compress holds the heavy gate)
+        ),
+        "Compressing",
+        [*view, status],
+    )
+    kept(told(compressing.success(**table), "Listing every k", [k["k_table"]]))
+    # a k change is shown at once from the table (PAGE_JS); the server makes it the session's setting (and answers
+    # with what to show for a k the table lacks)
+    demo.load(None, None, None, js=PAGE_JS, **private)
+    told(
+        k["k"].change(
+            steps.set_k,
+            settings_in,
+            [k["numbers"], status, k["k_shown"]],
+            trigger_mode="always_last",
+            show_progress="hidden",
+            **private,
+            **light,
+        ),
+        "The k change",
+        [k["numbers"], status],
+    ).success(None, [k["k_shown"]], None, js=SHOW_K_ENTRY, **private)
+    method = told(
+        k["method"].change(calls.compress, settings_in, [*view, status], **private, **heavy), "Compressing", view
+    )
+    sized = told(
+        method.success(steps.k_range, [k["method"], k["k"]], [k["k"]], **private, **light), "Sizing k", [k["k"]]
+    )
+    kept(told(sized.success(**table), "Listing every k", [k["k_table"]]))
+
+    def redrawn(event, show: bool):
+        """After the adapters change: the lists, then the k tab drawn at a valid k with the slider sized (and shown,
+        after loading) — or cleared with a word on why it cannot be drawn."""
+        lists = told(event.success(steps.lists, None, lists_out, **private, **light), "Listing the tasks", lists_out)
+        drawn = [*view, k["k"], k["k_table"], *([goto] if show else [])]
+        draw = steps.overview if show else steps.redraw
+        drawing = kept(told(lists.success(draw, settings_in, drawn, **private, **heavy), "Drawing the k tab", drawn))
+        if show:
+            drawing.success(None, [goto], None, js=SHOW_TAB, **private)
 
     loads = [
         (a["load_zip"], calls.load_adapters, [a["archive"]], "load_adapters"),
@@ -321,40 +505,142 @@ def _wire(calls: Callbacks, settings: AppSettings, status, tabs, a: dict, k: dic
         (a["load_demo"], calls.load_demo, None, "load_demo"),
     ]
     for button, fn, inputs, name in loads:
-        after_loading(button.click(fn, inputs, listing, api_name=name, **heavy))
-    a["remove_button"].click(
+        redrawn(told(button.click(fn, inputs, listing, api_name=name, **heavy), "Loading", listing), show=True)
+    removing = a["remove_button"].click(
         calls.remove_adapters, [a["remove"]], listing, api_name="remove_adapters", **light
-    ).success(calls.adapter_lists, None, lists_out, api_visibility="private", **light)
+    )
+    redrawn(told(removing, "Removing", listing), show=False)
+    keeping = a["keep_group"].click(steps.keep_group, [a["group"]], listing, **private, **light)
+    redrawn(told(keeping, "Keeping one group", listing), show=False)
+    # a reload: the session the browser's key names comes back (adapters, setting, latest export), or is said gone
+    restored = [
+        session_key, status, a["table"], k["method"], k["k"], k["adaptive"], k["threshold"],
+        ex["adapters_zip"], ex["store_zip"],
+    ]  # fmt: skip
+    claim = demo.load(steps.restore, [session_key], restored, **private, **light)
+    redrawn(told(claim, "Restoring the session", restored), show=False)
 
-    ab["load_model"].click(
-        calls.load_model, [ab["source"]], [status], api_name="load_model", concurrency_id=BASE_MODEL_QUEUE
+    told(
+        ab["tab"].select(
+            steps.ab_view,
+            [ab["choice_a"], ab["choice_b"]],
+            [ab["setting"], ab["choice_a"], ab["choice_b"]],
+            **private,
+            **light,
+        ),
+        "Opening the A/B tab",
+        [ab["setting"], ab["choice_a"], ab["choice_b"]],
     )
-    ab["run"].click(
-        calls.ab_test,
-        [ab["source"], ab["prompt"], ab["choice_a"], ab["choice_b"], ab["max_new_tokens"]],
-        [ab["text_a"], ab["stats_a"], ab["text_b"], ab["stats_b"], ab["numbers"], status],
-        api_name="ab_test",
-        concurrency_id=BASE_MODEL_QUEUE,
+    told(
+        ab["examples"].click(steps.pick_example, [ab["examples"]], [ab["prompt"]], **private, **light),
+        "Picking an example",
+        [ab["prompt"]],
+    )
+    told(
+        ab["load_model"].click(
+            calls.load_model, [ab["source"]], [status], api_name="load_model", concurrency_id=BASE_MODEL_QUEUE
+        ),
+        "Loading the base model",
+        [status],
+    )
+    ab_out = [ab["text_a"], ab["stats_a"], ab["text_b"], ab["stats_b"], ab["numbers"], status]
+    ab_run = told(
+        ab["run"].click(
+            calls.ab_test,
+            [ab["source"], ab["prompt"], ab["choice_a"], ab["choice_b"], ab["max_new_tokens"]],
+            ab_out,
+            api_name="ab_test",
+            concurrency_id=BASE_MODEL_QUEUE,
+        ),
+        "The A/B test",
+        ab_out,
     )
 
-    ex["run"].click(
-        calls.export,
-        [ex["tasks"], ex["alpha"], ex["base_model"]],
-        [ex["adapters_zip"], ex["store_zip"], status],
-        api_name="export",
-        **heavy,
+    export_out = [ex["adapters_zip"], ex["store_zip"], status]
+    exporting = told(
+        ex["run"].click(
+            calls.export, [ex["tasks"], ex["alpha"], ex["base_model"]], export_out, api_name="export", **heavy
+        ),
+        "Exporting",
+        export_out,
     )
-    ex["merge"].click(
-        calls.merge,
-        [ex["tasks"], ex["merge_weights"], ex["merge_method"], ex["merge_density"], ex["merge_rank"], ex["merge_name"]],
-        [ex["merge_zip"], ex["merge_numbers"], status],
-        api_name="merge",
-        **heavy,
+    _wire_behaviour(calls, told, light, status, k, ab, ex, ab_run, exporting)
+    merge_out = [ex["merge_zip"], ex["merge_numbers"], status]
+    told(
+        ex["merge"].click(
+            calls.merge,
+            [
+                ex["tasks"],
+                ex["merge_weights"],
+                ex["merge_method"],
+                ex["merge_density"],
+                ex["merge_rank"],
+                ex["merge_name"],
+            ],
+            merge_out,
+            api_name="merge",
+            **heavy,
+        ),
+        "Merging",
+        merge_out,
     )
-    ex["merge_ab"].click(
-        calls.merge_ab,
-        [ab["source"], ex["merge_prompt"], ab["max_new_tokens"]],
+    told(
+        ex["merge_ab"].click(
+            calls.merge_ab,
+            [ab["source"], ex["merge_prompt"], ab["max_new_tokens"]],
+            [ex["merge_outputs"], status],
+            api_name="merge_ab",
+            concurrency_id=BASE_MODEL_QUEUE,
+        ),
+        "The merge A/B",
         [ex["merge_outputs"], status],
-        api_name="merge_ab",
-        concurrency_id=BASE_MODEL_QUEUE,
+    )
+
+
+def _wire_behaviour(calls: Callbacks, told, light: dict, status, k: dict, ab: dict, ex: dict, ab_run, exporting):
+    """The behaviour check of tab 2, the pair line under the A/B outputs, the check after an export."""
+    private = dict(api_visibility="private")
+    model_line = dict(concurrency_id=BASE_MODEL_QUEUE)  # each of these runs the shared base model
+    shown = [k["verdict"], k["behaviour_plot"], k["behaviour_numbers"]]
+    told(
+        k["prompt_file"].upload(calls.read_prompt_file, [k["prompt_file"]], [k["prompts"]], **private, **light),
+        "Reading the prompt file",
+        [k["prompts"]],
+    )
+    checked = [k["prompts"], *shown, status]
+    told(
+        k["check"].click(
+            calls.check_behaviour,
+            [k["method"], k["k"], k["adaptive"], ab["source"], k["prompts"], k["min_effect"], k["min_agreement"]],
+            checked,
+            api_name="check_behaviour",
+            **model_line,
+        ),
+        "The behaviour check",
+        checked,
+    )
+    marks = [k["k"].change, k["method"].change, k["adaptive"].change, k["min_effect"].change, k["min_agreement"].change]
+    marks_in = [k["method"], k["k"], k["adaptive"], k["min_effect"], k["min_agreement"]]
+    gr.on(marks, calls.behaviour_marks, marks_in, shown, show_progress="hidden", **private, **light)
+    told(
+        ab_run.success(
+            calls.ab_behaviour,
+            [ab["source"], ab["prompt"], ab["choice_a"], ab["choice_b"], ab["text_a"]],
+            [ab["pair"]],
+            api_name="ab_behaviour",
+            **model_line,
+        ),
+        "Comparing A and B",
+        [ab["pair"]],
+    )
+    told(
+        exporting.success(
+            calls.export_check,
+            [ex["verify"], ab["source"], k["prompts"], k["min_effect"]],
+            [ex["check"]],
+            api_name="export_check",
+            **model_line,
+        ),
+        "Checking the export",
+        [ex["check"]],
     )

@@ -3,6 +3,10 @@
 Figures are written as plain plotly dicts and wrapped without plotly's validation: validating costs about
 50 ms a figure, more than everything else a k change does. The dicts below are fixed, and the tests load
 their JSON; the browser test sees them drawn.
+
+A k change in the page does not redraw whole figures: ``k_moves`` picks from the same dicts only what a k
+moves (``K_MOVES``: the variance and error values, the star, the byte bars, the titles), and the page applies
+it to the figures in place with ``Plotly.update`` (``ui/layout.py``). Every title names the setting it shows.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import re
 
 import plotly.graph_objects as go
+from plotly.io.json import to_json_plotly
 
 from vlora_core.config import CompressConfig
 
@@ -31,10 +36,56 @@ STYLE = dict(
 )
 
 
+# What a k change moves in each figure: (figure, trace indices, trace keys, layout paths). The rest stays as drawn.
+K_MOVES = {
+    "variance": ([0, 1], ("y", "customdata"), ("title.text",)),
+    "errors": ([0], ("y", "text"), ("title.text",)),
+    "storage": ([2], ("x", "y", "name"), ()),
+    "bytes": ([0, 1, 2], ("x", "text"), ("title.text",)),
+}
+
+
+def figures(report: KReport) -> dict[str, go.Figure]:
+    """The four figures of the k tab, by the names ``K_MOVES`` uses."""
+    return {name: _as_figure(draw(report)) for name, draw in _DRAWN.items()}
+
+
+def k_moves(report: KReport) -> dict[str, dict]:
+    """For each figure, what ``report``'s k changes: {name: {"traces", "data": {key: [value per trace]},
+    "layout": {path: value}}}, the arguments of ``Plotly.update``; a few kB instead of four figures."""
+    out = {}
+    for name, (traces, keys, paths) in K_MOVES.items():
+        drawn = _DRAWN[name](report)
+        data = {key: [drawn["data"][i][key] for i in traces] for key in keys}
+        out[name] = dict(traces=traces, data=data, layout={path: _at(drawn["layout"], path) for path in paths})
+    return out
+
+
+def as_json(value) -> str:
+    """JSON text as plotly writes figures (NaN as null, numpy numbers as numbers)."""
+    return to_json_plotly(value)
+
+
 def variance_figure(report: KReport) -> go.Figure:
+    return _as_figure(_variance(report))
+
+
+def task_error_figure(report: KReport) -> go.Figure:
+    return _as_figure(_task_errors(report))
+
+
+def storage_figure(report: KReport) -> go.Figure:
+    return _as_figure(_storage(report))
+
+
+def bytes_figure(report: KReport) -> go.Figure:
+    return _as_figure(_bytes(report))
+
+
+def _variance(report: KReport) -> dict:
     """Share of each layer side's variance the kept directions explain, across layers (name and k in the hover)."""
     order = sorted(range(len(report.layers)), key=lambda i: _natural(report.layers[i]))  # blocks 0, 1, 2, ..., 10
-    hover = "%{customdata[0]}<br>variance explained %{y:.1%}<br>k = %{customdata[1]}<extra>%{fullData.name}</extra>"
+    hover = "%{text}<br>variance explained %{y:.1%}<br>k = %{customdata}<extra>%{fullData.name}</extra>"
     traces = [
         dict(
             type="scatter",
@@ -44,7 +95,8 @@ def variance_figure(report: KReport) -> go.Figure:
             mode="lines+markers",
             line=dict(color=colour),
             hovertemplate=hover,
-            customdata=[[report.layers[i], ks[i]] for i in order],
+            text=[report.layers[i] for i in order],  # the layer names stay; only the k moves
+            customdata=[ks[i] for i in order],
         )
         for side, values, ks, colour in (
             ("A (input side)", report.variance_a, report.k_a, A_COLOUR),
@@ -61,7 +113,7 @@ def variance_figure(report: KReport) -> go.Figure:
     )
 
 
-def task_error_figure(report: KReport) -> go.Figure:
+def _task_errors(report: KReport) -> dict:
     """Each task's relative ΔW error over all layers at the current setting."""
     bars = dict(
         type="bar",
@@ -72,15 +124,15 @@ def task_error_figure(report: KReport) -> go.Figure:
         textposition="outside",
         hovertemplate="%{x}<br>ΔW error %{y:.2%}<extra></extra>",
     )
-    top = max(report.task_errors, default=0.0)
+    top = max([*report.task_errors, *report.curve_max_errors], default=0.0)  # one scale for every k of the basis
     return _figure(
         [bars],
-        f"ΔW error per task (mean {report.mean_error:.1%})",
+        f"ΔW error per task ({setting_label(report.config)}; mean {report.mean_error:.1%})",
         yaxis=dict(tickformat=".2~%", range=[0, max(top * 1.2, 0.01)]),
     )
 
 
-def storage_figure(report: KReport) -> go.Figure:
+def _storage(report: KReport) -> dict:
     """The k sweep as storage versus error, the current setting marked, the original size as a line."""
     hover = "k = %{customdata}<br>%{x:,} bytes<br>%{y:.2%}<extra>%{fullData.name}</extra>"
     traces = [
@@ -144,7 +196,7 @@ def storage_figure(report: KReport) -> go.Figure:
     )
 
 
-def bytes_figure(report: KReport) -> go.Figure:
+def _bytes(report: KReport) -> dict:
     """Original adapter bytes beside the store's: the shared basis plus every task's loadings."""
     loadings = report.stored_bytes - report.basis_bytes
     traces = [
@@ -177,7 +229,11 @@ def bytes_figure(report: KReport) -> go.Figure:
         ),
     ]
     return _figure(
-        traces, f"Compression ×{report.ratio:.1f}", height=240, barmode="stack", xaxis=dict(title=dict(text="bytes"))
+        traces,
+        f"Compression ×{report.ratio:.1f} ({setting_label(report.config)})",
+        height=240,
+        barmode="stack",
+        xaxis=dict(title=dict(text="bytes")),
     )
 
 
@@ -195,7 +251,7 @@ def human_bytes(num_bytes: float) -> str:
     return ""
 
 
-def _figure(traces: list[dict], title: str, height: int = HEIGHT, **layout) -> go.Figure:
+def _figure(traces: list[dict], title: str, height: int = HEIGHT, **layout) -> dict:
     layout = dict(
         template=STYLE,
         height=height,
@@ -204,9 +260,97 @@ def _figure(traces: list[dict], title: str, height: int = HEIGHT, **layout) -> g
         legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"),
         **layout,
     )
-    return go.Figure(dict(data=traces, layout=layout), _validate=False)
+    return dict(data=traces, layout=layout)
+
+
+def _as_figure(figure: dict) -> go.Figure:
+    return go.Figure(figure, _validate=False)
+
+
+def _at(tree: dict, path: str):
+    """``tree["title"]["text"]`` for the path "title.text"."""
+    for key in path.split("."):
+        tree = tree[key]
+    return tree
+
+
+_DRAWN = {"variance": _variance, "errors": _task_errors, "storage": _storage, "bytes": _bytes}
 
 
 def _natural(name: str) -> list:
     """Sort key that puts 'layers.2' before 'layers.10'."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+# ---- behaviour over k (the k tab's "Check behaviour") --------------------------------------------------------
+TASK_COLOURS = ["#4C78A8", "#F58518", "#54A24B", "#B279A2", "#72B7B2", "#EECA3B", "#FF9DA6", "#9D755D", "#BAB0AC"]
+
+
+def behaviour_figure(view) -> go.Figure:
+    """Effect retained (left) and top-1 agreement (right) per task over k (a ``ui.checks.BehaviourView``): the
+    thresholds dotted, the current k (red) and the recommended k (green) as vertical lines."""
+    traces = []
+    for i, task in enumerate(view.task_ids):
+        colour = TASK_COLOURS[i % len(TASK_COLOURS)]
+        for axis, values, what in (("", view.effect[task], "effect retained"), ("2", view.agreement[task], "top-1")):
+            traces.append(
+                dict(
+                    type="scatter",
+                    x=view.ks,
+                    y=[None if v != v else v for v in values],  # nan (no effect to keep): a gap, not a point
+                    xaxis=f"x{axis}",
+                    yaxis=f"y{axis}",
+                    mode="lines+markers",
+                    name=task,
+                    legendgroup=task,
+                    showlegend=not axis,
+                    line=dict(color=colour),
+                    hovertemplate=f"{task}<br>k = %{{x}}<br>{what} %{{y:.3f}}<extra></extra>",
+                )
+            )
+    rec = view.recommendation
+    shapes = [_hline(rec.min_effect, ""), _hline(rec.min_agreement, "2")]
+    marks = [(view.current_k, NOW_COLOUR, f"k = {view.current_k} (now)"), (view.recommended_k, ERROR_COLOUR, "")]
+    annotations = []
+    for k, colour, text in marks:
+        for axis in ("", "2"):
+            if k is not None:
+                shapes.append(_vline(k, axis, colour))
+        if k is not None:
+            label = text or f"k = {k} recommended"
+            annotations.append(dict(xref="x", yref="paper", x=k, y=1.0, text=label, showarrow=False, yanchor="bottom"))
+    found = "no k measured keeps every task" if view.recommended_k is None else f"recommended k = {view.recommended_k}"
+    axis = dict(**_AXIS, title=dict(text="k (directions per layer side)"), type="log", dtick=0.30103)
+    layout = dict(
+        template=STYLE,
+        height=HEIGHT + 40,
+        title=dict(text=f"Behaviour over k, {view.method} basis, {view.prompts} prompts: {found}"),
+        margin=dict(l=55, r=20, t=80, b=45),
+        legend=dict(orientation="h", y=-0.25, yanchor="top", x=0, xanchor="left"),
+        xaxis=dict(axis, domain=[0, 0.46]),
+        xaxis2=dict(axis, domain=[0.54, 1]),
+        yaxis=dict(**_AXIS, title=dict(text="effect retained"), range=[-0.05, 1.05]),
+        yaxis2=dict(**_AXIS, title=dict(text="top-1 agreement"), range=[-0.05, 1.05], anchor="x2"),
+        shapes=shapes,
+        annotations=annotations,
+    )
+    return go.Figure(dict(data=traces, layout=layout), _validate=False)
+
+
+def _hline(y: float, axis: str) -> dict:
+    return dict(
+        type="line", xref=f"x{axis} domain", yref=f"y{axis}", x0=0, x1=1, y0=y, y1=y, line=dict(color=GREY, dash="dot")
+    )
+
+
+def _vline(x: int, axis: str, colour: str) -> dict:
+    return dict(
+        type="line",
+        xref=f"x{axis}",
+        yref=f"y{axis} domain",
+        x0=x,
+        x1=x,
+        y0=0,
+        y1=1,
+        line=dict(color=colour, dash="dash"),
+    )

@@ -29,6 +29,7 @@ class AppSettings:
     session_root: Path | None = None  # parent of the per-session folders; None: a fresh temp folder
     max_file_size: str = "500mb"  # uploads above it are refused before any callback runs
     idle_s: float = 3600.0  # a session untouched this long is removed (API clients never "close a tab")
+    reload_grace_s: float = 600.0  # a page's session is kept this long after its tab closes, for a reload
     max_files: int = archive.MAX_FILES  # entries one uploaded archive may hold
     max_total_bytes: int = archive.MAX_TOTAL_BYTES  # bytes one uploaded archive may expand to
     max_adapters: int = 64  # adapters one session may hold
@@ -43,7 +44,8 @@ class AppSettings:
     max_new_tokens: int = 256  # tokens one A/B generation may add
     heavy_jobs: int = 1  # uploads, first compressions (SVDs) and exports running at once over all sessions
     demo_adapters: Path | None = ASSETS / "demo_adapters"  # the "load the demo" button's folder of adapters
-    demo_prompts: Path | None = ASSETS / "demo_prompts.json"  # example prompts (shared and per demo task)
+    # the demo's prompts (JSON lines, shared and per demo task): A/B examples and the behaviour check's default
+    demo_prompts: Path | None = ASSETS / "demo_prompts.jsonl"
 
     def __post_init__(self):
         if on_space() and self.allow_server_paths:

@@ -22,6 +22,7 @@ from the session folder, so that serving the downloads never serves anything els
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -34,18 +35,28 @@ from tqdm.auto import tqdm
 from vlora_core import quality
 from vlora_core.adapter import AdapterSize, LoRAAdapter
 from vlora_core.base_model import chat_prompt, generate_text
-from vlora_core.behaviour import aligned
-from vlora_core.compress import compatibility_problems
+from vlora_core.behaviour import (
+    BehaviourReport,
+    PairBehaviour,
+    TaskBehaviour,
+    aligned,
+    check_ks,
+    compare_adapters,
+    compare_pair,
+)
+from vlora_core.compress import compatibility_problems, shapes_of
 from vlora_core.config import CompressConfig
 from vlora_core.errors import AdapterError, TaskError, VLoRAError, short_list
 from vlora_core.export import export_task, folder_names, save_checked
 from vlora_core.io import archive
 from vlora_core.io.peft_files import folder_task_id, load_adapter, read_adapter_size
+from vlora_core.io.prompts import GENERIC_PROMPTS, Prompt, PromptError, read_prompts
 from vlora_core.merge import MergeConfig, MergeResult, merge_adapters
 from vlora_core.model import VLoRAModel
 from vlora_core.records import check_task_id
 from vlora_core.subspace import SharedSubspace
 
+from .checks import BehaviourChecks
 from .settings import AppSettings
 
 ADAPTERS_ZIP = "vlora-adapters.zip"
@@ -59,6 +70,10 @@ CHOICE_KINDS = {
     "compressed": "the task rebuilt from the shared basis at the chosen k",
     "original": "the task rebuilt from every direction (no truncation): the original adapter's ΔW",
 }
+# ... and "compressed k=N: <task id>": the task at N directions per layer side of the same basis, whatever k
+# tab 2 is set to, so that two settings of one task can be compared side by side.
+AT_K_KIND = "compressed k=N"
+_AT_K = re.compile(r"compressed k=([1-9][0-9]{0,5})")
 
 
 @dataclass(frozen=True)
@@ -120,6 +135,7 @@ class Exported:
     store_zip: Path  # the vlora store of every task
     task_ids: list[str]
     config: CompressConfig
+    written: dict[str, LoRAAdapter] = field(default_factory=dict)  # each folder as read back (its behaviour check)
 
 
 @dataclass(frozen=True)
@@ -155,6 +171,7 @@ class _Decomposition:
     curve_mean: list[float]  # mean and worst task error per swept k
     curve_max: list[float]
     original_bytes: int
+    reports: dict[int, KReport] | None = None  # the report at every swept k, once a page asks (sweep_reports)
 
 
 class Workbench:
@@ -179,6 +196,8 @@ class Workbench:
         self._measured = False  # the view's per-task quality is filled in
         self._counter = 0
         self.merged: Merged | None = None  # the latest merge, for its A/B against its parts
+        self.exported: Exported | None = None  # the latest export (its zips live until the next one)
+        self.checks = BehaviourChecks()  # behaviour per basis and prompt set, measured once (cleared with the adapters)
         self._downloads: dict[str, Path] = {}  # kind ("export", "merge") -> the folder of its latest zips
 
     # ---- bringing adapters ------------------------------------------------------------------------
@@ -226,8 +245,21 @@ class Workbench:
             self._forget()
         return removed + dropped
 
+    def groups(self) -> list[list[str]]:
+        """The loaded tasks in groups that can share a subspace (same layers, shapes and ranks), the largest
+        first (on a tie, the one holding the first adapter)."""
+        found: dict[tuple, list[str]] = {}
+        for task_id, adapter in self.adapters.items():
+            found.setdefault(tuple(sorted(shapes_of(adapter).items())), []).append(task_id)
+        return sorted(found.values(), key=len, reverse=True)
+
     def table(self) -> list[AdapterRow]:
+        """A row per adapter, its problem told against the largest group that fits together (``groups``), then
+        a row per refused folder."""
         adapters = list(self.adapters.values())
+        if adapters:  # the reference first: the largest group's first adapter
+            reference = self.adapters[self.groups()[0][0]]
+            adapters = [reference] + [a for a in adapters if a is not reference]
         problems = compatibility_problems(adapters)
         rows = [_row(task_id, a, problems.get(a.describe(), "")) for task_id, a in self.adapters.items()]
         return rows + [AdapterRow(name, 0, 0, None, "", 0, 0, why, refused=True) for name, why in self.refused.items()]
@@ -316,13 +348,28 @@ class Workbench:
 
     def _forget(self) -> None:
         self._decompositions.clear()
+        self.checks.clear()
         self._view = self.config = None
         self._measured = False
 
     # ---- tuning k ---------------------------------------------------------------------------------
     def report(self, config: CompressConfig, progress: bool = False) -> KReport:
-        """Everything about the setting ``config``. SVDs run once per basis; after that a uniform k the sweep
-        holds is a look-up (the view itself is cut only when an export or an A/B test needs it)."""
+        """Everything about the setting ``config``, which becomes the current one. SVDs run once per basis; after
+        that a uniform k the sweep holds is a look-up (the view itself is cut only when an export or an A/B test
+        needs it)."""
+        report, view = self._report(config, progress)
+        self._view, self.config, self._measured = view, config, view is not None
+        return report
+
+    def sweep_reports(self, method: str) -> dict[int, KReport]:
+        """The report at every uniform k the sweep holds (look-ups, no view is cut), for a page to show any of
+        them at once; computed once per basis. The current setting stays as it is."""
+        found = self._decomposition(method, progress=False)
+        if found.reports is None:
+            found.reports = {k: self._report(CompressConfig(k, method))[0] for k in found.sweep.ks}
+        return found.reports
+
+    def _report(self, config: CompressConfig, progress: bool = False) -> tuple[KReport, SharedSubspace | None]:
         found = self._decomposition(config.method, progress)
         outline = found.shell.truncated(config)  # per-side k (uniform or adaptive), variance, clipping
         reports, sweep, k = quality.layer_reports(outline), found.sweep, config.num_components
@@ -335,8 +382,7 @@ class Workbench:
                 view.measure_against(found.full)
             task_errors, stored = list(quality.task_errors(view).values()), quality.stored_bytes(view)
             layer_errors = [r.error for r in quality.layer_reports(view)]
-        self._view, self.config, self._measured = view, config, view is not None
-        return KReport(
+        report = KReport(
             config=config,
             layers=[r.layer for r in reports],
             k_a=[r.k_a for r in reports],
@@ -356,6 +402,7 @@ class Workbench:
             k_max=sweep.ks[-1],
             note=outline.clipping_note(),
         )
+        return report, view
 
     @property
     def view(self) -> SharedSubspace | None:
@@ -416,9 +463,11 @@ class Workbench:
         zips = self._new_folder(self.downloads)
         try:
             with self._scratch("exports") as out:
-                names = folder_names(ids)
+                names, written = folder_names(ids), {}
                 for task_id in tqdm(ids, desc="exporting", leave=False):
-                    export_task(view, task_id, out / "adapters" / names[task_id], alpha=alpha, base_model=base_model)
+                    folder = out / "adapters" / names[task_id]
+                    export_task(view, task_id, folder, alpha=alpha, base_model=base_model)
+                    written[task_id] = load_adapter(folder, task_id)
                 view.save(out / "store")
                 adapters_zip = archive.make_zip(out / "adapters", zips / ADAPTERS_ZIP)
                 store_zip = archive.make_zip(out / "store", zips / STORE_ZIP, root_name="store")
@@ -426,7 +475,8 @@ class Workbench:
             shutil.rmtree(zips, ignore_errors=True)
             raise
         self._replace_download("export", zips)
-        return Exported(adapters_zip, store_zip, ids, self.config)
+        self.exported = Exported(adapters_zip, store_zip, ids, self.config, written)
+        return self.exported
 
     def _replace_download(self, kind: str, folder: Path) -> None:
         """Keep only the latest zips of each kind: an export and a merge do not remove each other's."""
@@ -487,7 +537,22 @@ class Workbench:
 
     # ---- A/B testing ------------------------------------------------------------------------------
     def choices(self) -> list[str]:
-        return [BASE_CHOICE] + [f"{kind}: {t}" for t in self.adapters for kind in CHOICE_KINDS]
+        """The A/B choices: the base model, then each task at the current setting, at a ladder of k (1, 2, 4, ...
+        up to the basis's most, once it is decomposed), and original. Any other k can be typed."""
+        ladder = [k for k in (1, 2, 4, 8, 16, 32, 64) if k < self._ladder_top()] + [self._ladder_top()]
+        kinds = ["compressed", *(f"compressed k={k}" for k in ladder), "original"]
+        return [BASE_CHOICE] + [f"{kind}: {t}" for t in self.adapters for kind in kinds]
+
+    def _ladder_top(self) -> int:
+        found = self._decompositions.get(self.config.method if self.config else "")
+        return found.sweep.ks[-1] if found else 16
+
+    def example_prompts(self) -> list[tuple[str | None, str]]:
+        """(task, prompt) examples for the A/B panel: the loaded tasks' own prompts from the demo's prompt file,
+        in task order, then the shared ones (task None)."""
+        prompts = prompt_file(self.settings.demo_prompts)
+        own = [(t, p.text) for t in self.adapters for p in prompts if p.task == t]
+        return own + [(None, p.text) for p in prompts if p.task is None]
 
     def check_request(self, prompt: str, max_new_tokens: object) -> int:
         """An A/B request within this workbench's caps, checked before any model work: the new-token count."""
@@ -517,20 +582,73 @@ class Workbench:
                 f"the prompt is {tokens:,} tokens with the chat template, over this workbench's limit of "
                 f"{self.settings.max_prompt_tokens:,} (max_prompt_tokens); shorten it."
             )
-        subspace = self.ab_subspace() if any(task_id for _, task_id in tasks) else None
+        subspace = self.ab_subspace(choices) if any(task_id for _, task_id in tasks) else None
         with attached(base_model, subspace) as model:
             return [_generate(model, tokenizer, choice, text, max_new_tokens) for choice in choices]
 
-    def ab_subspace(self) -> SharedSubspace:
+    def ab_subspace(self, choices: list[str] = ()) -> SharedSubspace:
         """Every task twice on the full basis, under its choice name: 'original: id' with all its loadings,
-        'compressed: id' with the view's loadings and zeros past the view's k — the same ΔW as the view."""
+        'compressed: id' with the view's loadings and zeros past the view's k — the same ΔW as the view; and
+        each 'compressed k=N: id' among ``choices`` cut at N directions of the same basis, padded the same way."""
         view = self._current_view()
         full = self._decompositions[view.method].full
         tasks = {}
         for task_id, task in full.tasks.items():
             for kind, chosen in (("compressed", view.tasks[task_id].padded(full.layer_ks)), ("original", task)):
                 tasks[f"{kind}: {task_id}"] = replace(chosen, id=f"{kind}: {task_id}")
+        cuts: dict[int, SharedSubspace] = {}
+        for choice in choices:
+            kind, _, task_id = choice.partition(": ")
+            if _AT_K.fullmatch(kind) and task_id in full.tasks:
+                k = int(_AT_K.fullmatch(kind).group(1))
+                cut = cuts.setdefault(k, full.truncated(CompressConfig(k, view.method)))
+                tasks[choice] = replace(cut.tasks[task_id].padded(full.layer_ks), id=choice)
         return SharedSubspace(full.method, full.shapes, full.bases, tasks)
+
+    # ---- behaviour: what each task still does, on prompts ---------------------------------------------
+    def check_prompts(self) -> tuple[Prompt, ...]:
+        """The prompts a behaviour check uses when none are given: the demo's prompt file (JSON lines) when it
+        names a loaded task (its shared prompts and the loaded tasks' own), else the built-in generic set."""
+        path = self.settings.demo_prompts
+        demo = read_prompts(path) if path is not None and path.suffix == ".jsonl" and path.is_file() else ()
+        if any(p.task in self.adapters for p in demo):
+            return tuple(p for p in demo if p.task is None or p.task in self.adapters)
+        return GENERIC_PROMPTS
+
+    def check_behaviour(
+        self, base_model, tokenizer, method: str, prompts, k: int | None = None, progress=None
+    ) -> BehaviourReport:
+        """Every task at each k of ``check_ks`` (and ``k``) of this basis on ``prompts``, against its original and
+        the base model; the reference and each k run once per basis and prompt set (``checks``)."""
+        full = self._decomposition(method, progress=progress is not None).full
+        k_max = self.k_max(method)
+        ks = sorted(set(check_ks(k_max)) | ({min(k, k_max)} if k else set()))
+        return self.checks.run(base_model, tokenizer, full, prompts, ks, progress)
+
+    def behaviour_view(self, method: str, k: int | None, min_effect: float, min_agreement: float):
+        """The latest check of this basis at these thresholds, marking ``k`` (None: adaptive); None before one.
+        A look-up: it never decomposes (a check implies the basis is decomposed)."""
+        found = self._decompositions.get(method)
+        k = None if k is None or found is None else min(k, found.sweep.ks[-1])
+        return self.checks.view(method, k, min_effect, min_agreement)
+
+    def ab_behaviour(self, base_model, tokenizer, prompt: str, choices: list[str], answer: str) -> PairBehaviour:
+        """B against A on the A/B prompt, teacher-forced on ``answer`` (A's output): KL(A ‖ B), top-1 agreement."""
+        tasks = [parse_choice(choice, list(self.adapters))[1] for choice in choices]
+        subspace = self.ab_subspace(choices)
+        a, b = (None if task is None else choice for choice, task in zip(choices, tasks))
+        return compare_pair(base_model, tokenizer, subspace, a, b, prompt, answer)
+
+    def check_export(self, base_model, tokenizer, prompts) -> dict[str, TaskBehaviour]:
+        """Each task of the latest export, as read back from its folder, against its original adapter (every
+        direction of the decomposition) on the prompts of the tasks exported."""
+        if self.exported is None or not self.exported.written:
+            raise VLoRAError("nothing exported yet in this session; export first, then check it.")
+        full = self._decomposition(self.exported.config.method, progress=False).full
+        written = self.exported.written
+        originals = {task_id: full.to_adapter(task_id) for task_id in written}
+        mine = [p for p in prompts if p.task is None or p.task in written]
+        return compare_adapters(base_model, tokenizer, originals, written, mine)
 
     # ---- the session's end ------------------------------------------------------------------------
     def close(self) -> None:
@@ -558,12 +676,13 @@ class Workbench:
 
 
 def parse_choice(choice: str, task_ids: list[str]) -> tuple[str, str | None]:
-    """'base model' -> ('base', None); 'compressed: qa' -> ('compressed', 'qa'); unknown parts raise."""
+    """'base model' -> ('base', None); 'compressed: qa' -> ('compressed', 'qa'); 'compressed k=4: qa' ->
+    ('compressed k=4', 'qa'); unknown parts raise."""
     if choice == BASE_CHOICE:
         return "base", None
     kind, sep, task_id = (choice or "").partition(": ")
-    if not sep or kind not in CHOICE_KINDS:
-        kinds = ", ".join(f"'{k}: <task>'" for k in CHOICE_KINDS)
+    if not sep or not (kind in CHOICE_KINDS or _AT_K.fullmatch(kind)):
+        kinds = ", ".join(f"'{k}: <task>'" for k in (*CHOICE_KINDS, AT_K_KIND))
         raise VLoRAError(f"unknown choice {choice!r}; choose '{BASE_CHOICE}', {kinds}.")
     if task_id not in task_ids:
         raise TaskError(f"unknown task {task_id!r}; loaded tasks: {', '.join(map(repr, task_ids)) or 'none'}.")
@@ -635,14 +754,23 @@ class _Counted:
 
 
 def demo_prompts(path: Path | None) -> list[str]:
-    """Example prompts for the A/B panel: the demo's shared prompts, then each task's own."""
+    """Example prompts for the A/B panel before any adapter is loaded: the prompt file's shared prompts."""
+    return [p.text for p in prompt_file(path) if p.task is None]
+
+
+def prompt_file(path: Path | None) -> list[Prompt]:
+    """The prompts of the demo's prompt file: JSON lines (``vlora_core.io.prompts``), or the older JSON of
+    {"shared": [...], "by_task": {task: [...]}}; none when there is no such file."""
     if path is None or not path.is_file():
         return []
+    if path.suffix == ".jsonl":
+        try:
+            return list(read_prompts(path))
+        except PromptError:
+            return []  # examples are a convenience: a damaged file gives none, not a broken page
     data = json.loads(path.read_text(encoding="utf-8"))
-    prompts = list(data.get("shared", []))
-    for task_prompts in data.get("by_task", {}).values():
-        prompts += [p for p in task_prompts if p not in prompts]
-    return prompts
+    shared = [Prompt(text) for text in data.get("shared", [])]
+    return shared + [Prompt(text, task=task) for task, texts in data.get("by_task", {}).items() for text in texts]
 
 
 def _row(task_id: str, adapter: LoRAAdapter, problem: str) -> AdapterRow:
