@@ -35,7 +35,7 @@ except ImportError:
 
 
 PROMPT_COLUMNS = ["task (blank: every task)", "prompt", "answer (blank: the original's own)"]
-SUMMARY_CLASS = "k-summary"  # the element around the summary text (ui/layout.py's SHOW_K rewrites its content)
+SUMMARY_CLASS = "k-summary"  # the element around the summary text (ui/layout.py's PAGE_JS rewrites its content)
 TABLE_COLUMNS = ["task id", "rank", "alpha", "target modules", "layers", "size", "problem"]
 MERGE_AB_COLUMNS = ["adapter", "output", "tokens/s"]
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")

@@ -198,8 +198,8 @@ def _tune_tab() -> dict:
             size = gr.Plot(label="Bytes", elem_id="bytes-plot")
         with gr.Accordion("Numbers", open=False):
             numbers = gr.JSON(label="numbers", elem_id="k-numbers")
-        k_table = gr.Textbox(visible=False)  # every swept k as the page shows it (SHOW_K; JSON text)
-        k_shown = gr.Textbox(visible=False)  # the server's answer to a k change the table lacks (SHOW_ENTRY)
+        k_table = gr.Textbox(visible=False)  # every swept k as the page shows it (PAGE_JS; JSON text)
+        k_shown = gr.Textbox(visible=False)  # the server's answer to a k change the table lacks (SHOW_K_ENTRY)
         behaviour = _behaviour_section()
     return dict(
         **behaviour,
@@ -621,7 +621,11 @@ def _wire_behaviour(calls: Callbacks, told, light: dict, status, k: dict, ab: di
     )
     marks = [k["k"].change, k["method"].change, k["adaptive"].change, k["min_effect"].change, k["min_agreement"].change]
     marks_in = [k["method"], k["k"], k["adaptive"], k["min_effect"], k["min_agreement"]]
-    gr.on(marks, calls.behaviour_marks, marks_in, shown, show_progress="hidden", **private, **light)
+    told(
+        gr.on(marks, calls.behaviour_marks, marks_in, shown, show_progress="hidden", **private, **light),
+        "Marking the behaviour check",
+        shown,
+    )
     told(
         ab_run.success(
             calls.ab_behaviour,

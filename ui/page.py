@@ -1,10 +1,10 @@
 """The page's own steps, none of them an API endpoint: what follows a public step in the browser.
 
 After any change of the adapters the lists are refreshed and the k tab is redrawn at a valid k (or says why it
-cannot be drawn); a k change is applied to the drawn figures in place (``plots.k_update``); a reload claims the
-session back from the key the browser kept; the A/B tab says which setting it tests; every failure is written
-into the status line (``failed``). Each method reads component values, asks the session's ``Workbench``, and
-formats, like ``Callbacks``.
+cannot be drawn); a k change is shown from the page's table of every k (``k_table``, ``plots.k_moves``); a
+reload claims the session back from the key the browser kept; the A/B tab says which setting it tests; every
+failure is written into the status line (``failed``). Each method reads component values, asks the session's
+``Workbench``, and formats, like ``Callbacks``.
 """
 
 from __future__ import annotations
