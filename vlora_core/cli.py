@@ -16,6 +16,7 @@ from .errors import VLoRAError
 from .io.atomic import disk_problem
 from .options import (
     BASIS_METHODS,
+    CALIBRATION_DAMPING,
     DEFAULT_CHUNK,
     EXPORT_FORMATS,
     MERGE_DEFAULTS,
@@ -78,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", help="where the SVDs run, e.g. cuda (default: the CPU); results equal within fp32 rounding"
     )
     p.add_argument("--dtype", choices=list(STORAGE_FLAGS), help=DTYPE_HELP)
+    p.add_argument(
+        "--calibration",
+        metavar="PROMPTS",
+        help="fit activation-aware: run these prompts (JSON lines, as for `vlora eval`) through --base-model and "
+        "fit each basis to minimise the ΔW error weighted by the layer's inputs, ||(dW - dW')C^1/2|| (default: the "
+        "plain fit)",
+    )
+    p.add_argument("--base-model", help="the model --calibration runs on: bundled (default), a folder, org/name")
+    p.add_argument(
+        "--damping",
+        type=float,
+        help=f"--calibration's damping: C + DAMPING x mean(diag C) x I (default {CALIBRATION_DAMPING})",
+    )
     p.add_argument(
         "--stream",
         type=int,

@@ -21,9 +21,13 @@ from .subspace import SharedSubspace, stream_compress
 
 
 def compress(args) -> None:
+    if args.calibration is None and (args.base_model is not None or args.damping is not None):
+        raise VLoRAError("--base-model and --damping set up --calibration; add --calibration PROMPTS, or drop them.")
     if args.stream is not None:  # --stream 0 is a value to refuse, not "off"
         if args.adaptive_k:
             raise VLoRAError("--stream keeps a fixed k; drop --adaptive-k or --stream.")
+        if args.calibration is not None:
+            raise VLoRAError("--stream fits in the plain metric; drop --calibration or --stream.")
         subspace = stream_compress(
             args.adapters,
             args.task_ids,
@@ -45,6 +49,9 @@ def compress(args) -> None:
             progress=True,
             device=args.device,
             dtype=args.dtype,
+            calibration=args.calibration,
+            base_model=args.base_model,
+            damping=args.damping,
         )
     subspace.save(args.output, force=args.force)
     print(f"stored {len(subspace.tasks)} tasks in {args.output} ({subspace!r})")

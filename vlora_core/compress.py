@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import basis as basis_math
 from .adapter import LoRAAdapter
+from .calibration import Calibration
 from .config import CompressConfig
 from .constants import SIDES
 from .errors import CompatibilityError, TaskError, VLoRAError, short_list
@@ -53,6 +54,7 @@ def fit(
     progress: bool = False,
     device: str | torch.device | None = None,
     precision: str = "float32",
+    calibration: Calibration | None = None,
 ) -> Pieces:
     """Shapes, bases and tasks of ``adapters``: every direction, or cut to ``config``'s k.
 
@@ -61,25 +63,36 @@ def fit(
     and the energy of all). What is kept is rounded to the storage ``precision`` (``precision.round_trip``)
     before each task's ΔW error per layer is recorded, unless ``measure=False``: the errors are those of the
     store on disk. With ``device`` (e.g. "cuda") the gauge and the SVDs of each batch run there; what is
-    kept comes back to the CPU.
+    kept comes back to the CPU. With a ``calibration`` (``vlora_core.calibration``) each batch is fitted in the
+    whitened metric and its A sides taken back to plain coordinates after the cut; each task's
+    activation-weighted error is recorded next to its ΔW error.
     """
     ids = resolve_task_ids(adapters, task_ids)
     shapes = check_compatible(adapters)
+    if calibration is not None:
+        calibration.check_layers(shapes)
     tasks = {i: Task.from_adapter(a, i) for i, a in zip(ids, adapters)}
     top = None if config is None or config.adaptive_k else config.num_components
     bases: Bases = {}
     for batch in tqdm(layer_batches(adapters, list(shapes)), desc="compress", disable=not progress, leave=False):
         stacked = batch_factors(adapters, batch, device)  # F_A (L, N, d_in, r), F_B (L, N, d_out, r)
+        if calibration is not None:
+            stacked = calibration.whiten(batch, stacked)  # the factors of ΔW·S, in the whitened gauge
         _fit_batch(method, batch, stacked, bases, tasks.values(), top)
         if device is not None:
             _to_cpu(bases, tasks.values(), batch)
             stacked = tuple(F.cpu() for F in stacked)
         if config is not None:
             _cut_layers(bases, tasks.values(), batch, config)
+        if calibration is not None:  # the A sides back to plain coordinates; the reference factors likewise
+            stacked = calibration.restore(get_method(method), bases, tasks.values(), batch, stacked)
+        if config is not None:
             round_to(precision, bases, tasks.values(), batch)
             if measure:
                 reference = {name: (stacked[0][i], stacked[1][i]) for i, name in enumerate(batch)}
                 measure_errors(method, shapes, bases, reference, list(tasks.values()))
+                if calibration is not None:
+                    calibration.measure(method, shapes, bases, reference, list(tasks.values()))
     return shapes, _in_order(bases, tasks, shapes), tasks
 
 
@@ -122,6 +135,7 @@ def _in_order(bases: Bases, tasks: dict[str, Task], shapes: dict[str, LayerShape
     for task in tasks.values():
         task.loadings = {name: task.loadings[name] for name in shapes}
         task.errors = {name: task.errors[name] for name in shapes if name in task.errors}
+        task.act_errors = {name: task.act_errors[name] for name in shapes if name in task.act_errors}
     return {name: bases[name] for name in shapes}
 
 

@@ -34,9 +34,14 @@ def report(subspace, store, as_json: bool = False) -> None:
         print(json.dumps(json_safe(found), indent=2, allow_nan=False))
         return
     print(f"{store}: {subspace!r}")
-    print(f"{'layer':<48} {'k_A':>4} {'k_B':>4} {'var_A':>7} {'var_B':>7} {'ΔW err':>8}")
+    act = reports.layer_activation_errors(subspace) if getattr(subspace, "calibration", None) else None
+    extra = "" if act is None else f" {'act err':>8}"  # a calibrated store: its activation-weighted error too
+    print(f"{'layer':<48} {'k_A':>4} {'k_B':>4} {'var_A':>7} {'var_B':>7} {'ΔW err':>8}{extra}")
     for r in reports.layer_reports(subspace):
-        print(f"{r.layer[-48:]:<48} {r.k_a:>4} {r.k_b:>4} {r.variance_a:>7.2%} {r.variance_b:>7.2%} {r.error:>8.4f}")
+        extra = "" if act is None else f" {act[r.layer]:>8.4f}"
+        print(
+            f"{r.layer[-48:]:<48} {r.k_a:>4} {r.k_b:>4} {r.variance_a:>7.2%} {r.variance_b:>7.2%} {r.error:>8.4f}{extra}"
+        )
     print_summary(subspace)
     print_bytes(subspace, store)
 
@@ -68,5 +73,16 @@ def print_summary(subspace) -> None:
         f"A {s['variance_a_mean']:.2%}, B {s['variance_b_mean']:.2%} (mean over layers)"
     )
     print(f"parameters: basis {s['basis_parameters']:,}, per task {s['parameters_per_task']:,}")
+    calibration = s.get("calibration")
+    if calibration is not None:
+        print(
+            f"activation-aware: calibrated on {calibration['prompts']} (sha256 {calibration['prompts_sha256'][:12]}, "
+            f"{calibration['prompt_count']} prompts, {calibration['tokens']:,} tokens) with {calibration['base_model']}, "
+            f"damping {calibration['damping']:g}; variance explained is in the activation metric"
+        )
     for task_id, error in s["task_errors"].items():
-        print(f"  {task_id}: ΔW relative error {error:.4f}")
+        act = s.get("task_activation_errors", {}).get(task_id)
+        tail = "" if act is None else f", activation-weighted {act:.4f}"
+        if act is not None and math.isnan(act):  # added after the calibrated fit: its inputs' C is not stored
+            tail = ", activation-weighted not measured (added later)"
+        print(f"  {task_id}: ΔW relative error {error:.4f}{tail}")

@@ -40,6 +40,8 @@ class Task:
     source: str = ""  # where it came from, for messages
     dtype: str = "float32"  # the original factors' dtype; exports are cast back to it
     errors: dict[str, tuple[float, float]] = field(default_factory=dict)  # layer -> (ΔW rel. error, ‖ΔW‖)
+    # layer -> (‖(ΔW − ΔŴ)·C^½‖ / ‖ΔW·C^½‖, ‖ΔW·C^½‖): the activation-weighted error of a calibrated fit
+    act_errors: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @classmethod
     def from_adapter(cls, adapter: LoRAAdapter, task_id: str) -> Task:
@@ -49,12 +51,12 @@ class Task:
 
     def bare(self) -> Task:
         """The same task without loadings or errors."""
-        return replace(self, loadings={}, errors={})
+        return replace(self, loadings={}, errors={}, act_errors={})
 
     def cut(self, ks: LayerKs) -> Task:
         """The task with its loadings cut to ``ks`` directions (copies, so the rest can be freed)."""
         loadings = {n: {s: t[..., : ks[n][s]].clone() for s, t in sides.items()} for n, sides in self.loadings.items()}
-        return replace(self, loadings=loadings, errors=dict(self.errors))
+        return replace(self, loadings=loadings, errors=dict(self.errors), act_errors=dict(self.act_errors))
 
     def padded(self, ks: LayerKs) -> Task:
         """The task with zero loadings past its own k, up to ``ks``: on a basis that starts with this task's

@@ -43,6 +43,20 @@ def task_errors(subspace) -> dict[str, float]:
     return {t.id: _pooled(list(t.errors.values())) for t in subspace.tasks.values()}
 
 
+def task_activation_errors(subspace) -> dict[str, float]:
+    """Each task's activation-weighted error ‖(ΔW − ΔŴ)·C^½‖ / ‖ΔW·C^½‖ over all layers, where a calibrated fit
+    recorded it (nan for a task added later, whose inputs' C the store does not hold)."""
+    return {t.id: _pooled(list(getattr(t, "act_errors", {}).values())) for t in subspace.tasks.values()}
+
+
+def layer_activation_errors(subspace) -> dict[str, float]:
+    """The activation-weighted error per layer over all tasks that recorded it (nan where none did)."""
+    return {
+        name: _pooled([t.act_errors[name] for t in subspace.tasks.values() if name in getattr(t, "act_errors", {})])
+        for name in subspace.bases
+    }
+
+
 def overall_error(subspace) -> float:
     """The ΔW relative error pooled over every task and layer (nan when unknown)."""
     return _pooled([pair for t in subspace.tasks.values() for pair in t.errors.values()])
@@ -72,4 +86,12 @@ def summary(subspace) -> dict:
         "basis_parameters": params["basis"],
         "parameters_per_task": params["per_task"],
         "task_errors": task_errors(subspace),
-    }
+    } | _calibrated(subspace)
+
+
+def _calibrated(subspace) -> dict:
+    """What a calibrated store adds to the summary: its calibration and each task's activation-weighted error."""
+    calibration = getattr(subspace, "calibration", None)
+    if calibration is None:
+        return {}
+    return {"calibration": dict(calibration), "task_activation_errors": task_activation_errors(subspace)}

@@ -20,8 +20,9 @@ import torch
 from . import compress, export, merge
 from .adapter import LoRAAdapter
 from .basis import Basis
+from .calibration import DEFAULT_DAMPING, Calibration, calibrate
 from .config import DEFAULT_METHOD, DEFAULT_NUM_COMPONENTS, DEFAULT_VARIANCE_THRESHOLD, CompressConfig
-from .errors import TaskError
+from .errors import TaskError, VLoRAError
 from .io import store_files
 from .merge import MergeConfig, MergeResult
 from .methods import get_method
@@ -44,6 +45,8 @@ class SharedSubspace:
         k_requested: the k asked for (None for adaptive k), to say where it was clipped.
         dtype: the storage precision, a key of ``vlora_core.precision.PRECISIONS`` ("float32", "bfloat16",
             "float16", "int8"); the numbers in memory are those it stores, as float32.
+        calibration: None for the plain fit; for an activation-aware one (``vlora_core.calibration``), what it was
+            fitted on: the prompt file's name and SHA-256, prompt and token counts, base model, damping.
 
     Example:
         >>> subspace = SharedSubspace.from_adapters([load_adapter(p) for p in paths], num_components=4)
@@ -58,6 +61,7 @@ class SharedSubspace:
         tasks: dict[str, Task],
         k_requested: int | None = None,
         dtype: str = "float32",
+        calibration: dict | None = None,
     ):
         self.method = method
         self.shapes = shapes
@@ -65,6 +69,7 @@ class SharedSubspace:
         self.tasks = tasks
         self.k_requested = k_requested
         self.dtype = get_precision(dtype).name
+        self.calibration = None if calibration is None else dict(calibration)
         self._origin: tuple[Path, int] | None = None  # the store folder it was loaded from / saved to, generation
 
     # ---- building ---------------------------------------------------------------------------------
@@ -82,6 +87,9 @@ class SharedSubspace:
         progress: bool = False,
         device: str | None = None,
         dtype: str | None = None,
+        calibration: Calibration | str | Path | None = None,
+        base_model: str | None = None,
+        damping: float | None = None,
     ) -> SharedSubspace:
         """Compress adapters into a shared subspace with k (or adaptive k) directions per layer and side.
 
@@ -97,6 +105,12 @@ class SharedSubspace:
             dtype: storage precision of the basis, means and loadings: "fp32", "bf16", "fp16" or "int8" (per-row
                 scales); default: bf16 when every adapter is bf16 or fp16, else fp32 (``precision.default_precision``).
                 The ΔW errors recorded include the rounding.
+            calibration: fit activation-aware: a prompt file (JSON lines, as for ``vlora eval``) run through
+                ``base_model``, or a ``Calibration`` already collected (``vlora_core.calibration.calibrate``). The
+                basis then minimises ‖(ΔW − ΔŴ)·C^½‖ with C each layer's input second moment; each task's
+                activation-weighted error is recorded next to its ΔW error. Default: the plain fit.
+            base_model: the model the calibration prompts run on: "bundled" (default), a folder, org/name.
+            damping: λ of the calibration's C + λ·mean(diag C)·I (default 0.01).
 
         Returns:
             The subspace; ``vlora_core.quality`` reports its variance explained and ΔW errors.
@@ -105,6 +119,7 @@ class SharedSubspace:
             >>> SharedSubspace.from_adapters(adapters, task_ids=["a", "b", "c"], num_components=4)
         """
         config = CompressConfig(num_components, method, adaptive_k, variance_threshold)
+        calibration = _calibration(calibration, adapters, task_ids, base_model, damping)
         dtype = (
             get_precision(dtype).name
             if dtype
@@ -119,8 +134,10 @@ class SharedSubspace:
             progress=progress,
             device=device,
             precision=dtype,
+            calibration=calibration,
         )
-        subspace = cls(config.method, *pieces, None if config.adaptive_k else config.num_components, dtype)
+        k = None if config.adaptive_k else config.num_components
+        subspace = cls(config.method, *pieces, k, dtype, None if calibration is None else calibration.record)
         note = subspace.clipping_note()
         if note:
             log.warning(note)
@@ -145,9 +162,8 @@ class SharedSubspace:
         """
         config = k if isinstance(k, CompressConfig) else CompressConfig(k, self.method)
         bases, tasks = compress.cut(self.bases, self.tasks, compress.layer_ks(self.bases, config), copy)
-        return SharedSubspace(
-            self.method, self.shapes, bases, tasks, None if config.adaptive_k else config.num_components, self.dtype
-        )
+        k = None if config.adaptive_k else config.num_components
+        return SharedSubspace(self.method, self.shapes, bases, tasks, k, self.dtype, self.calibration)
 
     def set_dtype(self, dtype: str) -> None:
         """Store in ``dtype`` ("fp32", "bf16", "fp16", "int8") from now on: every basis and loading is rounded to
@@ -277,6 +293,7 @@ class SharedSubspace:
         tasks = {i: t.bare() for i, t in self.tasks.items()} | {task_id: Task.from_adapter(adapter, task_id)}
         full = compress.fit_factors(self.method, self.shapes, factors, list(tasks.values()))
         self.bases, self.tasks = compress.cut(full, tasks, ks, copy=True)
+        self.calibration = None  # rebuilt in the plain metric
         compress.round_to(self.dtype, self.bases, list(self.tasks.values()))
         compress.measure_errors(self.method, self.shapes, self.bases, factors, list(self.tasks.values()))
         return self.tasks[task_id]
@@ -318,6 +335,7 @@ class SharedSubspace:
             self.tasks,
             self.k_requested,
             dtype=self.dtype,
+            calibration=self.calibration,
             loaded_generation=loaded,
             force=force,
         )
@@ -338,6 +356,25 @@ class SharedSubspace:
 
     def __repr__(self) -> str:
         return describe(self.method, len(self.tasks), len(self.shapes), self.layer_ks)
+
+
+def _calibration(
+    given: Calibration | str | Path | None,
+    adapters: list[LoRAAdapter],
+    task_ids: list[str] | None,
+    base_model: str | None,
+    damping: float | None,
+) -> Calibration | None:
+    """The calibration ``from_adapters`` fits with: None, one already collected, or one collected now from a file."""
+    if given is None:
+        if base_model is not None or damping is not None:
+            raise VLoRAError("base_model and damping belong to a calibration; pass calibration= (a prompt file) too.")
+        return None
+    if isinstance(given, Calibration):
+        return given if damping is None else given.with_damping(damping)
+    compress.resolve_task_ids(adapters, task_ids)  # what fit refuses, refused before the base model is loaded
+    layers = list(compress.check_compatible(adapters))
+    return calibrate(given, layers, base_model, damping=DEFAULT_DAMPING if damping is None else damping)
 
 
 def stream_compress(

@@ -63,6 +63,9 @@ def check(manifest: dict, path) -> None:
     need(manifest.get("k_requested") is None or _whole(manifest["k_requested"], 1), "k_requested must be >= 1")
     storage = manifest.get("storage", "float32")
     need(storage in PRECISIONS, f"storage {storage!r} is not one of {sorted(PRECISIONS)}")
+    calibration = manifest.get("calibration")
+    if calibration is not None:
+        _check_calibration(calibration, need)
     checksums = manifest.get("checksums")
     need(isinstance(checksums, dict) and bool(checksums), "checksums must list the data files")
     for name, digest in checksums.items():
@@ -101,14 +104,30 @@ def check(manifest: dict, path) -> None:
         need(isinstance(entry.get("source", ""), str), f"{where}: source must be text")
         extras = entry.get("extras", [])
         need(isinstance(extras, list) and all(isinstance(k, str) for k in extras), f"{where}: extras must be names")
-        quality = entry.get("quality", {})
-        need(isinstance(quality, dict) and set(quality) <= names, f"{where}: quality names unknown layers")
-        for value in quality.values():
-            need(
-                isinstance(value, list) and len(value) == 2 and all(_number(v) and v >= 0 for v in value),
-                f"{where}: each quality entry must be [error, norm], two numbers >= 0",
-            )
+        for key in ("quality", "quality_activation"):  # ΔW errors; a calibrated fit's activation-weighted ones
+            quality = entry.get(key, {})
+            need(isinstance(quality, dict) and set(quality) <= names, f"{where}: {key} names unknown layers")
+            for value in quality.values():
+                need(
+                    isinstance(value, list) and len(value) == 2 and all(_number(v) and v >= 0 for v in value),
+                    f"{where}: each {key} entry must be [error, norm], two numbers >= 0",
+                )
     need(len({entry["id"] for entry in tasks}) == len(tasks), "a task id appears twice")
+
+
+def _check_calibration(calibration, need) -> None:
+    """What an activation-aware fit records (vlora_core.calibration): prompt file, its SHA-256, counts, model, λ."""
+    need(isinstance(calibration, dict), "calibration must be an object")
+    need(isinstance(calibration.get("prompts"), str), "calibration: prompts must name the prompt file")
+    need(
+        isinstance(calibration.get("prompts_sha256"), str) and bool(_SHA256.fullmatch(calibration["prompts_sha256"])),
+        "calibration: prompts_sha256 is not a SHA-256",
+    )
+    for key in ("prompt_count", "tokens"):
+        need(_whole(calibration.get(key), 1), f"calibration: {key} must be a whole number >= 1")
+    need(isinstance(calibration.get("base_model"), str), "calibration: base_model must be text")
+    damping = calibration.get("damping")
+    need(_number(damping) and damping > 0, "calibration: damping must be a number > 0")
 
 
 def _known_methods():

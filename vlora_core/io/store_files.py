@@ -1,6 +1,7 @@
 """The store on disk: a JSON manifest plus content-addressed safetensors files.
 
     STORE/manifest.json                 format, version, generation, method, layers, tasks, checksums, its own checksum
+                                        (and, for an activation-aware fit, its calibration: vlora_core.calibration)
     STORE/basis-<sha256[:16]>.safetensors      "<layer index>.<side>.components|spectrum|mean|energy"
     STORE/task-<sha256[:16]>.safetensors       "<layer index>.<side>" loadings, "extra.<key>" tensors
 
@@ -57,7 +58,8 @@ LOCK_TIMEOUT_S = 60.0  # how long a writer waits for another one before saying t
 READ_TRIES = 5  # a load whose files a writer removed meanwhile starts again from the new manifest
 
 Bases = dict[str, dict[str, Basis]]  # layer -> side -> Basis
-Store = tuple[str, dict[str, LayerShape], Bases, dict[str, Task], "int | None", str, int]  # ..., k, dtype, generation
+# method, shapes, bases, tasks, k_requested, dtype, calibration (None: a plain fit), generation
+Store = tuple[str, dict[str, LayerShape], Bases, dict[str, Task], "int | None", str, "dict | None", int]
 
 
 # ---- writing ------------------------------------------------------------------------------------------
@@ -70,6 +72,7 @@ def save_store(
     k_requested: int | None,
     *,
     dtype: str = "float32",
+    calibration: dict | None = None,
     loaded_generation: int | None = None,
     force: bool = False,
 ) -> int:
@@ -84,7 +87,7 @@ def save_store(
     with _write_errors(folder, existed):
         made = make_folders(folder)
     try:
-        pieces = (method, shapes, bases, tasks, k_requested, get_precision(dtype))
+        pieces = (method, shapes, bases, tasks, k_requested, get_precision(dtype), calibration)
         return _save_locked(folder, pieces, loaded_generation, force, existed)
     except BaseException:
         if made:  # a new store that could not be written leaves no folder (nor lock file) behind
@@ -111,7 +114,7 @@ def _save_locked(folder: Path, pieces: tuple, loaded_generation: int | None, for
         return manifest["generation"]
 
 
-def _write_all(folder, method, shapes, bases, tasks, k_requested, precision: Precision, previous) -> dict:
+def _write_all(folder, method, shapes, bases, tasks, k_requested, precision: Precision, calibration, previous) -> dict:
     names = list(shapes)
     checksums = {}
     basis_file = _write_data(folder, "basis", _basis_tensors(bases, names, precision), checksums)
@@ -129,6 +132,9 @@ def _write_all(folder, method, shapes, bases, tasks, k_requested, precision: Pre
                 "quality": {n: list(task.errors[n]) for n in names if _known(task.errors.get(n))},
             }
         )
+        activation = {n: list(task.act_errors[n]) for n in names if _known(task.act_errors.get(n))}
+        if activation:  # a calibrated fit's activation-weighted errors (absent from plain stores)
+            entries[-1]["quality_activation"] = activation
     manifest = schema.seal(
         {
             "format": STORE_FORMAT,
@@ -137,6 +143,7 @@ def _write_all(folder, method, shapes, bases, tasks, k_requested, precision: Pre
             "method": method,
             "k_requested": k_requested,
             "storage": precision.name,
+            **({} if calibration is None else {"calibration": calibration}),
             "layers": [_layer_entry(n, s, bases[n]) for n, s in shapes.items()],
             "basis_file": basis_file,
             "tasks": entries,
@@ -234,7 +241,7 @@ def _write_errors(folder: Path, existed: bool = True):
 
 # ---- reading ------------------------------------------------------------------------------------------
 def load_store(path: str | Path) -> Store:
-    """The pieces of the store at ``path``: method, shapes, bases, tasks, k_requested, generation.
+    """The pieces of the store at ``path``: method, shapes, bases, tasks, k_requested, dtype, calibration, generation.
 
     A writer may replace the manifest while this reads: if files of the manifest read have gone since,
     the load starts again from the new manifest, so a reader always gets one whole generation.
@@ -364,11 +371,13 @@ def _build(folder: Path, manifest: dict) -> Store:
         }
         extras = {key: _tensor(data, f"extra.{key}", entry["file"], None) for key in entry.get("extras", [])}
         errors = {n: tuple(v) for n, v in entry.get("quality", {}).items()}
+        activation = {n: tuple(v) for n, v in entry.get("quality_activation", {}).items()}
         tasks[entry["id"]] = Task(
-            entry["id"], loadings, entry["config"], extras, entry.get("source", ""), entry["dtype"], errors
+            entry["id"], loadings, entry["config"], extras, entry.get("source", ""), entry["dtype"], errors, activation
         )
     k_requested, generation = manifest.get("k_requested"), manifest["generation"]
-    return manifest["method"], shapes, bases, tasks, k_requested, precision.name, generation
+    calibration = manifest.get("calibration")
+    return manifest["method"], shapes, bases, tasks, k_requested, precision.name, calibration, generation
 
 
 def _decoded(data: dict[str, torch.Tensor], precision: Precision, file: str) -> dict[str, torch.Tensor]:

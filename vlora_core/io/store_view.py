@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..constants import SIDES
@@ -43,6 +43,7 @@ class SideView:
 class TaskView:
     id: str
     errors: dict[str, tuple[float, float]]  # layer -> (relative ΔW error, ‖ΔW‖), as recorded
+    act_errors: dict[str, tuple[float, float]] = field(default_factory=dict)  # activation-weighted, if calibrated
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class StoreView:
     bases: dict[str, dict[str, SideView]]  # layer -> side -> k and variance explained
     tasks: dict[str, TaskView]
     parameters: dict[str, int]  # {"basis": ..., "per_task": ...}
+    calibration: dict | None = None  # what an activation-aware fit was calibrated on (None: the plain fit)
 
     def num_parameters(self) -> dict[str, int]:
         return dict(self.parameters)
@@ -108,10 +110,16 @@ def _view(manifest: dict, basis: dict, tasks: dict[str, dict]) -> StoreView:
     for entry in manifest["tasks"]:
         _expect(all(f"extra.{key}" in tasks[entry["file"]] for key in entry.get("extras", [])))
     tasks = {
-        e["id"]: TaskView(e["id"], {n: tuple(v) for n, v in e.get("quality", {}).items()}) for e in manifest["tasks"]
+        e["id"]: TaskView(
+            e["id"],
+            {n: tuple(v) for n, v in e.get("quality", {}).items()},
+            {n: tuple(v) for n, v in e.get("quality_activation", {}).items()},
+        )
+        for e in manifest["tasks"]
     }
     storage = manifest.get("storage", "float32")
-    return StoreView(manifest["method"], storage, bases, tasks, {"basis": shared, "per_task": per_task})
+    parameters = {"basis": shared, "per_task": per_task}
+    return StoreView(manifest["method"], storage, bases, tasks, parameters, manifest.get("calibration"))
 
 
 def _shape(found: dict, key: str, stored: tuple[str, ...]) -> list[int]:
