@@ -3,6 +3,7 @@ is the smallest k meeting the thresholds, mixed batches equal one row at a time,
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import replace
@@ -25,6 +26,8 @@ from vlora_core.behaviour import (
     measure,
     recommend,
     reference,
+    reference_stats,
+    row_sums,
     running,
     stored_bytes,
     task_scores,
@@ -223,12 +226,35 @@ def one_row_logits(model, task_subspace, task, tokens):
             wrapped.unload()
 
 
+@pytest.fixture(scope="module")
+def head_adapters(tiny, tmp_path_factory):
+    """Adapters on q_proj and the LM head itself (of the byte tokenizer's vocabulary), written by peft."""
+    model, _ = tiny
+    root, found = tmp_path_factory.mktemp("head"), []
+    for seed, name in enumerate("abc"):
+        config = LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False, task_type="CAUSAL_LM")
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(copy.deepcopy(model), config)
+        peft_model.save_pretrained(str(root / name))
+        found.append(load_adapter(root / name))
+    return found
+
+
 @pytest.mark.parametrize(
-    ("method", "k", "prompts"), [("flat", 1, PROMPTS), ("rank", 3, PROMPTS), ("rank", 2, PREFIXED)]
+    ("method", "k", "prompts", "head"),
+    [
+        ("flat", 1, PROMPTS, False),
+        ("rank", 3, PROMPTS, False),
+        ("rank", 2, PREFIXED, False),
+        ("rank", 2, PROMPTS, True),
+    ],
 )
-def test_batched_equals_naive_per_row(tiny, adapters, method, k, prompts):
+def test_batched_equals_naive_per_row(tiny, adapters, head_adapters, method, k, prompts, head):
+    """One unpadded row at a time, log-softmaxes in full, against the mixed batches; with an adapted LM head
+    (the head then runs each row's task on the full positions, not the scored ones picked out)."""
     model, tokenizer = tiny
-    full = SharedSubspace.decompose(adapters, ["a", "b", "c"], method=method)
+    full = SharedSubspace.decompose(head_adapters if head else adapters, ["a", "b", "c"], method=method)
+    assert ("lm_head" in full.shapes) == head
     ref = reference(model, tokenizer, full, prompts, CONFIG)
     report = measure(model, tokenizer, full, ref, [k], CONFIG)
     cut = full.truncated(k)
@@ -247,9 +273,41 @@ def test_batched_equals_naive_per_row(tiny, adapters, method, k, prompts):
             positions += row.answer
         got = report.settings[0].tasks[task]
         assert got.positions == positions
-        assert got.kl == pytest.approx(kl / positions, rel=1e-3, abs=1e-6)
+        assert got.kl == pytest.approx(kl / positions, abs=1e-5)
         assert got.agreement == agree / positions
-        assert got.effect_retained == pytest.approx(1 - math.sqrt(gap / effect), abs=1e-4)
+        assert got.effect_retained == pytest.approx(1 - math.sqrt(gap / effect), abs=1e-5)
+
+
+def log_softmax_kl(z: torch.Tensor, z_o: torch.Tensor) -> torch.Tensor:
+    """KL(softmax z_o ‖ softmax z) summed over positions, in float64 from log-softmaxes."""
+    p, q = z_o.double().log_softmax(-1), z.double().log_softmax(-1)
+    return (p.exp() * (p - q)).sum()
+
+
+def peaks(z: torch.Tensor, at: int, height: float = 200.0) -> torch.Tensor:
+    return z.index_add(1, torch.tensor([at]), torch.full((len(z), 1), height))
+
+
+Z = torch.randn(3, 300, generator=torch.Generator().manual_seed(0)) * 3
+ROW_CASES = [  # (name, z, z_o)
+    ("the same logits", Z, Z),
+    ("shifted by a constant", Z + 7.5, Z),
+    ("a small change", Z + 0.01 * Z.roll(1, -1), Z),
+    ("unrelated", Z.roll(5, -1), Z),
+    ("peaks on different tokens", peaks(Z, 1), peaks(Z, 0)),  # Σ p·exp(d − m) underflows in fp32
+]
+
+
+@pytest.mark.parametrize(("name", "z", "z_o"), ROW_CASES, ids=[c[0] for c in ROW_CASES])
+def test_row_sums_match_log_softmaxes_in_float64(name, z, z_o):
+    kl, agree, gap_sq, norm_sq, positions = row_sums(z, z_o, *reference_stats(z_o)).tolist()
+    expected = log_softmax_kl(z, z_o).item()
+    assert kl == pytest.approx(expected, rel=1e-4, abs=1e-6), name
+    assert agree == (z.argmax(-1) == z_o.argmax(-1)).sum().item() and positions == len(z)
+    assert gap_sq == pytest.approx((z - z_o).double().square().sum().item(), rel=1e-5)
+    assert norm_sq == pytest.approx(z.double().square().sum().item(), rel=1e-5)
+    if name == "the same logits":
+        assert kl == 0.0 and gap_sq == 0.0  # exactly: no rounding noise from two log-sum-exps
 
 
 @pytest.mark.parametrize("method", ["flat", "rank"])

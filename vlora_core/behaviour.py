@@ -55,6 +55,8 @@ KL, AGREE, GAP_SQ, NORM_SQ, POSITIONS = range(len(SUMS))
 BYTES_PER_NUMBER = 4  # stores hold fp32
 CANDIDATE = "candidate: "  # prefix of the candidates' ids inside ``compare_adapters``' joint decomposition
 NEAR_ZERO_EFFECT = 0.1  # effect retained below this: the task acts about like the base model
+UNDERFLOW = 1e-20  # row_sums: a log-sum-exp term below this is recomputed from log-softmaxes
+MAX_PADDING = 0.05  # a scoring batch's padded positions, at most this share of its tokens
 
 Progress = Callable[[float, str], object]  # (fraction done, what is running), e.g. a gr.Progress
 
@@ -159,14 +161,47 @@ class Recommendation:
 def position_sums(logits: torch.Tensor, reference: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
     """Per row, sums over its scored positions of KL(reference ‖ logits), top-1 agreement, ‖logits − reference‖²,
     ‖logits‖² and 1: logits, reference (R, A, V), scored (R, A) bool -> (R, 5), columns as ``SUMS``."""
-    logits, reference = logits.float(), reference.float()
-    log_q, log_p = logits.log_softmax(-1), reference.log_softmax(-1)  # (R, A, V)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (R, A)
-    agree = (logits.argmax(-1) == reference.argmax(-1)).float()  # (R, A)
-    gap = (logits - reference).square().sum(-1)  # (R, A)
-    norm = logits.square().sum(-1)  # (R, A)
-    stats = torch.stack([kl, agree, gap, norm, torch.ones_like(kl)], -1)  # (R, A, 5)
-    return torch.where(scored[..., None], stats, 0.0).sum(1)  # padding may hold anything, even nan
+    rows = []
+    for z, z_o, keep in zip(logits.float(), reference.float(), scored):  # padding may hold anything, even nan
+        rows.append(row_sums(z[keep], z_o[keep], *reference_stats(z_o[keep])))
+    return torch.stack(rows) if rows else torch.zeros(0, len(SUMS))
+
+
+def reference_stats(z_o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What ``row_sums`` needs of reference logits z_o (a, V), computed once however many rows are compared
+    with them: the next-token distribution p (a, V), its total (a,) (1 up to rounding) and its top-1 token (a,)."""
+    p = z_o.softmax(-1)
+    return p, p.sum(-1), z_o.argmax(-1)
+
+
+def row_sums(
+    z: torch.Tensor, z_o: torch.Tensor, p: torch.Tensor, mass: torch.Tensor, top: torch.Tensor
+) -> torch.Tensor:
+    """Sums over one row's positions (as ``position_sums``' columns) of logits z (a, V) against reference logits
+    z_o (a, V), with ``reference_stats(z_o)``: a few passes over the row, no (a, V) temporary kept.
+
+    With d = z − z_o and m = max d, KL(p ‖ softmax z) = m + log Σ p·exp(d − m) − Σ p·d: the difference of two
+    log-sum-exps without forming either, so a variant equal to the original gives KL 0, not rounding noise.
+    Where Σ p·exp(d − m) underflows (p and exp(d − m) both tiny: the two put their mass on different tokens),
+    those positions take log-softmaxes instead."""
+    d = z - z_o  # (a, V)
+    gap = torch.linalg.vector_norm(d, dim=-1).square()  # (a,)
+    p_d = (p * d).sum(-1) / mass  # (a,)
+    m = d.amax(-1, keepdim=True)  # (a, 1)
+    s = (p * d.sub_(m).exp_()).sum(-1) / mass  # (a,); d is spent: exp(d − m) in its place
+    kl = m[:, 0] + s.log() - p_d
+    far = s < UNDERFLOW
+    if far.any():
+        kl[far] = kl_divergence(z[far], z_o[far])
+    agree = (z.argmax(-1) == top).float()
+    norm = torch.linalg.vector_norm(z, dim=-1).square()
+    return torch.stack([kl.clamp(min=0).sum(), agree.sum(), gap.sum(), norm.sum(), gap.new_tensor(float(len(z)))])
+
+
+def kl_divergence(z: torch.Tensor, z_o: torch.Tensor) -> torch.Tensor:
+    """KL(softmax z_o ‖ softmax z) per position, from log-softmaxes: z, z_o (a, V) -> (a,)."""
+    log_p, log_q = z_o.log_softmax(-1), z.log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def scores(task: str, sums: torch.Tensor, base: torch.Tensor, tol: float) -> TaskBehaviour:
@@ -229,11 +264,23 @@ def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
-def _batches(lengths: Sequence[int], batch_rows: int) -> Iterator[list[int]]:
-    """Row indices in batches of similar length (little padding)."""
-    order = sorted(range(len(lengths)), key=lambda j: lengths[j])
-    for start in range(0, len(order), batch_rows):
-        yield order[start : start + batch_rows]
+def _batches(lengths: Sequence[int], batch_rows: int, padding: float | None = MAX_PADDING) -> Iterator[list[int]]:
+    """Row indices in batches of at most ``batch_rows``, shortest rows first; a batch also ends where the next
+    row would make its padding more than ``padding`` of its tokens (None: no such limit). Rows of one length
+    (a prompt at every k) share a batch, so a padded position is rare."""
+    batch: list[int] = []
+    for j in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        tokens = sum(lengths[i] for i in batch) + lengths[j]
+        if batch and (
+            len(batch) == batch_rows
+            or padding is not None
+            and lengths[j] * (len(batch) + 1) - tokens > padding * tokens
+        ):
+            yield batch
+            batch = []
+        batch.append(j)
+    if batch:
+        yield batch
 
 
 @dataclass(frozen=True)
@@ -265,24 +312,50 @@ class Runner:
     def device(self) -> torch.device:
         return next(self.model.base_model.parameters()).device
 
-    def logits(
-        self, runs: Sequence[Run], answers: Sequence[int], prefix: Prefix | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced logits (R, A, V) at each row's last A inputs, and which are scored (R, A) bool; rows
-        go on from ``prefix`` (a ``shared_prefix`` of them all) when given."""
+    def logits(self, runs: Sequence[Run], answers: Sequence[int], prefix: Prefix | None = None) -> torch.Tensor:
+        """Teacher-forced logits at each row's scored positions, its last ``answer`` inputs: (Σ answers, V), row
+        after row; rows go on from ``prefix`` (a ``shared_prefix`` of them all) when given. The LM head runs on
+        those positions only (``_scored_head``)."""
         ids, mask, past = self._inputs(runs, prefix)
         A, p = max(answers), 0 if prefix is None else len(prefix.tokens)
-        out = self.model(
-            input_ids=ids[:, p:],
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, p:],  # left padding: each row counts from 0
-            past_key_values=past,
-            task_ids=[task for task, _ in runs],
-            use_cache=False,
-            **self._keep(A),  # the LM head then runs on A positions, not W
-        )
-        scored = torch.arange(A)[None] >= (A - torch.tensor(answers))[:, None]  # (R, A): the last `answer` ones
-        return out.logits[:, -A:], scored.to(self.device)
+        scored = (torch.arange(A)[None] >= (A - torch.tensor(answers))[:, None]).to(self.device)  # (R, A)
+        with self._scored_head(scored) as picked:
+            out = self.model(
+                input_ids=ids[:, p:],
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, p:],  # left padding: each row counts from 0
+                past_key_values=past,
+                task_ids=[task for task, _ in runs],
+                use_cache=False,
+                **self._keep(A),  # the model's own cut: the LM head on the last A positions, not W
+            )
+        return out.logits if picked else out.logits[:, -A:][scored]
+
+    @contextmanager
+    def _scored_head(self, scored: torch.Tensor) -> Iterator[list[bool]]:
+        """While a forward runs, the LM head gets only the hidden states of the scored positions (R, A) -> (S, d),
+        as one contiguous matrix (a sliced 3-d input runs it as a batched product, about half as fast). The
+        list yielded holds True once that happened; a model without an output embedding, one whose head the
+        adapters target (it then runs each row's task: rows must stay rows), or whose head sees another shape,
+        runs as it is."""
+        picked: list[bool] = []
+        head = getattr(self.model.base_model, "get_output_embeddings", lambda: None)()
+        if any(head is layer for layer in self.model.targets.values()):
+            head = None
+
+        def pick(module, args):
+            hidden = args[0]
+            if picked or hidden.dim() != 3 or hidden.shape[:2] != scored.shape:
+                return None
+            picked.append(True)
+            return (hidden[scored], *args[1:])
+
+        handle = None if head is None else head.register_forward_pre_hook(pick)
+        try:
+            yield picked
+        finally:
+            if handle is not None:
+                handle.remove()
 
     def shared_prefix(self, runs: Sequence[Run], starts: Sequence[int]) -> Prefix | None:
         """The leading tokens all ``runs`` share, short of each row's first position whose output is used
@@ -323,16 +396,25 @@ class Runner:
         targets: Sequence[Sequence[Target]],
         ref: Sequence[torch.Tensor],
     ) -> torch.Tensor:
-        """``position_sums`` of each run against each of its reference rows' logits (a, V), in result slots (S, 5)."""
+        """``position_sums`` of each run against each of its reference rows' logits (a, V), in result slots (S, 5).
+
+        Scored as each batch comes, row by row: only one batch's logits are ever held, and each reference row's
+        distribution is computed once per batch, however many rows (a prompt at every k) are compared with it."""
         slots = torch.zeros(sum(len(t) for t in targets), len(SUMS))
         prefix = self.shared_prefix(runs, [len(t) - a for (_, t), a in zip(runs, answers)])
-        for done, batch in enumerate(_batches([len(t) for _, t in runs], self.config.batch_rows)):
-            logits, scored = self.logits([runs[j] for j in batch], [answers[j] for j in batch], prefix)
-            rows = [b for b, j in enumerate(batch) for _ in targets[j]]
-            pairs = [pair for j in batch for pair in targets[j]]
-            stacked = _stacked([ref[i] for i, _ in pairs], logits.shape[1], logits.device)  # (M, A, V)
-            slots[[slot for _, slot in pairs]] = position_sums(logits[rows], stacked, scored[rows]).cpu()
-            self._tick(done + 1, len(runs), "scoring")
+        batches = list(_batches([len(t) for _, t in runs], self.config.batch_rows))
+        for done, batch in enumerate(batches):
+            logits = self.logits([runs[j] for j in batch], [answers[j] for j in batch], prefix).float()
+            rows = logits.split([answers[j] for j in batch])  # (a_j, V) per row of the batch
+            stats = {}  # reference row -> (z_o, reference_stats(z_o)) on this device
+            for z, j in zip(rows, batch):
+                for i, slot in targets[j]:
+                    if i not in stats:
+                        z_o = ref[i].to(z.device, torch.float32)
+                        stats[i] = (z_o, reference_stats(z_o))
+                    z_o, found = stats[i]
+                    slots[slot] = row_sums(z, z_o, *found).cpu()
+            self._tick(done + 1, len(batches), "scoring")
         return slots
 
     def originals(self, rows: Sequence[ScoredRow]) -> list[torch.Tensor]:
@@ -340,18 +422,23 @@ class Runner:
         kept: list[torch.Tensor] = [torch.empty(0)] * len(rows)
         runs = [(row.task, row.inputs) for row in rows]
         prefix = self.shared_prefix(runs, [len(row.inputs) - row.answer for row in rows])
-        for done, batch in enumerate(_batches([len(r.tokens) for r in rows], self.config.batch_rows)):
-            logits, _ = self.logits([runs[j] for j in batch], [rows[j].answer for j in batch], prefix)
-            for b, j in enumerate(batch):
-                kept[j] = logits[b, logits.shape[1] - rows[j].answer :].to("cpu", torch.float32, copy=True)
-            self._tick(done + 1, len(rows), "original adapters")
+        batches = list(_batches([len(r.tokens) for r in rows], self.config.batch_rows))
+        for done, batch in enumerate(batches):
+            logits = self.logits([runs[j] for j in batch], [rows[j].answer for j in batch], prefix)
+            for z, j in zip(logits.split([rows[j].answer for j in batch]), batch):
+                kept[j] = z.to("cpu", torch.float32, copy=True)
+            self._tick(done + 1, len(batches), "original adapters")
         return kept
 
     def greedy(self, runs: Sequence[Run]) -> list[tuple[int, ...]]:
         """Each run's greedy continuation (at most ``answer_tokens``), up to and including its first end token."""
         found: list[tuple[int, ...]] = [()] * len(runs)
         prefix = self.shared_prefix(runs, [len(t) - 1 for _, t in runs])
-        for done, batch in enumerate(_batches([len(t) for _, t in runs], self.config.batch_rows)):
+        # a decoding step costs about the same for 8 rows as for 64 (it reads every weight once): big batches,
+        # as many rows as a scoring batch has positions (the same logits memory: a row's last position per step)
+        rows = self.config.batch_rows * self.config.answer_tokens
+        batches = list(_batches([len(t) for _, t in runs], rows, padding=None))
+        for done, batch in enumerate(batches):
             ids, mask, past = self._inputs([runs[j] for j in batch], prefix)
             out = self.model.generate(
                 input_ids=ids,
@@ -364,18 +451,12 @@ class Runner:
             )
             for j, new in zip(batch, out[:, ids.shape[1] :].tolist()):
                 found[j] = tuple(new[: next((i + 1 for i, t in enumerate(new) if t in self.ends), len(new))])
-            self._tick(done + 1, len(runs), "greedy answers")
+            self._tick(done + 1, len(batches), "greedy answers")
         return found
 
-    def _tick(self, batches: int, rows: int, what: str) -> None:
+    def _tick(self, done: int, total: int, what: str) -> None:
         if self.progress is not None:
-            total = -(-rows // self.config.batch_rows)
-            self.progress(batches / total, f"{what}: batch {batches} of {total}")
-
-
-def _stacked(logits: Sequence[torch.Tensor], A: int, device: torch.device) -> torch.Tensor:
-    """Reference logits (a_i, V) left-padded with zeros to (M, A, V), as the batch's scored positions lie."""
-    return torch.stack([F.pad(z, (0, 0, A - z.shape[0], 0)) for z in logits]).to(device)
+            self.progress(done / total, f"{what}: batch {done} of {total}")
 
 
 @contextmanager
@@ -711,8 +792,8 @@ def compare_pair(
     row = ScoredRow(str(a), head + tail, len(tail))
     tasks = {t: subspace.task(t) for t in (a, b) if t is not None}
     with running(base_model, tokenizer, subspace, tasks, config) as runner:
-        logits, scored = runner.logits([(a, row.inputs), (b, row.inputs)], [row.answer] * 2)
-    kl, agree, _, _, positions = position_sums(logits[1:], logits[:1], scored[1:])[0].tolist()
+        z_a, z_b = runner.logits([(a, row.inputs), (b, row.inputs)], [row.answer] * 2).float().split(row.answer)
+    kl, agree, _, _, positions = row_sums(z_b, z_a, *reference_stats(z_a)).tolist()
     return PairBehaviour(kl / positions, agree / positions, int(positions))
 
 
