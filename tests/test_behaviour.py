@@ -360,6 +360,26 @@ def test_compare_adapters_sees_a_faithful_and_an_empty_export(tiny, adapters, ze
     assert results["b"].effect_retained == pytest.approx(0.0, abs=1e-3)
 
 
+def test_compare_adapters_scores_each_task_on_its_own_else_the_shared_prompts(tiny, adapters):
+    """The whole prompt set goes in: "b" has a prompt of its own, "a" only the shared one, and the prompt of
+    "c", a task not compared, is left out (not an unknown-task error)."""
+    model, tokenizer = tiny
+    shared, own_b = Prompt("hello there", " general kenobi"), Prompt("a b c", " xyz", task="b")
+    prompts = [shared, own_b, Prompt("one two", " three four five", task="c")]
+    originals = {"a": adapters[0], "b": adapters[1]}
+    candidates = {"a": adapters[1], "b": adapters[0]}  # swapped: both far from their originals
+    results = compare_adapters(model, tokenizer, originals, candidates, prompts, CONFIG)
+    assert results["a"].positions == len(" general kenobi") and results["b"].positions == len(" xyz")
+    alone = [
+        compare_adapters(model, tokenizer, {t: originals[t]}, {t: candidates[t]}, [p], CONFIG)[t]
+        for t, p in (("a", shared), ("b", own_b))
+    ]
+    for task, one in zip("ab", alone):
+        assert results[task].kl == pytest.approx(one.kl, rel=1e-5) and results[task].agreement == one.agreement
+        assert results[task].effect_retained == pytest.approx(one.effect_retained, abs=1e-6)
+        assert one.effect_retained < 0.9
+
+
 # ---- prompt files ----------------------------------------------------------------------------------------
 BAD_LINES = [
     ('{"prompt": "hi", }', "not JSON"),

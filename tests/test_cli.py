@@ -136,6 +136,7 @@ def test_export_verify_warns_below_the_threshold_and_is_quiet_when_kept(adapter_
     model = make_tiny_model(tmp_path / "model")
     prompts = tmp_path / "prompts.jsonl"
     lines = [{"prompt": "the cat sat on", "answer": " the mat today"}, {"prompt": "one two three"}]
+    lines.append({"prompt": "the soup was cold", "answer": " negative", "task": "sentiment"})  # not asked of qa
     prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
     measure_on = ["--model", model, "--prompts", prompts]
     assert vlora("compress", *adapter_dirs, "-o", tmp_path / "k1", "-k", "1").returncode == 0

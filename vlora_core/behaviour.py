@@ -817,6 +817,8 @@ def compare_adapters(
     Args:
         originals, candidates: task id -> LoRAAdapter, the same ids on both sides; layers and ranks may differ
             (a merge, a rank cap): ``aligned`` pads them with zero directions, which change no ΔW.
+        prompts: a whole prompt set (``io.prompts``): each task is checked on its own prompts if it has any, else
+            on the shared ones; prompts of tasks not compared here (a store's other tasks) are left out.
     """
     ids = list(originals)
     missing = [t for t in ids if t not in candidates]
@@ -826,7 +828,8 @@ def compare_adapters(
         )
     adapters = aligned([originals[t] for t in ids] + [candidates[t] for t in ids])
     full = SharedSubspace.decompose(adapters, ids + [CANDIDATE + t for t in ids])
-    ref = reference(base_model, tokenizer, full, prompts, config, task_ids=ids, progress=progress)
+    asked = [p for p in prompts if p.task is None or p.task in originals]
+    ref = reference(base_model, tokenizer, full, asked, config, task_ids=ids, progress=progress)
     variants = {"candidate": {t: full.tasks[CANDIDATE + t] for t in ids}}
     return measure_variants(base_model, tokenizer, full, ref, variants, config, progress)["candidate"]
 

@@ -112,11 +112,10 @@ def _verify_export(subspace: SharedSubspace, written: dict, args) -> None:
     originals = _originals(subspace, list(written), args.original or [])
     candidates = {task_id: load_adapter(path, task_id) for task_id, path in written.items()}
     prompts = read_prompts(args.prompts) if args.prompts else GENERIC_PROMPTS
-    mine = [p for p in prompts if p.task is None or p.task in written]  # other tasks' own prompts are not asked
     source = args.model or "bundled"
     model, tokenizer = load_base_model(source)
     against = "its original folder" if args.original else "the task as stored"
-    results = compare_adapters(model, tokenizer, originals, candidates, mine)
+    results = compare_adapters(model, tokenizer, originals, candidates, prompts)
     for task_id, b in results.items():
         print(f"  {task_id}: {_behaviour_line(b)} (the export against {against}, on {source})")
     for warning in effect_warnings(results, args.min_effect):
