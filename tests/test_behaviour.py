@@ -24,6 +24,7 @@ from vlora_core.behaviour import (
     effect_warnings,
     evaluate,
     measure,
+    measure_variants,
     recommend,
     reference,
     reference_stats,
@@ -109,12 +110,15 @@ def test_lossless_setting_is_exact(tiny, adapters, method):
     full = SharedSubspace.decompose(adapters, ["a", "b", "c"], method=method)
     config = BehaviourConfig(answer_tokens=6, batch_rows=5, greedy_chars=4)
     report = evaluate(model, tokenizer, full, [k_max(full)], PROMPTS, config)
-    for result in report.settings[0].tasks.values():
-        assert result.kl <= 1e-6
-        assert result.agreement == 1.0 and result.greedy_same == 1.0
-        assert result.effect_retained >= 0.999
-        assert not result.no_effect and result.positions > 0
+    for result in report.settings[0].tasks.values():  # every direction kept: the originals, scored with no run
+        assert result.kl == 0.0 and result.agreement == 1.0 and result.greedy_same == 1.0
+        assert result.effect_retained == 1.0 and not result.no_effect and result.positions > 0
     assert all(b.effect_retained == pytest.approx(0.0, abs=1e-6) for b in report.base.values())  # base: nothing kept
+    ref = reference(model, tokenizer, full, PROMPTS, config)
+    variants = {"again": {t: replace(full.tasks[t], id=t) for t in full.task_ids}}  # the originals run once more
+    for task, result in measure_variants(model, tokenizer, full, ref, variants, config)["again"].items():
+        assert result.kl <= 1e-6 and result.agreement == 1.0 and result.greedy_same == 1.0, task
+        assert result.effect_retained >= 0.999 and result.positions == report.settings[0].tasks[task].positions
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # the base model is given back
 
 
@@ -348,6 +352,12 @@ def test_generated_answers_are_the_originals_greedy_continuation(tiny, adapters)
         wrapped.unload()
     assert tuple(out[0, len(row.prompt) :].tolist())[: row.answer] == row.tokens[len(row.prompt) :]
     assert ref.task_ids == ["a"]
+    with running(model, tokenizer, full, full.tasks, CONFIG) as runner:  # the logits it answered from, as scored
+        forced = runner.originals(ref.rows)
+    answered = [i for i, p in enumerate(p for p in PROMPTS if p.task is None) if p.answer is None]  # rows 1, 2
+    assert len(answered) == 2 and all(len(ref.logits[i]) == ref.rows[i].answer for i in answered)
+    for i in range(len(ref.rows)):
+        torch.testing.assert_close(ref.logits[i], forced[i], rtol=1e-5, atol=1e-5)
 
 
 # ---- checking an export: one adapter set against another ----------------------------------------------

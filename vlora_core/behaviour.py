@@ -19,11 +19,13 @@ positions cover the adapter's own behaviour.
 
 Forward passes: one VLoRAModel over the full basis holds every variant as a task (a setting's loadings,
 zero-padded to the full k, stand for the same ΔW as the truncated store), so each task x setting x prompt is
-one row of a mixed batch; rows are left-padded, sorted by length, and only the last A positions' logits are
-computed. The tokens every row starts with (a chat template's system turn: 24 of SmolLM2's ~55 per row) run once
-per task, and every row goes on from that cache (``Runner.shared_prefix``). The base model's and the originals'
-logits are computed once (``reference``) and reused for every setting; settings that keep the same k everywhere
-are measured once.
+one row of a mixed batch; rows are sorted by length and left-padded (a batch ends before its padding passes
+``MAX_PADDING`` of its tokens), and the LM head runs on the scored positions only. The tokens every row starts
+with (a chat template's system turn: 24 of SmolLM2's ~55 per row) run once per task, and every row goes on from
+that cache (``Runner.shared_prefix``). The base model's and the originals' logits are computed once
+(``reference``; where the original wrote the answer, the logits it chose each token from are kept as it
+generates) and reused for every setting; settings that keep the same k everywhere are measured once, and one
+that keeps every direction is the originals themselves, scored from the reference without a run.
 
 Glossary (with ``adapter``'s): N tasks, P prompts of a task, R rows of a batch, W its width in tokens, A scored
 positions per row (padded to the batch's longest answer), V vocabulary, z logits.
@@ -283,6 +285,11 @@ def _batches(lengths: Sequence[int], batch_rows: int, padding: float | None = MA
         yield batch
 
 
+def _run_lengths(runs: Sequence[Run], prefix: Prefix | None) -> list[int]:
+    """The tokens each run feeds the model: its own, past the shared prefix (what a batch's padding is of)."""
+    return [len(tokens) - (0 if prefix is None else len(prefix.tokens)) for _, tokens in runs]
+
+
 @dataclass(frozen=True)
 class Prefix:
     """The tokens every row of a pass starts with (the chat template's system turn, say), run once per task:
@@ -402,7 +409,7 @@ class Runner:
         distribution is computed once per batch, however many rows (a prompt at every k) are compared with it."""
         slots = torch.zeros(sum(len(t) for t in targets), len(SUMS))
         prefix = self.shared_prefix(runs, [len(t) - a for (_, t), a in zip(runs, answers)])
-        batches = list(_batches([len(t) for _, t in runs], self.config.batch_rows))
+        batches = list(_batches(_run_lengths(runs, prefix), self.config.batch_rows))
         for done, batch in enumerate(batches):
             logits = self.logits([runs[j] for j in batch], [answers[j] for j in batch], prefix).float()
             rows = logits.split([answers[j] for j in batch])  # (a_j, V) per row of the batch
@@ -422,7 +429,7 @@ class Runner:
         kept: list[torch.Tensor] = [torch.empty(0)] * len(rows)
         runs = [(row.task, row.inputs) for row in rows]
         prefix = self.shared_prefix(runs, [len(row.inputs) - row.answer for row in rows])
-        batches = list(_batches([len(r.tokens) for r in rows], self.config.batch_rows))
+        batches = list(_batches(_run_lengths(runs, prefix), self.config.batch_rows))
         for done, batch in enumerate(batches):
             logits = self.logits([runs[j] for j in batch], [rows[j].answer for j in batch], prefix)
             for z, j in zip(logits.split([rows[j].answer for j in batch]), batch):
@@ -430,13 +437,18 @@ class Runner:
             self._tick(done + 1, len(batches), "original adapters")
         return kept
 
-    def greedy(self, runs: Sequence[Run]) -> list[tuple[int, ...]]:
-        """Each run's greedy continuation (at most ``answer_tokens``), up to and including its first end token."""
+    def greedy(
+        self, runs: Sequence[Run], keep_logits: bool = False
+    ) -> tuple[list[tuple[int, ...]], list[torch.Tensor]]:
+        """Each run's greedy continuation (at most ``answer_tokens``), up to and including its first end token;
+        and with ``keep_logits`` the logits (answer, V) each answer token was chosen from, fp32 on the CPU (an
+        original's reference logits come with its answer, with no second pass), else an empty list."""
         found: list[tuple[int, ...]] = [()] * len(runs)
+        kept: list[torch.Tensor] = [torch.empty(0)] * len(runs) if keep_logits else []
         prefix = self.shared_prefix(runs, [len(t) - 1 for _, t in runs])
         # a decoding step costs about the same for 8 rows as for 64 (it reads every weight once): big batches,
-        # as many rows as a scoring batch has positions (the same logits memory: a row's last position per step)
-        rows = self.config.batch_rows * self.config.answer_tokens
+        # of as many rows x steps as a scoring batch has positions (the same logits memory when they are kept)
+        rows = max(1, self.config.batch_rows * self.config.max_answer_tokens // self.config.answer_tokens)
         batches = list(_batches([len(t) for _, t in runs], rows, padding=None))
         for done, batch in enumerate(batches):
             ids, mask, past = self._inputs([runs[j] for j in batch], prefix)
@@ -448,11 +460,16 @@ class Runner:
                 max_new_tokens=self.config.answer_tokens,
                 do_sample=False,
                 pad_token_id=self.pad_id,
+                return_dict_in_generate=True,
+                output_logits=keep_logits,  # the raw logits of each step, before any logits processor
             )
-            for j, new in zip(batch, out[:, ids.shape[1] :].tolist()):
+            steps = torch.stack(out.logits, 1) if keep_logits else None  # (B, steps, V)
+            for b, (j, new) in enumerate(zip(batch, out.sequences[:, ids.shape[1] :].tolist())):
                 found[j] = tuple(new[: next((i + 1 for i, t in enumerate(new) if t in self.ends), len(new))])
+                if steps is not None:
+                    kept[j] = steps[b, : len(found[j])].to("cpu", torch.float32, copy=True)
             self._tick(done + 1, len(batches), "greedy answers")
-        return found
+        return found, kept
 
     def _tick(self, done: int, total: int, what: str) -> None:
         if self.progress is not None:
@@ -519,13 +536,18 @@ def reference(
     ]
     with running(base_model, tokenizer, full, {t: full.tasks[t] for t in task_ids}, config, progress) as runner:
         need = [i for i, (_, p) in enumerate(pairs) if p.answer is None or config.greedy_chars]
-        generated = dict(zip(need, runner.greedy([(pairs[i][0], heads[i]) for i in need])))
+        keep = any(pairs[i][1].answer is None for i in need)  # the original writes some answers: keep their logits
+        answers, chosen_from = runner.greedy([(pairs[i][0], heads[i]) for i in need], keep_logits=keep)
+        generated = dict(zip(need, answers))
         tails = [
             generated[i] if p.answer is None else _tokens(tokenizer, p.answer, p, "answer", config.max_answer_tokens)
             for i, (_, p) in enumerate(pairs)
         ]
         rows = tuple(ScoredRow(task, head + tail, len(tail)) for (task, _), head, tail in zip(pairs, heads, tails))
-        logits = runner.originals(rows)
+        found = {i: z for i, z in zip(need, chosen_from) if pairs[i][1].answer is None}  # the answer's own logits
+        given = [i for i in range(len(rows)) if i not in found]  # given answers: one teacher-forced pass
+        found |= dict(zip(given, runner.originals([rows[i] for i in given])))
+        logits = [found[i] for i in range(len(rows))]
         base = _base_sums(runner, rows, logits)
     greedy = tuple(_text(tokenizer, generated[i]) for i in range(len(rows))) if config.greedy_chars else None
     return Reference(rows, tuple(logits), base, greedy)
@@ -598,7 +620,7 @@ def measure_variants(
 def _greedy_same(runner: Runner, tokenizer, ref: Reference, slots: list[tuple[int, int]]) -> list[bool]:
     """Whether each slot's greedy answer starts with the same ``greedy_chars`` characters as the original's."""
     n = runner.config.greedy_chars
-    answers = runner.greedy([(f"{v}:{ref.rows[i].task}", ref.rows[i].prompt) for v, i in slots])
+    answers, _ = runner.greedy([(f"{v}:{ref.rows[i].task}", ref.rows[i].prompt) for v, i in slots])
     return [_text(tokenizer, a)[:n] == ref.greedy[i][:n] for a, (_, i) in zip(answers, slots)]
 
 
@@ -658,18 +680,36 @@ def measure(
 ) -> BehaviourReport:
     """Every reference task at every setting (a k, or a CompressConfig such as an adaptive threshold) of ``full``.
 
-    Settings that keep the same k in every layer side (k clipped where the data has fewer) are run once."""
+    Settings that keep the same k in every layer side (k clipped where the data has fewer) are run once; one
+    that keeps every direction of ``full`` is the originals themselves, scored from the reference with no run."""
     configs = [setting_config(s, full.method) for s in settings]
     if not configs:
         raise VLoRAError("no setting to measure; give one or more k (e.g. 1, 2, 4, 8) or CompressConfigs.")
     labels, cuts = _cuts(full, configs)
-    variants = {label: {t: padded(cut.tasks[t], full) for t in ref.task_ids} for label, cut in cuts.items()}
-    results = measure_variants(base_model, tokenizer, full, ref, variants, config, progress)
+    whole = [label for label, cut in cuts.items() if _keeps_every_direction(cut, full)]
+    variants = {
+        label: {t: padded(cut.tasks[t], full) for t in ref.task_ids}
+        for label, cut in cuts.items()
+        if label not in whole
+    }
+    results = measure_variants(base_model, tokenizer, full, ref, variants, config, progress) if variants else {}
+    results |= dict.fromkeys(whole, originals_scores(ref, config))
     measured = tuple(
         SettingBehaviour(setting_label(c), c, stored_bytes(cuts[label]), results[label])
         for c, label in zip(configs, labels)
     )
     return BehaviourReport(full.method, measured, task_scores(ref, ref.base, config))
+
+
+def _keeps_every_direction(cut: SharedSubspace, full: SharedSubspace) -> bool:
+    return all(b.k == full.bases[name][side].k for name, sides in cut.bases.items() for side, b in sides.items())
+
+
+def originals_scores(ref: Reference, config: BehaviourConfig = BehaviourConfig()) -> dict[str, TaskBehaviour]:
+    """Every reference task as its own original: each row's reference logits against themselves (KL 0, top-1
+    agreement 1, effect retained 1, exactly; the greedy answers the same)."""
+    sums = torch.stack([row_sums(z_o, z_o, *reference_stats(z_o)) for z_o in ref.logits])  # (R, 5)
+    return task_scores(ref, sums, config, None if ref.greedy is None else [True] * len(ref.rows))
 
 
 def _cuts(full: SharedSubspace, configs: Sequence[CompressConfig]) -> tuple[list[str], dict[str, SharedSubspace]]:
