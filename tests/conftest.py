@@ -11,6 +11,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -88,6 +89,12 @@ def adapter_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     names = ["sentiment", "summarization", "translation", "qa"]
     return [write_adapter(root / name, seed) for seed, name in enumerate(names)]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny Llama with a byte-level tokenizer, loaded by path like any local model (make_tiny_model)."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 def tiny_gpt2(seed: int = 0):
@@ -205,3 +212,20 @@ def launch(settings):
         server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(settings)
     )
     return demo
+
+
+@contextlib.contextmanager
+def served(settings):
+    """The workbench launched in-process from ``settings`` for the block: (url, root, settings), closed after."""
+    demo = launch(settings)
+    try:
+        yield SimpleNamespace(url=demo.local_url, root=settings.session_root, settings=settings)
+    finally:
+        demo.close()
+
+
+def api_client(url: str, downloads: Path):
+    """A gradio_client on ``url`` that saves downloaded files under ``downloads``."""
+    from gradio_client import Client
+
+    return Client(url, verbose=False, download_files=str(downloads))

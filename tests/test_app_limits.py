@@ -27,8 +27,8 @@ gr = pytest.importorskip("gradio")
 pytestmark = pytest.mark.slow  # a real server per module
 import httpx  # noqa: E402
 import torch  # noqa: E402
-from conftest import launch, make_tiny_model, write_adapter, zip_tree  # noqa: E402
-from gradio_client import Client, handle_file  # noqa: E402
+from conftest import api_client, served, write_adapter, zip_tree  # noqa: E402
+from gradio_client import handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from test_bad_inputs import CORPUS  # noqa: E402
 from test_hostile_numbers import CONFIG_CASES, _write_config  # noqa: E402
@@ -65,22 +65,17 @@ OVER_CAPS = {
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny_model"))
-
-
-@pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("sessions")
-    settings = AppSettings(model_source=str(tiny_model_dir), session_root=root, allow_server_paths=True, **CAPS)
-    demo = launch(settings)
-    yield SimpleNamespace(url=demo.local_url, root=root, settings=settings)
-    demo.close()
+    with served(
+        AppSettings(model_source=str(tiny_model_dir), session_root=root, allow_server_paths=True, **CAPS)
+    ) as app:
+        yield app
 
 
 @pytest.fixture
 def client(app, tmp_path):
-    return Client(app.url, verbose=False, download_files=str(tmp_path / "downloads"))
+    return api_client(app.url, tmp_path / "downloads")
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +227,7 @@ def test_light_work_and_page_loads_proceed_during_another_sessions_heavy_step(
     heavy, app, good, tmp_path, slow_heavy_steps
 ):
     upload = _upload(tmp_path, good)
-    busy, light = (Client(app.url, verbose=False, download_files=str(tmp_path / n)) for n in ("busy", "light"))
+    busy, light = (api_client(app.url, tmp_path / n) for n in ("busy", "light"))
     slow_heavy_steps.paused = True  # setting up: both sessions load; the light one (and, for export, both) compress
     for client in (light, busy) if heavy == "export" else (light,):
         client.predict(handle_file(upload), api_name="/load_adapters")
@@ -258,7 +253,7 @@ def test_light_work_and_page_loads_proceed_during_another_sessions_heavy_step(
 
 def test_heavy_steps_of_two_sessions_take_turns(app, good, tmp_path, slow_heavy_steps):
     upload = _upload(tmp_path, good[:2])
-    first, second = (Client(app.url, verbose=False, download_files=str(tmp_path / n)) for n in ("1", "2"))
+    first, second = (api_client(app.url, tmp_path / n) for n in ("1", "2"))
     for client in (first, second):
         client.predict(handle_file(upload), api_name="/load_adapters")
     jobs = [first.submit("flat", 1, False, 0.9, api_name="/compress")]

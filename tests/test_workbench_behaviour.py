@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from conftest import launch, make_tiny_model  # noqa: E402
+from conftest import api_client, served  # noqa: E402
 
 import ui.checks  # noqa: E402
 from ui.callbacks import PROMPT_COLUMNS  # noqa: E402
@@ -34,11 +33,6 @@ PROMPTS = (
     Prompt("a b c d e f", task="qa"),
 )
 TASKS = ["qa", "sentiment", "summarization", "translation"]  # adapter_dirs, as loaded from their parent folder
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 @pytest.fixture(scope="module")
@@ -138,19 +132,14 @@ def test_ab_behaviour_is_exact_for_one_task_twice_and_sees_compression(bench, ti
 # ---- through the API ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_model_dir):
-    settings = AppSettings(
-        model_source=str(tiny_model_dir), session_root=tmp_path_factory.mktemp("sessions"), allow_server_paths=True
-    )
-    demo = launch(settings)
-    yield SimpleNamespace(url=demo.local_url)
-    demo.close()
+    root = tmp_path_factory.mktemp("sessions")
+    with served(AppSettings(model_source=str(tiny_model_dir), session_root=root, allow_server_paths=True)) as app:
+        yield app
 
 
 @pytest.mark.slow
 def test_behaviour_through_the_api(app, adapter_dirs, tiny, tmp_path):
-    from gradio_client import Client
-
-    client = Client(app.url, verbose=False, download_files=str(tmp_path / "downloads"))
+    client = api_client(app.url, tmp_path / "downloads")
     client.predict(str(adapter_dirs[0].parent), api_name="/load_path")
     client.predict("flat", 2, False, 0.9, api_name="/compress")
     table = {"headers": PROMPT_COLUMNS, "data": prompt_rows(PROMPTS), "metadata": None}
