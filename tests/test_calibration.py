@@ -15,7 +15,7 @@ from conftest import make_tiny_model, peft_logits, run_cli, snapshot, tiny_llama
 from vlora import SharedSubspace, VLoRAModel, load_adapter
 from vlora_core.adapter import LoRAAdapter, LoRALayer
 from vlora_core.base_model import load_base_model
-from vlora_core.calibration import Calibration, calibrate, collect_moments, unwhitened, whitening
+from vlora_core.calibration import DEFAULT_DAMPING, Calibration, calibrate, collect_moments, unwhitened, whitening
 from vlora_core.io.prompts import PromptError
 
 PROMPTS = [
@@ -100,7 +100,7 @@ def test_calibrate_records_what_it_ran(model_dir, prompt_file, adapters):
     import hashlib
 
     assert record["prompts_sha256"] == hashlib.sha256(prompt_file.read_bytes()).hexdigest()
-    assert record["base_model"] == str(model_dir) and record["damping"] == 0.01 and record["tokens"] > 20
+    assert record["base_model"] == str(model_dir) and record["damping"] == DEFAULT_DAMPING and record["tokens"] > 20
     for C in calibration.moments.values():  # per-token second moments: symmetric, PSD, trace = mean ‖x‖²
         torch.testing.assert_close(C, C.T)
         assert float(torch.linalg.eigvalsh(C).min()) > -1e-9
@@ -201,7 +201,7 @@ def test_cli_reports_both_errors_and_records_the_calibration(calibrated, prompt_
     import hashlib
 
     assert manifest["calibration"]["prompts_sha256"] == hashlib.sha256(prompt_file.read_bytes()).hexdigest()
-    assert manifest["calibration"]["base_model"] == str(model_dir) and manifest["calibration"]["damping"] == 0.01
+    assert manifest["calibration"]["base_model"] == str(model_dir) and manifest["calibration"]["damping"] == DEFAULT_DAMPING
     assert all(set(t["quality_activation"]) == set(t["quality"]) for t in manifest["tasks"])
     info = run_cli("info", store)
     assert info.returncode == 0 and "act err" in info.stdout and info.stdout.count("activation-weighted") == 3

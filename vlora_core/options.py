@@ -20,7 +20,7 @@ MERGE_METHODS = ("linear", "cat", "ties", "dare")  # vlora_core.merge.METHODS
 MERGE_DEFAULTS = {"method": "linear", "density": 0.5, "seed": 0}  # vlora_core.merge.MergeConfig
 EXPORT_FORMATS = ("peft", "gguf")  # a PEFT folder, or one llama.cpp .gguf file
 DEFAULT_CHUNK = 32  # adapters read at a time by stream_compress
-CALIBRATION_DAMPING = 0.01  # λ of vlora_core.calibration: C + λ·mean(diag C)·I
+CALIBRATION_DAMPING = 1.0  # λ of vlora_core.calibration: C + λ·mean(diag C)·I (bench/budgets.py --activation-aware)
 VLLM_DEFAULT_MAX_LORA_RANK = 16  # vllm/config/lora.py LoRAConfig.max_lora_rank
 
 
