@@ -20,19 +20,11 @@ from vlora_core.config import CompressConfig
 from vlora_core.io.prompts import PromptError, prompt_rows, prompts_from_rows, read_prompts
 from vlora_core.merge import MergeConfig
 
-from . import plots
+from . import gpu, plots
 from .errors import Failures, markdown_text, user_errors
 from .session import Sessions
 from .settings import AppSettings
 from .workbench import AdapterRow, KReport, Loaded, Workbench, parse_choice, parse_weights
-
-try:  # ZeroGPU on a Space; elsewhere the decorator changes nothing
-    from spaces import GPU
-except ImportError:
-
-    def GPU(fn=None, **_):
-        return fn if fn is not None else (lambda f: f)
-
 
 PROMPT_COLUMNS = ["task (blank: every task)", "prompt", "answer (blank: the original's own)"]
 SUMMARY_CLASS = "k-summary"  # the element around the summary text (ui/layout.py's PAGE_JS rewrites its content)
@@ -179,11 +171,12 @@ class Callbacks:
         with self.sessions.open(request) as bench:
             new_tokens = bench.check_request(prompt or "", max_new_tokens)  # the caps, before any model work
         progress(0, desc=f"loading {source}")
-        model, tokenizer = get_base_model(source)
-        progress(0.5, desc="generating")
+        _, tokenizer = get_base_model(source)  # loaded and placed here, outside the GPU call (ui/gpu.py)
         with self.sessions.open(request) as bench:
-            runs = _generate(bench, model, tokenizer, prompt or "", [choice_a, choice_b], new_tokens)
-            tested = [tested_setting(r.choice, bench.config) for r in runs]
+            job = gpu.ab_job(bench, tokenizer, source, prompt or "", [choice_a, choice_b], new_tokens)
+            tested = [tested_setting(choice, bench.config) for choice in job.choices]
+        progress(0.5, desc="generating")
+        runs = gpu.generate(job)
         stats = [
             f"**{what}** · switch {r.switch_ms:.2f} ms · {r.new_tokens} tokens in {r.seconds:.2f} s · "
             f"{r.tokens_per_s:.1f} tokens/s"
@@ -293,10 +286,11 @@ class Callbacks:
         with self.sessions.open(request) as bench:
             new_tokens = bench.check_request(prompt or "", max_new_tokens)
         progress(0, desc=f"loading {source}")
-        model, tokenizer = get_base_model(source)
-        progress(0.5, desc="generating")
+        _, tokenizer = get_base_model(source)  # loaded and placed here, outside the GPU call (ui/gpu.py)
         with self.sessions.open(request) as bench:
-            runs = _merge_generate(bench, model, tokenizer, prompt or "", new_tokens)
+            job = gpu.merge_job(bench, tokenizer, source, prompt or "", new_tokens)
+        progress(0.5, desc="generating")
+        runs = gpu.generate(job)
         rows = [[r.choice, r.text, round(r.tokens_per_s, 1)] for r in runs]
         return pd.DataFrame(rows, columns=MERGE_AB_COLUMNS), f"Merge A/B done on {source}: {len(runs)} outputs."
 
@@ -405,16 +399,6 @@ class Callbacks:
     # ---- the session's end ------------------------------------------------------------------------
     def end_session(self, request: gr.Request) -> None:
         self.sessions.close(request)
-
-
-@GPU(duration=120)
-def _generate(bench: Workbench, model, tokenizer, prompt: str, choices: list[str], max_new_tokens: int):
-    return bench.ab_test(model, tokenizer, prompt, choices, max_new_tokens)
-
-
-@GPU(duration=120)
-def _merge_generate(bench: Workbench, model, tokenizer, prompt: str, max_new_tokens: int):
-    return bench.merge_ab(model, tokenizer, prompt, max_new_tokens)
 
 
 def adapter_table(rows: list[AdapterRow]) -> pd.DataFrame:
