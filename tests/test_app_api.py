@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 gr = pytest.importorskip("gradio")
 pytestmark = pytest.mark.slow  # a real server per module, ~1 s per call
 import torch  # noqa: E402
-from conftest import launch, make_tiny_model, write_adapter, zip_tree  # noqa: E402
+from conftest import api_client, served, write_adapter, zip_tree  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
@@ -39,11 +39,6 @@ TASKS = ["sentiment", "summarization", "translation", "qa"]
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny_model"))
-
-
-@pytest.fixture(scope="session")
 def adapters_zip(adapter_dirs, tmp_path_factory):
     return zip_tree(adapter_dirs[0].parent, tmp_path_factory.mktemp("zips") / "adapters.zip")
 
@@ -51,15 +46,13 @@ def adapters_zip(adapter_dirs, tmp_path_factory):
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("sessions")
-    settings = AppSettings(model_source=str(tiny_model_dir), session_root=root, allow_server_paths=True)
-    demo = launch(settings)
-    yield SimpleNamespace(url=demo.local_url, root=root, settings=settings)
-    demo.close()
+    with served(AppSettings(model_source=str(tiny_model_dir), session_root=root, allow_server_paths=True)) as app:
+        yield app
 
 
 @pytest.fixture
 def client(app, tmp_path):
-    return Client(app.url, verbose=False, download_files=str(tmp_path / "downloads"))
+    return api_client(app.url, tmp_path / "downloads")
 
 
 def _numbers(client, method="flat", k=2, adaptive=False, threshold=0.9):
@@ -134,6 +127,19 @@ def test_compress_errors_fall_to_zero_at_full_k(client, adapters_zip):
     assert full["stored_bytes"] > low["stored_bytes"] and full["k_max"] == 3
 
 
+def test_compress_counts_bytes_in_the_chosen_precision(client, adapters_zip):
+    client.predict(handle_file(adapters_zip), api_name="/load_adapters")
+    sizes = {}
+    for dtype in ("fp32", "bf16", "int8"):
+        *_, numbers, status = client.predict("rank", 2, False, 0.9, dtype, api_name="/compress")
+        assert f"stored in {dtype}" in status and numbers["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}.get(
+            dtype, dtype
+        )
+        sizes[dtype] = numbers["stored_bytes"]
+        assert numbers["break_even_k"] is None or numbers["break_even_k"] >= 1
+    assert sizes["bf16"] * 2 == sizes["fp32"] and sizes["int8"] < 0.4 * sizes["fp32"]  # int8: + a scale per row
+
+
 # ---- 3. A/B test ----------------------------------------------------------------------------------
 def test_ab_test_switches_tasks_on_the_shared_model(client, adapters_zip, adapter_dirs, tiny_model_dir):
     client.predict(handle_file(adapters_zip), api_name="/load_adapters")
@@ -203,9 +209,13 @@ def test_export_gives_peft_folders_and_the_store(client, adapters_zip, tmp_path,
     assert "Exported 2 tasks" in status
     with zipfile.ZipFile(adapters_zip_out) as zf:
         zf.extractall(tmp_path / "adapters")
+    assert [Path(p).name for p in (adapters_zip_out, store_zip_out)] == [
+        "vlora-adapters-rank-k5.zip",
+        "vlora-store-rank-k5.zip",
+    ]  # named by the setting
     with zipfile.ZipFile(store_zip_out) as zf:
         zf.extractall(tmp_path)
-    store = SharedSubspace.load(tmp_path / "store")
+    store = SharedSubspace.load(tmp_path / "vlora-store-rank-k5")  # the zip's one folder, as `vlora info` reads it
     assert store.method == "rank" and sorted(store.task_ids) == sorted(TASKS)
     assert {k for sides in store.layer_ks.values() for k in sides.values()} == {5}
     assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["qa", "sentiment"]
@@ -415,7 +425,7 @@ def _check_round_trip(client, app, tmp_path, task_id: str, original: Path, befor
     assert all(re.fullmatch(r"[A-Za-z0-9_-]+", folder) for folder in folders)
     with zipfile.ZipFile(store_zip) as zf:
         zf.extractall(tmp_path)
-    assert SharedSubspace.load(tmp_path / "store").task_ids == ids
+    assert SharedSubspace.load(tmp_path / Path(store_zip).stem).task_ids == ids
     exported = load_adapter(tmp_path / "exported" / folder_names(ids)[task_id])
     for name, layer in load_adapter(original).layers.items():
         assert torch.allclose(exported.layers[name].delta_weight(), layer.delta_weight(), atol=1e-5)
@@ -483,7 +493,7 @@ def test_a_zips_own_name_names_a_top_level_adapter(client, adapter_dirs, tmp_pat
 
 # ---- sessions -------------------------------------------------------------------------------------
 def test_sessions_are_isolated(app, adapters_zip, tmp_path):
-    first, second = (Client(app.url, verbose=False, download_files=str(tmp_path)) for _ in range(2))
+    first, second = (api_client(app.url, tmp_path) for _ in range(2))
     first.predict(handle_file(adapters_zip), api_name="/load_adapters")
     _numbers(first)
     with pytest.raises(AppError, match="no adapters loaded yet"):

@@ -171,15 +171,15 @@ def test_workbench_in_a_browser(page, workload, shots, input_ids, tmp_path):
 
     with zipfile.ZipFile(downloaded) as zf:
         zf.extractall(tmp_path / "exported")
-    _check_peft_loads(tmp_path / "exported", folders, base_model, input_ids)
+    _check_peft_loads(tmp_path / "exported", folders, base_model, input_ids, _preferred(folders, tmp_path / "pick"))
 
 
-def _check_peft_loads(folder: Path, originals: list[Path], base_model, input_ids) -> None:
-    """Every downloaded folder loads in PEFT and gives the logits of the subspace (at k = K) it came from."""
+def _check_peft_loads(folder: Path, originals: list[Path], base_model, input_ids, method: str) -> None:
+    """Every downloaded folder loads in PEFT and gives the logits of the subspace (``method``, k = K) it came from."""
     from peft import PeftModel
 
     assert sorted(p.name for p in folder.iterdir()) == sorted(d.name for d in originals)
-    view = SharedSubspace.decompose([load_adapter(d) for d in originals]).truncated(K)
+    view = SharedSubspace.decompose([load_adapter(d) for d in originals], method=method).truncated(K)
     served = VLoRAModel(base_model(), view)
     for task_id in view.task_ids:
         exported = PeftModel.from_pretrained(base_model(), str(folder / task_id)).eval()
@@ -305,12 +305,22 @@ def _with(folders: list[Path], extra: list[Path], root: Path) -> Path:
     return zip_tree(root, root.parent / f"{root.name}.zip")
 
 
-def _k_max(folders: list[Path], tmp: Path) -> int:
-    """The most directions the flat basis has for these adapters, as the workbench finds it."""
+def _bench(folders: list[Path], tmp: Path) -> Workbench:
+    """A workbench session of its own holding ``folders``: what the page should show, found in plain Python."""
     bench = Workbench(tmp, AppSettings())
     for folder in folders:
         bench.add_path(folder)
-    return bench.k_max("flat")
+    return bench
+
+
+def _k_max(folders: list[Path], tmp: Path, method: str = "flat") -> int:
+    """The most directions ``method``'s basis has for these adapters, as the workbench finds it."""
+    return _bench(folders, tmp).k_max(method)
+
+
+def _preferred(folders: list[Path], tmp: Path) -> str:
+    """The basis the workbench opens on for these adapters (point 9: the one that measures better)."""
+    return _bench(folders, tmp).preferred_method()[0]
 
 
 def test_a_failed_step_says_why_in_the_status_line_until_the_next(page, app_url, workload, point_shots, tmp_path):
@@ -433,6 +443,7 @@ def test_a_reload_brings_the_session_back(page, app_url, workload, point_shots, 
     expect = playwright.expect
     folders = workload[0]
     tasks = sorted(f.name for f in folders)
+    method = _preferred(folders, tmp_path / "pick")
     with _own_page(page, app_url) as mine:
         _upload(mine, zip_tree(folders[0].parent, tmp_path / "adapters.zip", folders=tasks))
         mine.wait_for_selector("#variance-plot .js-plotly-plot .main-svg")
@@ -445,7 +456,7 @@ def test_a_reload_brings_the_session_back(page, app_url, workload, point_shots, 
         mine.reload(wait_until="domcontentloaded")
         status = mine.locator("#status")
         expect(status).to_contain_text("Restored your session")
-        expect(status).to_contain_text("flat basis, k = 1")
+        expect(status).to_contain_text(f"{method} basis, k = 1")
         # the restored export is checked by downloading it again below (the status line may already show the
         # redraw of tab 2 that the restore starts)
         for name in tasks:
@@ -491,16 +502,15 @@ def test_the_ab_tab_names_its_setting_and_compares_two_k(page, app_url, workload
     expect = playwright.expect
     folders, source, _ = workload
     task = folders[0].name
-    bench = Workbench(tmp_path / "check", AppSettings())
-    for folder in folders:
-        bench.add_path(folder)
+    bench = _bench(folders, tmp_path / "check")
+    method = bench.preferred_method()[0]
     examples = bench.example_prompts()
     with _own_page(page, app_url) as mine:
         _upload(mine, zip_tree(folders[0].parent, tmp_path / "adapters.zip", folders=[f.name for f in folders]))
         mine.wait_for_selector("#variance-plot .js-plotly-plot .main-svg")
         _type_k(mine, 2)
         _tab(mine, "3 · A/B test")
-        expect(mine.locator("#ab-setting")).to_contain_text("compressed tests flat basis, k = 2")
+        expect(mine.locator("#ab-setting")).to_contain_text(f"compressed tests {method} basis, k = 2")
         first = mine.locator("#ab-examples tbody tr").first
         expect(first).to_contain_text(examples[0][0] or "any task")
         if examples[0][0]:  # a loaded task's own prompt comes first
@@ -513,8 +523,8 @@ def test_the_ab_tab_names_its_setting_and_compares_two_k(page, app_url, workload
         tokens.fill("8")
         tokens.press("Enter")
         mine.click("#run-ab")
-        expect(mine.locator("#stats-a")).to_contain_text(f"{task} at flat basis, k = 1")
-        expect(mine.locator("#stats-b")).to_contain_text(f"{task} at flat basis, k = 2")
+        expect(mine.locator("#stats-a")).to_contain_text(f"{task} at {method} basis, k = 1")
+        expect(mine.locator("#stats-b")).to_contain_text(f"{task} at {method} basis, k = 2")
         _shot(mine, point_shots, "17-3-ab-two-k.png")
         shown = [mine.locator(f"#output-{side} textarea").input_value() for side in "ab"]
 
@@ -522,7 +532,7 @@ def test_the_ab_tab_names_its_setting_and_compares_two_k(page, app_url, workload
 
     model, tokenizer = load_base_model(source)
     for k, text in zip((1, 2), shown):  # each side is what that k as the current setting gives
-        bench.report(CompressConfig(k))
+        bench.report(CompressConfig(k, method))
         assert bench.ab_test(model, tokenizer, prompt, [f"compressed: {task}"], 8)[0].text == text
 
 
@@ -549,3 +559,135 @@ def test_a_k_change_shows_within_150_ms(page, app_url, point_shots, tmp_path):
     print(f"k change in the browser: {measured} (limit {limit:.0f} ms at load {load:.2f} per core)")
     (point_shots / "k_change_ms.json").write_text(json.dumps({**measured, "times_ms": times, "load_per_core": load}))
     assert measured["median_ms"] <= limit
+
+
+def _basis(mine, method: str) -> None:
+    """Choose a basis on tab 2 as a person does: a click on its radio button."""
+    mine.locator("#method").get_by_text(method, exact=True).click()
+
+
+def test_sizes_are_honest_and_the_store_zip_is_a_folder_vlora_info_reads(page, app_url, point_shots, tmp_path):
+    """Point 7: a store at least as big as its adapters is said to be larger (never "×0.9 smaller"), with the k up
+    to which it is smaller; the export tab says that PEFT folders are full size and only the store is small; the
+    store zip unpacks into one folder that `vlora info` reads as it is."""
+    import subprocess
+    import sys
+
+    from ui.callbacks import break_even_words
+    from ui.plots import size_words
+
+    expect = playwright.expect
+    folders = [write_adapter(tmp_path / "in" / name, seed) for seed, name in enumerate(("qa", "sum", "tr", "mood"))]
+    bench = _bench(folders, tmp_path / "check")
+    method = bench.preferred_method()[0]
+    top = bench.k_max(method)
+    with _own_page(page, app_url) as mine:
+        _upload(mine, zip_tree(tmp_path / "in", tmp_path / "adapters.zip"))
+        mine.wait_for_selector("#variance-plot .js-plotly-plot .main-svg")
+        for k in (1, top):
+            report = bench.report(CompressConfig(k, method))
+            _type_k(mine, k)
+            words = size_words(report.stored_bytes, report.original_bytes)
+            expect(mine.locator("#k-summary")).to_contain_text(words)
+            expect(mine.locator("#k-summary")).to_contain_text(break_even_words(report))
+            expect(mine.locator("#bytes-plot")).to_contain_text(words.split(" than")[0])
+        assert report.stored_bytes >= report.original_bytes  # the last k: a store bigger than its inputs
+        expect(mine.locator("#k-summary")).to_contain_text("larger than the adapters")
+        expect(mine.locator("#k-summary")).not_to_contain_text("smaller than the adapters at")
+        expect(mine.locator("#status")).to_contain_text(f"smaller than the adapters up to k = {report.break_even_k}")
+        _shot(mine, point_shots, "17-7-larger.png")
+
+        _type_k(mine, 1)
+        _tab(mine, "4 · Export")
+        setting = mine.locator("#export-setting")
+        expect(setting).to_contain_text("full-size")
+        expect(setting).to_contain_text("The vlora store is the small part")
+        mine.click("#run-export")
+        expect(mine.locator("#status")).to_contain_text("(full-size adapters)")
+        with mine.expect_download() as download:
+            mine.click("#download-store")
+        name = download.value.suggested_filename
+        assert name == f"vlora-store-{method}-k1.zip"
+        download.value.save_as(tmp_path / name)
+    with zipfile.ZipFile(tmp_path / name) as zf:
+        zf.extractall(tmp_path / "unzipped")
+    (folder,) = (tmp_path / "unzipped").iterdir()  # one folder, named as the zip
+    assert folder.name == name.removesuffix(".zip")
+    info = subprocess.run(
+        [sys.executable, "-m", "vlora_core.cli", "info", folder.name, "--json"],
+        cwd=tmp_path / "unzipped",
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert sorted(json.loads(info.stdout)["summary"]["task_errors"]) == sorted(f.name for f in folders)
+
+
+def test_the_export_tab_says_its_setting_names_its_files_and_keeps_alpha(page, app_url, point_shots, tmp_path):
+    """Point 8: downloads are disabled until an export exists; the setting is shown before exporting and names the
+    downloads (with the storage precision); blank lora_alpha keeps each adapter's own; the task list, open, does
+    not cover the export button; a basis switched away from and back to comes back at its last k."""
+    expect = playwright.expect
+    alphas = {"qa": 8, "sum": 16, "tr": 4}
+    folders = [write_adapter(tmp_path / "in" / name, seed, alpha=a) for seed, (name, a) in enumerate(alphas.items())]
+    method = _preferred(folders, tmp_path / "pick")
+    other = "flat" if method == "rank" else "rank"
+    with _own_page(page, app_url) as mine:
+        _upload(mine, zip_tree(tmp_path / "in", tmp_path / "adapters.zip"))
+        mine.wait_for_selector("#variance-plot .js-plotly-plot .main-svg")
+        _type_k(mine, 2)
+        _basis(mine, other)
+        expect(mine.locator("#k-summary")).to_contain_text(f"{other} basis")
+        _type_k(mine, 1)
+        _basis(mine, method)  # back: at its last k, 2
+        expect(mine.locator("#k-summary")).to_contain_text(f"{method} basis, k = 2")
+        expect(mine.locator("#k-slider input[type=number]")).to_have_value("2")
+        _basis(mine, other)
+        expect(mine.locator("#k-summary")).to_contain_text(f"{other} basis, k = 1")
+        _basis(mine, method)
+        expect(mine.locator("#k-summary")).to_contain_text(f"{method} basis, k = 2")
+        mine.locator("#dtype").get_by_text("int8", exact=True).click()
+        expect(mine.locator("#k-summary")).to_contain_text("stored in int8")
+        expect(mine.locator("#status")).to_contain_text(f"{method} basis, k = 2, stored in int8")
+
+        _tab(mine, "4 · Export")
+        for button in ("#download-adapters", "#download-store"):
+            expect(mine.locator(button)).to_be_disabled()  # nothing to download yet
+        expect(mine.locator("#export-setting")).to_contain_text(f"{method} basis, k = 2, stored in int8")
+        slug = f"{method}-k2-int8"
+        expect(mine.locator("#export-setting")).to_contain_text(f"vlora-adapters-{slug}.zip")
+        mine.click("#export-tasks input")  # the task list open: the button beside it stays in reach
+        options = mine.get_by_role("listbox")
+        expect(options).to_be_visible()
+        box, button = options.bounding_box(), mine.locator("#run-export").bounding_box()
+        assert box["x"] + box["width"] <= button["x"] or button["y"] + button["height"] <= box["y"]
+        _shot(mine, point_shots, "17-8-export-setting.png")
+        mine.click("#run-export")  # lora_alpha left blank
+        expect(mine.locator("#status")).to_contain_text("Exported 3 tasks")
+        expect(mine.locator("#download-adapters")).to_be_enabled()
+        expect(mine.locator("#download-adapters")).to_contain_text(f"vlora-adapters-{slug}.zip")
+        with mine.expect_download() as download:
+            mine.click("#download-adapters")
+        assert download.value.suggested_filename == f"vlora-adapters-{slug}.zip"
+        download.value.save_as(tmp_path / "adapters-out.zip")
+    with zipfile.ZipFile(tmp_path / "adapters-out.zip") as zf:
+        zf.extractall(tmp_path / "out")
+    for name, alpha in alphas.items():  # each adapter's own lora_alpha, not 0 and not one for all
+        assert json.loads((tmp_path / "out" / name / "adapter_config.json").read_text())["lora_alpha"] == alpha
+
+
+def test_the_workbench_opens_on_the_basis_that_measures_better(page, app_url, workload, point_shots, tmp_path):
+    """Point 9: after loading, tab 2 shows the basis whose mean ΔW error is lower at equal stored bytes for these
+    adapters (as Workbench.preferred_method finds it), says so, and draws the other basis's curve beside it."""
+    expect = playwright.expect
+    folders = workload[0]
+    method, why = _bench(folders, tmp_path / "pick").preferred_method()
+    other = "flat" if method == "rank" else "rank"
+    with _own_page(page, app_url) as mine:
+        _upload(mine, zip_tree(folders[0].parent, tmp_path / "adapters.zip", folders=[f.name for f in folders]))
+        mine.wait_for_selector("#variance-plot .js-plotly-plot .main-svg")
+        expect(mine.locator("#status")).to_contain_text(f"Tab 2 opened on the {why}")
+        expect(mine.locator("#method input:checked")).to_have_value(method)
+        expect(mine.locator("#k-summary")).to_contain_text(f"{method} basis")
+        expect(mine.locator("#storage-plot")).to_contain_text(f"mean task error, {other} basis")
+        _shot(mine, point_shots, "17-9-basis.png")

@@ -201,7 +201,10 @@ def test_cli_reports_both_errors_and_records_the_calibration(calibrated, prompt_
     import hashlib
 
     assert manifest["calibration"]["prompts_sha256"] == hashlib.sha256(prompt_file.read_bytes()).hexdigest()
-    assert manifest["calibration"]["base_model"] == str(model_dir) and manifest["calibration"]["damping"] == DEFAULT_DAMPING
+    assert (
+        manifest["calibration"]["base_model"] == str(model_dir)
+        and manifest["calibration"]["damping"] == DEFAULT_DAMPING
+    )
     assert all(set(t["quality_activation"]) == set(t["quality"]) for t in manifest["tasks"])
     info = run_cli("info", store)
     assert info.returncode == 0 and "act err" in info.stdout and info.stdout.count("activation-weighted") == 3

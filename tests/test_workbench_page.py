@@ -81,7 +81,7 @@ def test_a_failures_words_wait_for_the_status_line(tmp_path):
     with pytest.raises(gr.Error):
         calls.load_adapters(None, page("p"))
     with pytest.raises(gr.Error, match="no adapters loaded yet"):  # the core's error, as a toast
-        calls.compress("flat", 2, False, 0.9, page("q"))
+        calls.compress("flat", 2, False, 0.9, "fp32", page("q"))
     report = steps.failed("Loading", 1)
     assert report(page("p")) == (gr.skip(), "**✖ Loading failed:** choose a .zip of adapter folders first.")
     assert report(page("p"))[1].startswith("**✖ Loading failed:** the page refused")  # taken once
@@ -119,14 +119,14 @@ def test_a_k_the_page_holds_is_not_sent_again(bench, tmp_path):
     steps = PageSteps(calls)
     with calls.sessions.open(page("p")) as mine:
         mine.adapters = dict(bench.adapters)
-    table = json.loads(steps.k_table("flat", False, page("p")))
+    table = json.loads(steps.k_table("flat", False, "fp32", page("p")))
     assert set(table) == {str(k) for k in bench.sweep_reports("flat")}
     assert "k = 1" in table["1"]["summary"] and "k = 1" in table["1"]["update"]["variance"]["layout"]["title.text"]
-    numbers, status, shown = steps.set_k("flat", 1, False, 0.9, page("p"))
+    numbers, status, shown = steps.set_k("flat", 1, False, 0.9, "fp32", page("p"))
     assert shown == "" and numbers["k"] == 1 and "k = 1" in status  # the page shows it from its table
     with calls.sessions.open(page("p")) as mine:
         assert mine.config == CompressConfig(1, "flat")  # the session's setting, for the A/B test and export
-    assert steps.k_table("flat", True, page("p")) == ""  # adaptive k: no table
+    assert steps.k_table("flat", True, "fp32", page("p")) == ""  # adaptive k: no table
 
 
 # ---- misfits: the groups that fit together --------------------------------------------------------------------
@@ -183,3 +183,106 @@ def test_example_prompts_put_the_loaded_tasks_own_first(tmp_path, adapter_dirs):
     assert [(p.task, p.text) for p in prompt_file(old)] == [(None, "s"), ("qa", "q")]
     prompts.write_text("not json\n")
     assert prompt_file(prompts) == []  # examples are a convenience: a damaged file gives none
+
+
+# ---- honest sizes, the store's precision, the export's names, the basis to start on (points 7-9) ---------------
+def test_sizes_are_said_as_they_are():
+    assert plots.size_words(100, 300) == "×3.0 smaller than the adapters"
+    assert plots.size_words(600, 300) == "×2.0 larger than the adapters"
+    for stored in (300, 301, 310, 314, 900):  # at least as big: never "smaller"
+        assert "smaller" not in plots.size_words(stored, 300) and "larger" in plots.size_words(stored, 300)
+    assert plots.size_words(290, 300) == "about the same size as the adapters (3.3% smaller)"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_bytes_and_break_even_are_the_stores_own(bench, tmp_path, dtype):
+    """The bytes a k view counts are those its store takes on disk in that precision, and the break-even k is
+    the last k whose store is smaller than the adapters."""
+    from vlora_core import quality
+
+    full = bench._decomposition("rank", progress=False).full
+    original = bench._decompositions["rank"].original_bytes
+    k_max = bench.k_max("rank")
+    for k in (1, 2, k_max):
+        view = full.truncated(k)
+        view.set_dtype(dtype)
+        folder = view.save(tmp_path / f"store-{dtype}-{k}")
+        on_disk = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+        counted = sum(quality.cut_bytes(full, k, dtype))
+        assert counted == quality.stored_bytes(view) and counted <= on_disk <= counted + 64 * 1024  # + headers
+    even = quality.break_even_k(full, original, dtype)
+    sizes = {k: sum(quality.cut_bytes(full, k, dtype)) for k in range(1, k_max + 1)}
+    assert even == max((k for k, size in sizes.items() if size < original), default=None)
+    report = bench.report(CompressConfig(2, "rank"), dtype=dtype)
+    assert (report.dtype, report.break_even_k, report.stored_bytes) == (dtype, even, sizes[2])
+
+
+def test_a_store_in_int8_is_a_quarter_and_its_export_says_its_setting(bench, tmp_path):
+    import zipfile
+
+    from vlora_core import SharedSubspace
+
+    fp32 = bench.report(CompressConfig(2, "flat"), dtype="fp32")
+    int8 = bench.report(CompressConfig(2, "flat"), dtype="int8")
+    assert int8.stored_bytes < 0.3 * fp32.stored_bytes and "stored in int8" in plots.setting_label(int8.config, "int8")
+    exported = bench.export()
+    assert (exported.adapters_zip.name, exported.store_zip.name) == (
+        "vlora-adapters-flat-k2-int8.zip",
+        "vlora-store-flat-k2-int8.zip",
+    )
+    with zipfile.ZipFile(exported.store_zip) as zf:
+        assert {name.split("/")[0] for name in zf.namelist()} == {"vlora-store-flat-k2-int8"}  # one folder
+        zf.extractall(tmp_path / "unzipped")
+    store = SharedSubspace.load(tmp_path / "unzipped" / "vlora-store-flat-k2-int8")
+    assert store.dtype == "int8" and store.task_ids == sorted(bench.adapters)
+    for task_id, written in exported.written.items():  # PEFT folders in the originals' own dtype, full size
+        original = bench.adapters[task_id]
+        assert written.num_bytes == original.num_bytes and written.ranks == original.ranks
+
+
+def test_setting_slugs_and_store_folders():
+    from pathlib import Path
+
+    from ui.workbench import setting_slug, store_folder
+
+    assert setting_slug(CompressConfig(16, "rank")) == "rank-k16"
+    assert setting_slug(CompressConfig(4, "flat", True, 0.9), "bf16") == "flat-adaptive0.9-bf16"
+    assert store_folder(Path("/x/vlora-store-rank-k16.zip")) == "vlora-store-rank-k16"
+
+
+def test_the_basis_that_keeps_more_at_equal_bytes_is_chosen(bench):
+    from ui.workbench import compare_curves
+
+    rank_better = {"flat": ([10, 20, 30], [0.5, 0.3, 0.0]), "rank": ([5, 10, 15], [0.4, 0.2, 0.1])}
+    assert compare_curves(rank_better, 40)[0] == "rank"
+    flat_better = {"flat": ([5, 10, 15], [0.1, 0.05, 0.0]), "rank": ([5, 10, 15], [0.4, 0.2, 0.1])}
+    assert compare_curves(flat_better, 40)[0] == "flat"
+    same = {"rank": ([5, 10], [0.2, 0.1]), "flat": ([5, 10], [0.2, 0.1])}
+    assert compare_curves(same, 40) == ("flat", "flat basis (the default): the bases measure the same here "
+                                        "(mean ΔW error 15.0%)")  # fmt: skip
+    never_smaller = {"flat": ([50, 60], [0.1, 0.0]), "rank": ([45, 55], [0.3, 0.0])}  # no store below 40 bytes
+    assert compare_curves(never_smaller, 40)[0] == "flat"
+    method, why = bench.preferred_method()  # the workbench compares its own sweeps the same way
+    found = {m: bench._decompositions[m] for m in ("flat", "rank")}
+    curves = {m: (d.sweep.bytes, d.curve_mean) for m, d in found.items()}
+    assert (method, why) == compare_curves(curves, found["flat"].original_bytes)
+    assert CompressConfig().method == "flat"  # the CLI and library keep the spec's default
+
+
+def test_switching_basis_and_back_restores_its_k_and_the_export_tab_says_the_setting(bench, tmp_path):
+    calls = Callbacks(Sessions(AppSettings(session_root=tmp_path)), AppSettings())
+    steps = PageSteps(calls)
+    with calls.sessions.open(page("p")) as mine:
+        mine.adapters = dict(bench.adapters)
+    assert steps.export_view(page("p")).startswith("Exports at **flat basis")  # before a setting: the default one
+    calls.compress("flat", 3, False, 0.9, "fp32", page("p"))
+    *_, slider = steps.switch_basis("rank", 5, False, 0.9, "fp32", page("p"))  # first time: the slider's k
+    assert slider.value == 5
+    calls.compress("rank", 2, False, 0.9, "bf16", page("p"))
+    *_, slider = steps.switch_basis("flat", 2, False, 0.9, "bf16", page("p"))
+    assert slider.value == 3  # flat's last k
+    *_, slider = steps.switch_basis("rank", 3, False, 0.9, "bf16", page("p"))
+    assert slider.value == 2
+    said = steps.export_view(page("p"))
+    assert "rank basis, k = 2, stored in bf16" in said and "full-size" in said
+    assert "vlora-adapters-rank-k2-bf16.zip" in said and "vlora info vlora-store-rank-k2-bf16" in said

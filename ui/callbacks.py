@@ -19,12 +19,13 @@ from vlora_core.behaviour import effect_warnings
 from vlora_core.config import CompressConfig
 from vlora_core.io.prompts import PromptError, prompt_rows, prompts_from_rows, read_prompts
 from vlora_core.merge import MergeConfig
+from vlora_core.precision import get_precision
 
 from . import gpu, plots
 from .errors import Failures, markdown_text, user_errors
 from .session import Sessions
 from .settings import AppSettings
-from .workbench import AdapterRow, KReport, Loaded, Workbench, parse_choice, parse_weights
+from .workbench import AdapterRow, Exported, KReport, Loaded, Workbench, parse_choice, parse_weights, store_folder
 
 PROMPT_COLUMNS = ["task (blank: every task)", "prompt", "answer (blank: the original's own)"]
 SUMMARY_CLASS = "k-summary"  # the element around the summary text (ui/layout.py's PAGE_JS rewrites its content)
@@ -129,14 +130,15 @@ class Callbacks:
         k: float,
         adaptive_k: bool,
         threshold: float,
-        request: gr.Request,
+        dtype: str = "fp32",
+        request: gr.Request = None,
         progress=gr.Progress(track_tqdm=True),
     ):
-        """The view at this setting. Returns (summary, variance plot, error plot, storage plot, bytes plot,
-        numbers, status); SVDs run only the first time a basis is used."""
+        """The view at this setting, its store in ``dtype`` (fp32, bf16, fp16, int8). Returns (summary, variance
+        plot, error plot, storage plot, bytes plot, numbers, status); SVDs run only the first time a basis is used."""
         config = CompressConfig(_whole(k), method, bool(adaptive_k), float(threshold))
         with self.sessions.open(request) as bench:
-            report = bench.report(config, progress=True)
+            report = bench.report(config, progress=True, dtype=dtype or "fp32")
         return (summary(report), *plots.figures(report).values(), numbers(report), compressed_line(report))
 
     # ---- 3. A/B test ------------------------------------------------------------------------------
@@ -224,17 +226,20 @@ class Callbacks:
         request: gr.Request,
         progress=gr.Progress(track_tqdm=True),
     ):
-        """Export tasks (all when empty) at the current k. Returns (adapters zip, store zip, status)."""
+        """Export tasks (all when empty) at the current setting (k and storage precision). Returns (adapters zip,
+        store zip, status); each zip's name carries the setting (``workbench.setting_slug``)."""
         alpha = _alpha(alpha)
         with self.sessions.open(request) as bench:
             exported = bench.export(task_ids or None, alpha=alpha, base_model=(base_model or "").strip() or None)
-        sizes = [plots.human_bytes(path.stat().st_size) for path in (exported.adapters_zip, exported.store_zip)]
+        zips = [exported.adapters_zip, exported.store_zip]
+        sizes = [plots.human_bytes(path.stat().st_size) for path in zips]
         return (
             str(exported.adapters_zip),
             str(exported.store_zip),
-            f"Exported {_count(exported.task_ids, 'task')} as PEFT folders ({plots.setting_label(exported.config)}; "
-            f"{', '.join(exported.task_ids)}): adapters zip {sizes[0]}, store zip {sizes[1]} — "
-            "use the download buttons.",
+            f"Exported {_count(exported.task_ids, 'task')} as PEFT folders "
+            f"({plots.setting_label(exported.config, exported.dtype)}; {', '.join(exported.task_ids)}): "
+            f"{zips[0].name} {sizes[0]} (full-size adapters), {zips[1].name} {sizes[1]} (the small store: "
+            f"`unzip {zips[1].name} && vlora info {store_folder(zips[1])}`) — use the download buttons.",
         )
 
     @user_errors
@@ -456,11 +461,40 @@ def tested_setting(choice: str, config: CompressConfig | None) -> str:
     return f"{task_id} at {plots.setting_label(config)}"
 
 
-def compressed_line(report: KReport) -> str:
-    """The status line after a k view: the setting, how much smaller, the mean error."""
+def download_buttons(exported: Exported, with_files: bool = True) -> list:
+    """The two download buttons of an export, named by its zips and clickable (they are not before); holding the
+    zips too unless ``with_files`` is False (the export's own event has put them there)."""
+    labels = [f"Download {p.name} ({plots.human_bytes(p.stat().st_size)})" for p in exported.zips]
+    if not with_files:
+        return [gr.update(label=label, interactive=True) for label in labels]
+    return [gr.DownloadButton(label, path, interactive=True) for label, path in zip(labels, exported.zips)]
+
+
+def break_even_words(report: KReport) -> str:
+    """Up to which uniform k this basis's store is smaller than the adapters, in this precision."""
+    where = f"{report.config.method} basis in {get_precision(report.dtype).flag}"
+    if report.break_even_k is None:
+        return f"the {where} is not smaller than the adapters at any k"
+    if report.break_even_k >= report.k_max:
+        return f"the {where} is smaller than the adapters at every k (up to k = {report.k_max})"
+    return f"the {where} is smaller than the adapters up to k = {report.break_even_k} (break-even)"
+
+
+def bytes_words(report: KReport) -> str:
+    """The store's parts and precision, as `vlora info` lists them."""
+    precision = get_precision(report.dtype)
     return (
-        f"Compressed ({plots.setting_label(report.config)}): ×{report.ratio:.1f} smaller, "
-        f"mean ΔW error {report.mean_error:.1%}."
+        f"{plots.human_bytes(report.stored_bytes)} stored in {precision.flag} (shared basis "
+        f"{plots.human_bytes(report.basis_bytes)} + loadings {plots.human_bytes(report.stored_bytes - report.basis_bytes)})"
+    )
+
+
+def compressed_line(report: KReport) -> str:
+    """The status line after a k view: the setting, the store's size against the adapters', the mean error."""
+    return (
+        f"Compressed ({plots.setting_label(report.config, report.dtype)}): the store is "
+        f"{plots.size_words(report.stored_bytes, report.original_bytes)}, mean ΔW error {report.mean_error:.1%}; "
+        f"{break_even_words(report)}."
     )
 
 
@@ -472,11 +506,17 @@ def summary(report: KReport) -> str:
 def summary_text(report: KReport) -> str:
     """How much smaller, the mean and worst ΔW error, the setting, and where k was clipped (HTML, escaped)."""
     note = f"<br>Note: {html.escape(report.note)}" if report.note else ""
+    rounding = (
+        ""
+        if report.dtype == "float32"
+        else f" (of the cut; rounding to {get_precision(report.dtype).flag} adds a little, measured into the store "
+        "on export)"
+    )
     return (
-        f"<b>×{report.ratio:.1f} smaller</b>: {plots.human_bytes(report.stored_bytes)} stored (shared basis "
-        f"{plots.human_bytes(report.basis_bytes)} + loadings) for {plots.human_bytes(report.original_bytes)} of "
-        f"adapters · mean ΔW error <b>{report.mean_error:.2%}</b> (worst {max(report.task_errors):.2%}) · "
-        f"{html.escape(plots.setting_label(report.config))}{note}"
+        f"<b>{plots.size_words(report.stored_bytes, report.original_bytes)}</b>: {bytes_words(report)} for the "
+        f"adapters' {plots.human_bytes(report.original_bytes)} · mean ΔW error <b>{report.mean_error:.2%}</b> "
+        f"(worst {max(report.task_errors):.2%}){rounding} · {html.escape(plots.setting_label(report.config))}"
+        f"<br>{html.escape(break_even_words(report))}{note}"
     )
 
 
@@ -487,10 +527,12 @@ def numbers(report: KReport) -> dict:
         "adaptive_k": report.config.adaptive_k,
         "k": None if report.config.adaptive_k else report.config.num_components,
         "variance_threshold": report.config.variance_threshold if report.config.adaptive_k else None,
+        "dtype": report.dtype,
         "stored_bytes": report.stored_bytes,
         "basis_bytes": report.basis_bytes,
         "original_bytes": report.original_bytes,
         "ratio": round(report.ratio, 4),
+        "break_even_k": report.break_even_k,
         "k_max": report.k_max,
         "task_errors": dict(zip(report.task_ids, report.task_errors)),
         "layers": [

@@ -18,6 +18,7 @@ from vlora_core.config import DEFAULT_METHOD, DEFAULT_NUM_COMPONENTS, DEFAULT_VA
 from vlora_core.merge import METHODS as MERGE_METHODS
 from vlora_core.merge import MergeConfig
 from vlora_core.methods import METHODS
+from vlora_core.precision import PRECISIONS
 
 from .callbacks import PROMPT_COLUMNS, SUMMARY_CLASS, Callbacks
 from .page import SHARED_EXAMPLE, PageSteps
@@ -189,6 +190,13 @@ def _tune_tab() -> dict:
                 label="Variance to explain (adaptive k)",
                 elem_id="threshold",
             )
+            dtype = gr.Radio(
+                [p.flag for p in PRECISIONS.values()],
+                value=PRECISIONS["float32"].flag,
+                label="Storage precision of the store",
+                info=" · ".join(f"{p.flag}: {p.summary}" for p in PRECISIONS.values()),
+                elem_id="dtype",
+            )
         summary = gr.HTML(label="summary", elem_id="k-summary")
         with gr.Row():
             variance = gr.Plot(label="Variance explained", elem_id="variance-plot")
@@ -209,6 +217,7 @@ def _tune_tab() -> dict:
         k=k,
         adaptive=adaptive,
         threshold=threshold,
+        dtype=dtype,
         summary=summary,
         variance=variance,
         errors=errors,
@@ -292,13 +301,18 @@ def _ab_tab(settings: AppSettings) -> dict:
 
 
 def _export_tab() -> dict:
-    with gr.Tab("4 · Export", id="export"):
-        tasks = gr.Dropdown(
-            label="Tasks to export (none chosen: all)",
-            multiselect=True,
-            allow_custom_value=True,
-            elem_id="export-tasks",
-        )
+    with gr.Tab("4 · Export", id="export") as tab:
+        setting = gr.Markdown(elem_id="export-setting")  # what an export writes, before it runs (ui/page.py)
+        with gr.Row(equal_height=True):
+            # the button beside the task list, not under it: a multiselect's open list would cover it
+            tasks = gr.Dropdown(
+                label="Tasks to export (none chosen: all)",
+                multiselect=True,
+                allow_custom_value=True,
+                elem_id="export-tasks",
+                scale=3,
+            )
+            run = gr.Button("Export at the current setting", variant="primary", elem_id="run-export", scale=1)
         with gr.Row():
             # A text box: an empty number box sends 0 from the browser, which is a value (refused), not "keep".
             alpha = gr.Textbox(
@@ -307,20 +321,23 @@ def _export_tab() -> dict:
                 elem_id="export-alpha",
             )
             base_model = gr.Textbox(label="base_model_name_or_path to write (blank: keep)", elem_id="export-base")
-        with gr.Row():
-            run = gr.Button("Export at the current k", variant="primary", elem_id="run-export", scale=3)
-            verify = gr.Checkbox(
-                True,
-                label="Then check each task's behaviour (tab 2's prompts, A/B tab's base model)",
-                elem_id="export-verify",
-                scale=2,
+        verify = gr.Checkbox(
+            True,
+            label="Then check each task's behaviour (tab 2's prompts, A/B tab's base model)",
+            elem_id="export-verify",
+        )
+        with gr.Row():  # clickable once an export exists (its zips' names on them)
+            adapters_zip = gr.DownloadButton(
+                "Download PEFT adapters (zip): export first", interactive=False, elem_id="download-adapters"
             )
-        with gr.Row():
-            adapters_zip = gr.DownloadButton("Download PEFT adapters (zip)", elem_id="download-adapters")
-            store_zip = gr.DownloadButton("Download the vlora store (zip)", elem_id="download-store")
+            store_zip = gr.DownloadButton(
+                "Download the vlora store (zip): export first", interactive=False, elem_id="download-store"
+            )
         check = gr.Markdown(elem_id="export-check")
         merge = _merge_section()
     return dict(
+        tab=tab,
+        setting=setting,
         tasks=tasks,
         alpha=alpha,
         base_model=base_model,
@@ -428,7 +445,7 @@ def _wire(calls: Callbacks, steps: PageSteps, settings: AppSettings, demo, sessi
     light = dict(concurrency_id=LIGHT_QUEUE, concurrency_limit=LIGHT_JOBS)
     private = dict(api_visibility="private")
     listing = [a["table"], status]
-    settings_in = [k["method"], k["k"], k["adaptive"], k["threshold"]]
+    settings_in = [k["method"], k["k"], k["adaptive"], k["threshold"], k["dtype"]]  # tab 2's setting (ui/page.py)
     view = [k["summary"], k["variance"], k["errors"], k["storage"], k["size"], k["numbers"]]
     lists_out = [
         a["remove"], ex["tasks"], ab["choice_a"], ab["choice_b"], a["groups"], a["group"], ab["examples"]
@@ -442,7 +459,8 @@ def _wire(calls: Callbacks, steps: PageSteps, settings: AppSettings, demo, sessi
         return event
 
     # the public endpoints first: private events that reuse a function would take the plain api_name
-    table = dict(fn=steps.k_table, inputs=[k["method"], k["adaptive"]], outputs=[k["k_table"]], **private, **light)
+    table_in = [k["method"], k["adaptive"], k["dtype"]]
+    table = dict(fn=steps.k_table, inputs=table_in, outputs=[k["k_table"]], **private, **light)
 
     def kept(event):
         """``event`` (which sends the k table), then the table kept on the page for PAGE_JS's listener."""
@@ -451,7 +469,7 @@ def _wire(calls: Callbacks, steps: PageSteps, settings: AppSettings, demo, sessi
 
     compressing = told(
         gr.on(
-            [k["adaptive"].change, k["threshold"].change],
+            [k["adaptive"].change, k["threshold"].change, k["dtype"].change],
             calls.compress,
             settings_in,
             [*view, status],
@@ -480,21 +498,20 @@ def _wire(calls: Callbacks, steps: PageSteps, settings: AppSettings, demo, sessi
         "The k change",
         [k["numbers"], status],
     ).success(None, [k["k_shown"]], None, js=SHOW_K_ENTRY, **private)
+    # another basis chosen by the user (a step that sets the basis draws the tab itself): shown at its last k
+    switched = [*view, status, k["k"]]
     method = told(
-        k["method"].change(calls.compress, settings_in, [*view, status], **private, **heavy), "Compressing", view
+        k["method"].input(steps.switch_basis, settings_in, switched, **private, **heavy), "Switching basis", switched
     )
-    sized = told(
-        method.success(steps.k_range, [k["method"], k["k"]], [k["k"]], **private, **light), "Sizing k", [k["k"]]
-    )
-    kept(told(sized.success(**table), "Listing every k", [k["k_table"]]))
+    kept(told(method.success(**table), "Listing every k", [k["k_table"]]))
 
     def redrawn(event, show: bool):
         """After the adapters change: the lists, then the k tab drawn at a valid k with the slider sized (and shown,
         after loading) — or cleared with a word on why it cannot be drawn."""
         lists = told(event.success(steps.lists, None, lists_out, **private, **light), "Listing the tasks", lists_out)
-        drawn = [*view, k["k"], k["k_table"], *([goto] if show else [])]
-        draw = steps.overview if show else steps.redraw
-        drawing = kept(told(lists.success(draw, settings_in, drawn, **private, **heavy), "Drawing the k tab", drawn))
+        drawn = [*view, k["k"], k["k_table"], *([k["method"], status, goto] if show else [])]
+        draw, inputs = (steps.overview, [*settings_in, status]) if show else (steps.redraw, settings_in)
+        drawing = kept(told(lists.success(draw, inputs, drawn, **private, **heavy), "Drawing the k tab", drawn))
         if show:
             drawing.success(None, [goto], None, js=SHOW_TAB, **private)
 
@@ -514,7 +531,7 @@ def _wire(calls: Callbacks, steps: PageSteps, settings: AppSettings, demo, sessi
     redrawn(told(keeping, "Keeping one group", listing), show=False)
     # a reload: the session the browser's key names comes back (adapters, setting, latest export), or is said gone
     restored = [
-        session_key, status, a["table"], k["method"], k["k"], k["adaptive"], k["threshold"],
+        session_key, status, a["table"], k["method"], k["k"], k["adaptive"], k["threshold"], k["dtype"],
         ex["adapters_zip"], ex["store_zip"],
     ]  # fmt: skip
     claim = demo.load(steps.restore, [session_key], restored, **private, **light)
@@ -556,6 +573,11 @@ def _wire(calls: Callbacks, steps: PageSteps, settings: AppSettings, demo, sessi
         ab_out,
     )
 
+    told(
+        ex["tab"].select(steps.export_view, None, [ex["setting"]], **private, **light),
+        "Opening the export tab",
+        [ex["setting"]],
+    )
     export_out = [ex["adapters_zip"], ex["store_zip"], status]
     exporting = told(
         ex["run"].click(
@@ -564,6 +586,8 @@ def _wire(calls: Callbacks, steps: PageSteps, settings: AppSettings, demo, sessi
         "Exporting",
         export_out,
     )
+    buttons = [ex["adapters_zip"], ex["store_zip"]]
+    told(exporting.success(steps.export_buttons, None, buttons, **private, **light), "Naming the downloads", buttons)
     _wire_behaviour(calls, told, light, status, k, ab, ex, ab_run, exporting)
     merge_out = [ex["merge_zip"], ex["merge_numbers"], status]
     told(

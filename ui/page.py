@@ -10,15 +10,25 @@ failure is written into the status line (``failed``). Each method reads componen
 from __future__ import annotations
 
 import html
+from pathlib import Path
 
 import gradio as gr
 
 from vlora_core.config import CompressConfig
+from vlora_core.precision import get_precision
 
 from . import plots
-from .callbacks import Callbacks, adapter_table, compressed_line, numbers, summary_text
+from .callbacks import (
+    Callbacks,
+    adapter_table,
+    break_even_words,
+    compressed_line,
+    download_buttons,
+    numbers,
+    summary_text,
+)
 from .errors import failed_line, markdown_text, user_errors
-from .workbench import AT_K_KIND, BASE_CHOICE, Workbench
+from .workbench import ADAPTERS_ZIP, AT_K_KIND, BASE_CHOICE, STORE_ZIP, Workbench, setting_slug, store_folder
 
 SHARED_EXAMPLE = "any task"  # the "for" column of an example prompt shared by every task
 RESET = (
@@ -64,6 +74,7 @@ class PageSteps:
             gr.Dataset(samples=[[task or SHARED_EXAMPLE, text] for task, text in examples]),
         )
 
+    # Each of these takes tab 2's setting as its first inputs: method, k, adaptive k, threshold, dtype (SETTING).
     @user_errors
     def overview(
         self,
@@ -71,13 +82,24 @@ class PageSteps:
         k: float,
         adaptive_k: bool,
         threshold: float,
+        dtype: str,
+        status: str,
         request: gr.Request,
         progress=gr.Progress(track_tqdm=True),
     ):
-        """After loading: the k tab drawn at the current setting with the k slider sized, and its id to show it, or,
-        when the adapters cannot share a subspace yet, cleared with a word on why (the adapters tab stays in front).
-        Returns (summary, four plots, numbers, k slider, k table, tab to show)."""
-        return self._draw(method, k, adaptive_k, threshold, request, show=True)
+        """After loading: the k tab drawn on the basis that measures better for these adapters
+        (``Workbench.preferred_method``: both bases decomposed, their mean ΔW error compared at equal bytes), the k
+        slider sized, the status line told which basis and why, and the tab's id to show it; or, when the adapters
+        cannot share a subspace yet, cleared with a word on why (the adapters tab stays in front).
+        Returns (summary, four plots, numbers, k slider, k table, basis, status, tab to show)."""
+        with self.sessions.open(request) as bench:
+            blocker = why_not_drawn(bench)
+            method, why = (method, "") if blocker else bench.preferred_method()
+        drawn = self._draw(method, k, adaptive_k, threshold, dtype, request)
+        if blocker:
+            return (*drawn, gr.skip(), gr.skip(), "")
+        said = f"{(status or '').rstrip()} Tab 2 opened on the {why}."
+        return (*drawn, method, said.strip(), "tune")
 
     @user_errors
     def redraw(
@@ -86,30 +108,44 @@ class PageSteps:
         k: float,
         adaptive_k: bool,
         threshold: float,
+        dtype: str,
         request: gr.Request,
         progress=gr.Progress(track_tqdm=True),
     ):
-        """After removing adapters (or a reload): as ``overview``, without changing tabs."""
-        return self._draw(method, k, adaptive_k, threshold, request, show=False)
+        """After removing adapters (or a reload): the k tab drawn again on the basis shown, without changing tabs.
+        Returns (summary, four plots, numbers, k slider, k table)."""
+        return self._draw(method, k, adaptive_k, threshold, dtype, request)
 
-    def _draw(self, method: str, k: float, adaptive_k: bool, threshold: float, request: gr.Request, show: bool):
+    @user_errors
+    def switch_basis(
+        self,
+        method: str,
+        k: float,
+        adaptive_k: bool,
+        threshold: float,
+        dtype: str,
+        request: gr.Request,
+        progress=gr.Progress(track_tqdm=True),
+    ):
+        """Another basis chosen: drawn at the k last set on it (``Workbench.last_k``; first time: the slider's),
+        the slider sized to it. Returns (summary, four plots, numbers, status, k slider)."""
+        with self.sessions.open(request) as bench:
+            k = bench.last_k.get(method, k)
+            k_max = bench.k_max(method)  # the first look at the basis: SVDs, once
+        k = max(1, min(int(k), k_max))
+        drawn = self.calls.compress(method, k, adaptive_k, threshold, dtype, request)
+        return (*drawn, gr.Slider(maximum=max(k_max, 2), value=k))
+
+    def _draw(self, method: str, k: float, adaptive_k: bool, threshold: float, dtype: str, request: gr.Request):
         with self.sessions.open(request) as bench:
             blocker = why_not_drawn(bench)
             k_max = None if blocker else bench.k_max(method)  # the first look at the basis: SVDs, once
-        tab = ["" if blocker else "tune"] if show else []  # the tab to show: the k tab, once it is drawn
         if blocker:
-            return (blocker, None, None, None, None, None, gr.skip(), "", *tab)
+            return (blocker, None, None, None, None, None, gr.skip(), "")
         k = max(1, min(int(k), k_max))
-        drawn = self.calls.compress(method, k, adaptive_k, threshold, request)
-        table = self.k_table(method, adaptive_k, request)
-        return (*drawn[:-1], gr.Slider(maximum=max(k_max, 2), value=k), table, *tab)
-
-    @user_errors
-    def k_range(self, method: str, k: float, request: gr.Request):
-        """The k slider's end: the most directions this basis has; k moves down to it."""
-        with self.sessions.open(request) as bench:
-            k_max = bench.k_max(method)
-        return gr.Slider(maximum=max(k_max, 2), value=min(int(k), k_max))
+        drawn = self.calls.compress(method, k, adaptive_k, threshold, dtype, request)
+        table = self.k_table(method, adaptive_k, dtype, request)
+        return (*drawn[:-1], gr.Slider(maximum=max(k_max, 2), value=k), table)
 
     @user_errors
     def keep_group(self, group: str | None, request: gr.Request):
@@ -132,18 +168,18 @@ class PageSteps:
     # The page shows a k at once from the table of every swept k (``k_table``, sent after each whole drawing);
     # the server hears of it too (``set_k``), and sends what the table lacks.
     @user_errors
-    def k_table(self, method: str, adaptive_k: bool, request: gr.Request):
+    def k_table(self, method: str, adaptive_k: bool, dtype: str, request: gr.Request):
         """Every uniform k the sweep holds, as the page shows it: {k: {"update": what moves in each figure
         (``plots.k_moves``), "summary": the summary's text}} as JSON text; "" while adaptive k decides or
         nothing can be drawn."""
         with self.sessions.open(request) as bench:
             if adaptive_k or why_not_drawn(bench):
                 return ""
-            reports = bench.sweep_reports(method)
+            reports = bench.sweep_reports(method, dtype or "fp32")
         return plots.as_json({k: _shown(report) for k, report in reports.items()})
 
     @user_errors
-    def set_k(self, method: str, k: float, adaptive_k: bool, threshold: float, request: gr.Request):
+    def set_k(self, method: str, k: float, adaptive_k: bool, threshold: float, dtype: str, request: gr.Request):
         """A k change: it becomes the session's setting (for the A/B test and the export). Returns (numbers,
         status, what to show): what to show is "" when the page's table holds this k (the page has shown it
         already), else the table's entry for it as JSON text. Nothing while adaptive k decides."""
@@ -151,8 +187,8 @@ class PageSteps:
             return gr.skip(), gr.skip(), gr.skip()
         config = CompressConfig(int(k) if float(k).is_integer() else k, method, False, float(threshold))
         with self.sessions.open(request) as bench:
-            report = bench.report(config, progress=True)
-            in_table = config.num_components in bench.sweep_reports(method)
+            report = bench.report(config, progress=True, dtype=dtype or "fp32")
+            in_table = config.num_components in bench.sweep_reports(method, report.dtype)
         return numbers(report), compressed_line(report), "" if in_table else plots.as_json(_shown(report))
 
     # ---- the A/B tab ------------------------------------------------------------------------------------
@@ -170,6 +206,36 @@ class PageSteps:
         )
         return line, gr.Dropdown(choices=choices, value=choice_a), gr.Dropdown(choices=choices, value=choice_b)
 
+    # ---- the export tab -------------------------------------------------------------------------------
+    @user_errors
+    def export_view(self, request: gr.Request):
+        """On opening the export tab: the setting an export writes, before it is written (basis, k or threshold,
+        storage precision), what each download will be and how big, and how to read the store."""
+        with self.sessions.open(request) as bench:
+            if why_not_drawn(bench):
+                return "Nothing to export yet: load two or more adapters that fit together, then tune k in tab 2."
+            report = bench.current_report()
+        setting = setting_slug(report.config, report.dtype)
+        store = STORE_ZIP.format(setting=setting)
+        return (
+            f"Exports at **{plots.setting_label(report.config, report.dtype)}** (tab 2's setting): "
+            f"`{ADAPTERS_ZIP.format(setting=setting)}` and `{store}`.  \n"
+            f"- **PEFT folders** are ordinary, **full-size** LoRA adapters (each the rank and size of its original: "
+            f"{plots.human_bytes(report.original_bytes)} for all of them, as loaded); they carry the compressed ΔW, "
+            "not a smaller file.  \n"
+            f"- **The vlora store** is the small part: {plots.human_bytes(report.stored_bytes)}, "
+            f"{plots.size_words(report.stored_bytes, report.original_bytes)}; {break_even_words(report)}. "
+            f"It unpacks into one folder: `unzip {store} && vlora info {store_folder(Path(store))}`."
+        )
+
+    @user_errors
+    def export_buttons(self, request: gr.Request):
+        """After an export: its two download buttons named by its zips and made clickable (the export's own event,
+        a public endpoint, gives the zips themselves)."""
+        with self.sessions.open(request) as bench:
+            exported = bench.exported
+        return download_buttons(exported, with_files=False) if exported else [gr.skip()] * 2
+
     @user_errors
     def pick_example(self, index: int | None, request: gr.Request):
         """An example prompt clicked: its text into the prompt box."""
@@ -182,29 +248,31 @@ class PageSteps:
     def restore(self, stored: str | None, request: gr.Request):
         """On loading the page: claim the session the browser's key names (``Sessions.claim``) and show what it
         holds — the adapters, the setting, the latest export — or say that it has ended. Returns (key, status,
-        table, method, k, adaptive, threshold, adapters zip, store zip)."""
+        table, method, k, adaptive, threshold, dtype, adapters zip, store zip)."""
         key, restored = self.sessions.claim(request, stored)
-        skip = [gr.skip()] * 8
+        skip = [gr.skip()] * 9
         if restored is None:
             return key, *skip
         if not restored:
             minutes = f"{self.settings.reload_grace_s / 60:g} minutes"
             return key, RESET.format(grace=minutes), *skip[1:]
         with self.sessions.open(request) as bench:
-            table, config, exported = adapter_table(bench.table()), bench.config, bench.exported
+            table, config, exported, dtype = adapter_table(bench.table()), bench.config, bench.exported, bench.dtype
             k_max = bench.k_max(config.method) if config else None
             held = ", ".join(bench.adapters) or "no adapters"
-        files = [exported.adapters_zip, exported.store_zip] if exported else []
-        files = [str(f) for f in files if f.is_file()]
+        whole = exported is not None and exported.adapters_zip.is_file() and exported.store_zip.is_file()
         status = f"Restored your session: {held}"
-        setting = [gr.skip()] * 4
+        setting = [gr.skip()] * 5
         if config:
-            status += f"; {plots.setting_label(config)}"
+            status += f"; {plots.setting_label(config, dtype)}"
             slider = gr.Slider(maximum=max(k_max, 2), value=min(config.num_components, k_max))
-            setting = [config.method, slider, config.adaptive_k, config.variance_threshold]
-        if len(files) == 2:
-            status += f"; the latest export ({plots.setting_label(exported.config)}) can be downloaded again"
-        return (key, markdown_text(status) + ".", table, *setting, *(files if len(files) == 2 else [gr.skip()] * 2))
+            setting = [config.method, slider, config.adaptive_k, config.variance_threshold, get_precision(dtype).flag]
+        if whole:
+            status += (
+                f"; the latest export ({plots.setting_label(exported.config, exported.dtype)}) can be downloaded again"
+            )
+        files = download_buttons(exported) if whole else [gr.skip()] * 2
+        return (key, markdown_text(status) + ".", table, *setting, *files)
 
 
 def _shown(report) -> dict:

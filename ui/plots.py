@@ -17,6 +17,7 @@ import plotly.graph_objects as go
 from plotly.io.json import to_json_plotly
 
 from vlora_core.config import CompressConfig
+from vlora_core.precision import get_precision
 
 from .workbench import KReport
 
@@ -133,8 +134,10 @@ def _task_errors(report: KReport) -> dict:
 
 
 def _storage(report: KReport) -> dict:
-    """The k sweep as storage versus error, the current setting marked, the original size as a line."""
+    """The k sweep as storage versus error, the current setting marked, the original size as a line; each other
+    basis already decomposed as a grey curve of its mean task error (after the star: the moving traces stay 0-2)."""
     hover = "k = %{customdata}<br>%{x:,} bytes<br>%{y:.2%}<extra>%{fullData.name}</extra>"
+    basis = f", {report.config.method} basis" if report.other_curves else ""
     traces = [
         dict(
             type="scatter",
@@ -142,7 +145,7 @@ def _storage(report: KReport) -> dict:
             y=report.curve_mean_errors,
             customdata=report.curve_ks,
             mode="lines+markers",
-            name="mean task error",
+            name=f"mean task error{basis}",
             line=dict(color=A_COLOUR),
             hovertemplate=hover,
         ),
@@ -152,7 +155,7 @@ def _storage(report: KReport) -> dict:
             y=report.curve_max_errors,
             customdata=report.curve_ks,
             mode="lines",
-            name="worst task error",
+            name=f"worst task error{basis}",
             line=dict(color=B_COLOUR, dash="dash"),
             hovertemplate=hover,
         ),
@@ -166,6 +169,20 @@ def _storage(report: KReport) -> dict:
             hovertemplate="%{x:,} bytes<br>mean error %{y:.2%}<extra>now</extra>",
         ),
     ]
+    for method, (ks, sizes, errors) in report.other_curves.items():
+        traces.append(
+            dict(
+                type="scatter",
+                x=sizes,
+                y=errors,
+                customdata=ks,
+                mode="lines+markers",
+                name=f"mean task error, {method} basis",
+                line=dict(color=GREY, dash="dot"),
+                marker=dict(size=4),
+                hovertemplate=hover,
+            )
+        )
     original = dict(
         type="line",
         xref="x",
@@ -191,7 +208,7 @@ def _storage(report: KReport) -> dict:
         "Storage versus error over k",
         shapes=[original],
         annotations=[label],
-        xaxis=dict(title=dict(text="stored bytes (basis + all loadings)")),
+        xaxis=dict(title=dict(text=f"stored bytes in {get_precision(report.dtype).flag} (basis + all loadings)")),
         yaxis=dict(title=dict(text="relative ΔW error"), tickformat=".2~%", rangemode="tozero"),
     )
 
@@ -199,6 +216,7 @@ def _storage(report: KReport) -> dict:
 def _bytes(report: KReport) -> dict:
     """Original adapter bytes beside the store's: the shared basis plus every task's loadings."""
     loadings = report.stored_bytes - report.basis_bytes
+    store = f"vlora store ({get_precision(report.dtype).flag})"
     traces = [
         dict(
             type="bar",
@@ -212,7 +230,7 @@ def _bytes(report: KReport) -> dict:
         dict(
             type="bar",
             orientation="h",
-            y=["vlora store"],
+            y=[store],
             x=[report.basis_bytes],
             name="shared basis",
             marker=dict(color=A_COLOUR),
@@ -221,7 +239,7 @@ def _bytes(report: KReport) -> dict:
         dict(
             type="bar",
             orientation="h",
-            y=["vlora store"],
+            y=[store],
             x=[loadings],
             name="task loadings",
             marker=dict(color=B_COLOUR),
@@ -230,17 +248,33 @@ def _bytes(report: KReport) -> dict:
     ]
     return _figure(
         traces,
-        f"Compression ×{report.ratio:.1f} ({setting_label(report.config)})",
+        f"Store {size_words(report.stored_bytes, report.original_bytes)} ({setting_label(report.config)})",
         height=240,
         barmode="stack",
         xaxis=dict(title=dict(text="bytes")),
     )
 
 
-def setting_label(config: CompressConfig) -> str:
+def setting_label(config: CompressConfig, dtype: str | None = None) -> str:
+    """'rank basis, k = 16', 'flat basis, adaptive k, 90% variance'; with the storage precision when given."""
+    stored = "" if dtype is None else f", stored in {get_precision(dtype).flag}"
     if config.adaptive_k:
-        return f"{config.method} basis, adaptive k, {config.variance_threshold:.0%} variance"
-    return f"{config.method} basis, k = {config.num_components}"
+        return f"{config.method} basis, adaptive k, {config.variance_threshold:.0%} variance{stored}"
+    return f"{config.method} basis, k = {config.num_components}{stored}"
+
+
+def size_words(stored: int, original: int) -> str:
+    """The store against its inputs in honest words: '×3.1 smaller than the adapters', 'about the same size as
+    the adapters (0.1% larger)', '×1.6 larger than the adapters' — never 'smaller' for a store at least as big."""
+    if stored >= original:
+        over = stored / max(original, 1)
+        if over < 1.05:
+            return f"about the same size as the adapters ({over - 1:.1%} larger)"
+        return f"×{over:.1f} larger than the adapters"
+    ratio = original / max(stored, 1)
+    if ratio < 1.05:
+        return f"about the same size as the adapters ({1 - 1 / ratio:.1%} smaller)"
+    return f"×{ratio:.1f} smaller than the adapters"
 
 
 def human_bytes(num_bytes: float) -> str:

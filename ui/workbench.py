@@ -52,15 +52,17 @@ from vlora_core.io import archive
 from vlora_core.io.peft_files import folder_task_id, load_adapter, read_adapter_size
 from vlora_core.io.prompts import GENERIC_PROMPTS, Prompt, PromptError, read_prompts
 from vlora_core.merge import MergeConfig, MergeResult, merge_adapters
+from vlora_core.methods import METHODS
 from vlora_core.model import VLoRAModel
+from vlora_core.precision import get_precision
 from vlora_core.records import check_task_id
 from vlora_core.subspace import SharedSubspace
 
 from .checks import BehaviourChecks
 from .settings import AppSettings
 
-ADAPTERS_ZIP = "vlora-adapters.zip"
-STORE_ZIP = "vlora-store.zip"
+ADAPTERS_ZIP = "vlora-adapters-{setting}.zip"  # the setting: "rank-k16", "flat-adaptive0.9", "...-int8" (setting_slug)
+STORE_ZIP = "vlora-store-{setting}.zip"  # unpacks into one folder of the same name, which `vlora info` reads
 MERGE_ZIP = "vlora-merge.zip"
 MERGE_CHOICE = "merge"  # the merge's name among its parts in the merge A/B
 SWEEP_EVERY_K_UP_TO = 32  # the sweep holds every k up to here (a slider move is a look-up), then k_grid's steps
@@ -114,11 +116,15 @@ class KReport:
     curve_bytes: list[int]
     curve_mean_errors: list[float]
     curve_max_errors: list[float]
-    stored_bytes: int  # the shared basis plus every task's loadings (fp32)
+    stored_bytes: int  # the shared basis plus every task's loadings, in ``dtype`` (int8: with its row scales)
     basis_bytes: int  # the shared basis alone
     original_bytes: int  # the adapters as uploaded
     k_max: int  # the most directions any layer side has: the slider's useful end
     note: str | None  # where k was clipped
+    dtype: str = "float32"  # the storage precision the bytes are counted in (a key of precision.PRECISIONS)
+    break_even_k: int | None = None  # the largest uniform k whose store is smaller than the adapters (None: none)
+    # each other basis already decomposed: method -> (ks, stored bytes in ``dtype``, mean task error), to compare
+    other_curves: dict[str, tuple[list[int], list[int], list[float]]] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -136,6 +142,11 @@ class Exported:
     task_ids: list[str]
     config: CompressConfig
     written: dict[str, LoRAAdapter] = field(default_factory=dict)  # each folder as read back (its behaviour check)
+    dtype: str = "float32"  # the store's precision
+
+    @property
+    def zips(self) -> tuple[Path, Path]:
+        return self.adapters_zip, self.store_zip
 
 
 @dataclass(frozen=True)
@@ -171,7 +182,15 @@ class _Decomposition:
     curve_mean: list[float]  # mean and worst task error per swept k
     curve_max: list[float]
     original_bytes: int
-    reports: dict[int, KReport] | None = None  # the report at every swept k, once a page asks (sweep_reports)
+    reports: dict[str, dict[int, KReport]] = field(default_factory=dict)  # dtype -> the report at every swept k
+    sizes: dict[str, tuple[list[int], int | None]] = field(default_factory=dict)  # dtype -> (swept bytes, break-even)
+
+    def sized(self, dtype: str) -> tuple[list[int], int | None]:
+        """The stored bytes at each swept k in ``dtype``, and the break-even k (``quality.break_even_k``)."""
+        if dtype not in self.sizes:
+            swept = [sum(quality.cut_bytes(self.full, k, dtype)) for k in self.sweep.ks]
+            self.sizes[dtype] = swept, quality.break_even_k(self.full, self.original_bytes, dtype)
+        return self.sizes[dtype]
 
 
 class Workbench:
@@ -191,6 +210,8 @@ class Workbench:
         self.adapters: dict[str, LoRAAdapter] = {}
         self.refused: dict[str, str] = {}  # folders not loaded (as named in their upload) -> why
         self.config: CompressConfig | None = None  # the current setting (None before the first report)
+        self.dtype = "float32"  # ... and the precision its store is written in
+        self.last_k: dict[str, int] = {}  # method -> the uniform k last set on that basis (restored on switching back)
         self._view: SharedSubspace | None = None  # the subspace at that setting, see ``view``
         self._decompositions: dict[str, _Decomposition] = {}  # method -> full decomposition and sweep
         self._measured = False  # the view's per-task quality is filled in
@@ -353,35 +374,50 @@ class Workbench:
         self._measured = False
 
     # ---- tuning k ---------------------------------------------------------------------------------
-    def report(self, config: CompressConfig, progress: bool = False) -> KReport:
-        """Everything about the setting ``config``, which becomes the current one. SVDs run once per basis; after
-        that a uniform k the sweep holds is a look-up (the view itself is cut only when an export or an A/B test
-        needs it)."""
-        report, view = self._report(config, progress)
-        self._view, self.config, self._measured = view, config, view is not None
+    def report(self, config: CompressConfig, progress: bool = False, dtype: str = "float32") -> KReport:
+        """Everything about the setting ``config`` stored in ``dtype`` ("fp32", "bf16", "fp16", "int8"), which
+        becomes the current one. SVDs run once per basis; after that a uniform k the sweep holds is a look-up (the
+        view itself is cut only when an export or an A/B test needs it). The ΔW errors are the cut's; the store's
+        rounding to ``dtype`` is measured when it is written (``export``)."""
+        dtype = get_precision(dtype).name
+        report, view = self._report(config, progress, dtype)
+        exact = dtype == "float32"  # else the view is cut and rounded when it is needed (``view``)
+        self._view, self.config, self.dtype = view if exact else None, config, dtype
+        self._measured = exact and view is not None
+        if not config.adaptive_k:
+            self.last_k[config.method] = config.num_components
         return report
 
-    def sweep_reports(self, method: str) -> dict[int, KReport]:
+    def sweep_reports(self, method: str, dtype: str = "float32") -> dict[int, KReport]:
         """The report at every uniform k the sweep holds (look-ups, no view is cut), for a page to show any of
-        them at once; computed once per basis. The current setting stays as it is."""
-        found = self._decomposition(method, progress=False)
-        if found.reports is None:
-            found.reports = {k: self._report(CompressConfig(k, method))[0] for k in found.sweep.ks}
-        return found.reports
+        them at once; computed once per basis and dtype. The current setting stays as it is."""
+        found, dtype = self._decomposition(method, progress=False), get_precision(dtype).name
+        if dtype not in found.reports:
+            found.reports[dtype] = {k: self._report(CompressConfig(k, method), dtype=dtype)[0] for k in found.sweep.ks}
+        return found.reports[dtype]
 
-    def _report(self, config: CompressConfig, progress: bool = False) -> tuple[KReport, SharedSubspace | None]:
+    def _report(
+        self, config: CompressConfig, progress: bool = False, dtype: str = "float32"
+    ) -> tuple[KReport, SharedSubspace | None]:
         found = self._decomposition(config.method, progress)
         outline = found.shell.truncated(config)  # per-side k (uniform or adaptive), variance, clipping
         reports, sweep, k = quality.layer_reports(outline), found.sweep, config.num_components
+        curve_bytes, break_even = found.sized(dtype)
         if not config.adaptive_k and min(k, sweep.ks[-1]) in sweep.ks:
-            view, stored = None, sweep.bytes[sweep.ks.index(min(k, sweep.ks[-1]))]
+            view, stored = None, curve_bytes[sweep.ks.index(min(k, sweep.ks[-1]))]
             task_errors, layer_errors = sweep.task_errors(k).tolist(), sweep.layer_errors(k).tolist()
         else:  # adaptive k, or a k between swept points: cut and measure this view (no SVD, but every layer)
             with self.gate:
                 view = found.full.truncated(config)
                 view.measure_against(found.full)
-            task_errors, stored = list(quality.task_errors(view).values()), quality.stored_bytes(view)
+            task_errors = list(quality.task_errors(view).values())
+            stored = sum(quality.cut_bytes(found.full, outline.layer_ks, dtype))
             layer_errors = [r.error for r in quality.layer_reports(view)]
+        others = {
+            method: (d.sweep.ks, d.sized(dtype)[0], d.curve_mean)
+            for method, d in self._decompositions.items()
+            if method != config.method
+        }
         report = KReport(
             config=config,
             layers=[r.layer for r in reports],
@@ -393,22 +429,32 @@ class Workbench:
             task_ids=found.full.task_ids,
             task_errors=task_errors,
             curve_ks=sweep.ks,
-            curve_bytes=sweep.bytes,
+            curve_bytes=curve_bytes,
             curve_mean_errors=found.curve_mean,
             curve_max_errors=found.curve_max,
             stored_bytes=stored,
-            basis_bytes=quality.stored_bytes(outline),
+            basis_bytes=quality.cut_bytes(outline, outline.layer_ks, dtype)[0],
             original_bytes=found.original_bytes,
             k_max=sweep.ks[-1],
             note=outline.clipping_note(),
+            dtype=dtype,
+            break_even_k=break_even,
+            other_curves=others,
         )
         return report, view
+
+    def current_report(self) -> KReport:
+        """The report of the current setting (the default one before any), without changing anything."""
+        return self._report(self.config or CompressConfig(), dtype=self.dtype)[0]
 
     @property
     def view(self) -> SharedSubspace | None:
         """The subspace at the current setting (None before any); cut from the full decomposition on first use."""
         if self._view is None and self.config is not None:
-            self._view = self._decompositions[self.config.method].full.truncated(self.config)
+            view = self._decompositions[self.config.method].full.truncated(self.config)
+            if self.dtype != "float32":
+                view.set_dtype(self.dtype)  # new tensors: the full decomposition is left as it was
+            self._view = view
         return self._view
 
     def k_max(self, method: str) -> int:
@@ -469,14 +515,28 @@ class Workbench:
                     export_task(view, task_id, folder, alpha=alpha, base_model=base_model)
                     written[task_id] = load_adapter(folder, task_id)
                 view.save(out / "store")
-                adapters_zip = archive.make_zip(out / "adapters", zips / ADAPTERS_ZIP)
-                store_zip = archive.make_zip(out / "store", zips / STORE_ZIP, root_name="store")
+                setting = setting_slug(self.config, self.dtype)
+                adapters_zip = archive.make_zip(out / "adapters", zips / ADAPTERS_ZIP.format(setting=setting))
+                store_zip = zips / STORE_ZIP.format(setting=setting)
+                archive.make_zip(out / "store", store_zip, root_name=store_folder(store_zip))
         except BaseException:
             shutil.rmtree(zips, ignore_errors=True)
             raise
         self._replace_download("export", zips)
-        self.exported = Exported(adapters_zip, store_zip, ids, self.config, written)
+        self.exported = Exported(adapters_zip, store_zip, ids, self.config, written, self.dtype)
         return self.exported
+
+    # ---- which basis to start on --------------------------------------------------------------------
+    def preferred_method(self) -> tuple[str, str]:
+        """The basis that measures better on these adapters, and why in words: decomposes every basis (once each)
+        and compares their mean task ΔW error at equal stored bytes (``compare_curves``); a tie keeps the
+        default. The CLI keeps the spec's default (flat)."""
+        curves = {}
+        for method in METHODS:
+            found = self._decomposition(method, progress=False)
+            curves[method] = (found.sweep.bytes, found.curve_mean)
+        original = next(iter(self._decompositions.values())).original_bytes
+        return compare_curves(curves, original)
 
     def _replace_download(self, kind: str, folder: Path) -> None:
         """Keep only the latest zips of each kind: an export and a merge do not remove each other's."""
@@ -641,14 +701,13 @@ class Workbench:
 
     def check_export(self, base_model, tokenizer, prompts) -> dict[str, TaskBehaviour]:
         """Each task of the latest export, as read back from its folder, against its original adapter (every
-        direction of the decomposition) on the prompts of the tasks exported."""
+        direction of the decomposition), each on its own prompts or else the shared ones (``compare_adapters``)."""
         if self.exported is None or not self.exported.written:
             raise VLoRAError("nothing exported yet in this session; export first, then check it.")
         full = self._decomposition(self.exported.config.method, progress=False).full
         written = self.exported.written
         originals = {task_id: full.to_adapter(task_id) for task_id in written}
-        mine = [p for p in prompts if p.task is None or p.task in written]
-        return compare_adapters(base_model, tokenizer, originals, written, mine)
+        return compare_adapters(base_model, tokenizer, originals, written, prompts)
 
     # ---- the session's end ------------------------------------------------------------------------
     def close(self) -> None:
@@ -673,6 +732,46 @@ class Workbench:
         folder = parent / str(self._counter)
         folder.mkdir(parents=True)
         return folder
+
+
+def setting_slug(config: CompressConfig | None, dtype: str = "float32") -> str:
+    """A setting in a file name: 'rank-k16', 'flat-adaptive0.9', with '-int8' (the flag) when not stored in fp32."""
+    config = config or CompressConfig()
+    k = f"adaptive{config.variance_threshold:g}" if config.adaptive_k else f"k{config.num_components}"
+    flag = get_precision(dtype).flag
+    return f"{config.method}-{k}" + ("" if flag == "fp32" else f"-{flag}")
+
+
+def store_folder(store_zip: Path) -> str:
+    """The one folder a store zip unpacks into: its own name, so `unzip X.zip && vlora info X` reads it."""
+    return Path(store_zip).name.removesuffix(".zip")
+
+
+def compare_curves(curves: dict[str, tuple[list[int], list[float]]], original_bytes: int) -> tuple[str, str]:
+    """Which basis holds the adapters better, from each one's k sweep (stored bytes, mean task ΔW error): at every
+    byte budget some sweep reaches without passing ``original_bytes`` (past it a store is not worth having), each
+    basis's best mean error within that budget (1: nothing fits, nothing kept), averaged over the budgets; the
+    lower average wins. A tie (within 1e-9) keeps the default basis. Returns (method, why in words)."""
+    budgets = sorted({b for sizes, _ in curves.values() for b in sizes if b < original_bytes})
+    if not budgets:  # no basis is smaller than the adapters at any k: compare at the smallest store each has
+        budgets = [max(min(sizes) for sizes, _ in curves.values())]
+
+    def best_within(method: str, budget: int) -> float:
+        sizes, errors = curves[method]
+        return min([e for b, e in zip(sizes, errors) if b <= budget], default=1.0)
+
+    means = {m: sum(best_within(m, b) for b in budgets) / len(budgets) for m in curves}
+    order = sorted(means, key=lambda m: (round(means[m], 9), m != CompressConfig().method))
+    best, other = order[0], order[1:]
+    if not other:
+        return best, f"{best} basis, the only one"
+    against = ", ".join(f"{m}'s {means[m]:.1%}" for m in other)
+    if round(means[best], 9) == round(means[other[0]], 9):
+        return best, f"{best} basis (the default): the bases measure the same here (mean ΔW error {means[best]:.1%})"
+    return best, (
+        f"{best} basis: mean ΔW error {means[best]:.1%} against {against} at equal stored bytes, over "
+        f"{len(budgets)} budgets up to the adapters' own size"
+    )
 
 
 def parse_choice(choice: str, task_ids: list[str]) -> tuple[str, str | None]:

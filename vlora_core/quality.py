@@ -67,6 +67,35 @@ def stored_bytes(subspace, bytes_per_number: int | None = None) -> int:
     return sum(rule.num_bytes(tuple(shape)) for shape in shapes)
 
 
+def cut_bytes(subspace, k, dtype: str | None = None) -> tuple[int, int]:
+    """(shared basis, every task's loadings) bytes of ``subspace`` cut at ``k`` directions per layer side (an int,
+    or layer -> side -> k), stored in ``dtype`` (default: its own): what ``stored_bytes`` counts of that cut,
+    from the shapes alone (nothing is cut or rounded)."""
+    rule, basis, loadings = get_precision(dtype or subspace.dtype), 0, 0
+    for name, sides in subspace.bases.items():
+        for side, b in sides.items():
+            kept = min(k if isinstance(k, int) else k[name][side], b.k)
+            basis += rule.num_bytes((kept, b.components.shape[1]))
+            basis += 0 if b.mean is None else rule.num_bytes(tuple(b.mean.shape))
+            for task in subspace.tasks.values():
+                loadings += rule.num_bytes((*task.loadings[name][side].shape[:-1], kept))
+    return basis, loadings
+
+
+def break_even_k(subspace, original_bytes: int, dtype: str | None = None) -> int | None:
+    """The largest uniform k at which ``subspace`` cut at k (stored in ``dtype``) takes fewer bytes than
+    ``original_bytes``, the adapters it holds; None when even k = 1 does not (bytes grow with k)."""
+    k_max = max((b.k for sides in subspace.bases.values() for b in sides.values()), default=0)
+    low, high = 0, k_max  # sum(cut_bytes(k)) < original_bytes holds at low (k = 0: nothing), is looked for up to high
+    while low < high:
+        mid = (low + high + 1) // 2
+        if sum(cut_bytes(subspace, mid, dtype)) < original_bytes:
+            low = mid
+        else:
+            high = mid - 1
+    return low or None
+
+
 @dataclass(frozen=True)
 class KSweep:
     """ΔW error and storage for every uniform k, computed once from an untruncated decomposition."""
