@@ -286,3 +286,23 @@ def test_switching_basis_and_back_restores_its_k_and_the_export_tab_says_the_set
     said = steps.export_view(page("p"))
     assert "rank basis, k = 2, stored in bf16" in said and "full-size" in said
     assert "vlora-adapters-rank-k2-bf16.zip" in said and "vlora info vlora-store-rank-k2-bf16" in said
+
+
+def test_loading_opens_tab_2_on_the_better_basis_in_the_clis_precision(tmp_path, adapter_dirs):
+    from safetensors.torch import load_file, save_file
+
+    calls = Callbacks(Sessions(AppSettings(session_root=tmp_path / "app")), AppSettings())
+    steps = PageSteps(calls)
+    low = tmp_path / "bf16"
+    for folder in adapter_dirs:  # the same adapters saved in bf16, as many are published
+        (low / folder.name).mkdir(parents=True)
+        (low / folder.name / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
+        weights = load_file(folder / "adapter_model.safetensors")
+        save_file({k: v.bfloat16() for k, v in weights.items()}, low / folder.name / "adapter_model.safetensors")
+    for root, flag in ((adapter_dirs[0].parent, "fp32"), (low, "bf16")):
+        with calls.sessions.open(page(flag)) as mine:
+            mine.add_path(root)
+            method = mine.preferred_method()[0]
+        *drawn, shown_method, dtype, status, tab = steps.overview("flat", 2, False, 0.9, "fp32", "Loaded.", page(flag))
+        assert (shown_method, dtype, tab) == (method, flag, "tune") and f"opened on the {method} basis" in status
+        assert f"stored in {flag}" in drawn[0]  # the summary counts bytes in that precision

@@ -469,7 +469,7 @@ def _wire(calls: Callbacks, steps: PageSteps, settings: AppSettings, demo, sessi
 
     compressing = told(
         gr.on(
-            [k["adaptive"].change, k["threshold"].change, k["dtype"].change],
+            [k["adaptive"].change, k["threshold"].change, k["dtype"].input],  # a step that sets dtype draws itself
             calls.compress,
             settings_in,
             [*view, status],
@@ -509,7 +509,7 @@ def _wire(calls: Callbacks, steps: PageSteps, settings: AppSettings, demo, sessi
         """After the adapters change: the lists, then the k tab drawn at a valid k with the slider sized (and shown,
         after loading) — or cleared with a word on why it cannot be drawn."""
         lists = told(event.success(steps.lists, None, lists_out, **private, **light), "Listing the tasks", lists_out)
-        drawn = [*view, k["k"], k["k_table"], *([k["method"], status, goto] if show else [])]
+        drawn = [*view, k["k"], k["k_table"], *([k["method"], k["dtype"], status, goto] if show else [])]
         draw, inputs = (steps.overview, [*settings_in, status]) if show else (steps.redraw, settings_in)
         drawing = kept(told(lists.success(draw, inputs, drawn, **private, **heavy), "Drawing the k tab", drawn))
         if show:

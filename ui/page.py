@@ -88,18 +88,20 @@ class PageSteps:
         progress=gr.Progress(track_tqdm=True),
     ):
         """After loading: the k tab drawn on the basis that measures better for these adapters
-        (``Workbench.preferred_method``: both bases decomposed, their mean ΔW error compared at equal bytes), the k
-        slider sized, the status line told which basis and why, and the tab's id to show it; or, when the adapters
-        cannot share a subspace yet, cleared with a word on why (the adapters tab stays in front).
-        Returns (summary, four plots, numbers, k slider, k table, basis, status, tab to show)."""
+        (``Workbench.preferred_method``: both bases decomposed, their mean ΔW error compared at equal bytes) in the
+        precision the CLI would store them in (``Workbench.default_dtype``), the k slider sized, the status line
+        told which basis and why, and the tab's id to show it; or, when the adapters cannot share a subspace yet,
+        cleared with a word on why (the adapters tab stays in front).
+        Returns (summary, four plots, numbers, k slider, k table, basis, precision, status, tab to show)."""
         with self.sessions.open(request) as bench:
             blocker = why_not_drawn(bench)
             method, why = (method, "") if blocker else bench.preferred_method()
+            dtype = dtype if blocker else get_precision(bench.default_dtype()).flag
         drawn = self._draw(method, k, adaptive_k, threshold, dtype, request)
         if blocker:
-            return (*drawn, gr.skip(), gr.skip(), "")
+            return (*drawn, gr.skip(), gr.skip(), gr.skip(), "")
         said = f"{(status or '').rstrip()} Tab 2 opened on the {why}."
-        return (*drawn, method, said.strip(), "tune")
+        return (*drawn, method, dtype, said.strip(), "tune")
 
     @user_errors
     def redraw(
