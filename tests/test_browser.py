@@ -74,7 +74,7 @@ def workload(tmp_path_factory, adapter_dirs):
         folders = sorted(p.parent for p in DEMO.glob("*/adapter_config.json"))
         if not folders:
             pytest.skip("no demo adapters (python assets/make_demo_adapters.py)")
-        return folders, "bundled", lambda: load_base_model("bundled")[0]
+        return folders, "bundled", lambda: load_base_model("bundled", dtype="fp32")[0]
     return sorted(adapter_dirs), str(make_tiny_model(tmp_path_factory.mktemp("browser_model"))), lambda: tiny_llama(0)
 
 
@@ -184,8 +184,8 @@ def _check_peft_loads(folder: Path, originals: list[Path], base_model, input_ids
     for task_id in view.task_ids:
         exported = PeftModel.from_pretrained(base_model(), str(folder / task_id)).eval()
         served.set_task(task_id)
-        with torch.no_grad():
-            assert torch.allclose(exported(input_ids).logits, served(input_ids).logits, atol=1e-4)
+        with torch.no_grad():  # float32 rounding through a real model's layers: ~1e-4 on logits of ~30
+            torch.testing.assert_close(exported(input_ids).logits, served(input_ids).logits, rtol=1e-4, atol=1e-3)
     shutil.rmtree(folder)
 
 
