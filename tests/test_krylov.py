@@ -7,7 +7,9 @@ import torch
 
 from vlora import LoRAAdapter, LoRALayer, SharedSubspace
 from vlora_core import basis as basis_math
-from vlora_core import krylov, quality
+from vlora_core import compress, krylov, quality
+from vlora_core.gauge import canonical_factors
+from vlora_core.methods import get_method
 
 
 def _data(spectrum, R: int, D: int, seed: int = 0) -> torch.Tensor:
@@ -175,3 +177,55 @@ def test_incremental_add_keeps_the_unformed_energy_unexplained():
         for side, b in sides.items():
             assert b.total_energy > before[name][side]  # the new task's energy joins
             assert b.variance_explained() < 1.0  # what the 6 directions never held stays unexplained
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+def test_a_hint_changes_the_work_not_the_subspace(name):
+    """A hint (the subspace size the previous batch converged at) that is too small, right or too large gives the
+    same k directions as no hint, converged as far as without one; top_svd records where it ended."""
+    X, k = _matrix(name)
+    S, Vh = _reference(X, False)
+    kept = int((S[:k] > 1e-6 * S[0]).sum()) if S[0] > 0 else 0
+    plain = krylov.top_svd(X[None], k)
+    b = krylov.block_size(k)
+    for dim in (b, plain.dim, plain.dim + 2 * b):
+        hint = krylov.Hint(dim)
+        hinted = krylov.top_svd(X[None], k, hint=hint)
+        assert hint.dim == hinted.dim >= min(dim, plain.dim)
+        assert bool(hinted.converged.all()) == bool(plain.converged.all())
+        if kept and bool(hinted.converged.all()):
+            assert _sin_angles(hinted.Vh[0, :kept], Vh[:kept]).max() <= 1e-4
+            assert torch.allclose(hinted.S[0].double(), S[:k], rtol=1e-5, atol=1e-6 * S[0].item())
+
+
+def test_one_hint_per_side_and_shape_carries_from_batch_to_batch(monkeypatch):
+    """compress.fit hands each side's hint from one batch of layers to the next, and every batch converges."""
+    seen = []
+    top_svd = krylov.top_svd
+
+    def spy(X, k, centred=False, max_dim=None, hint=None):
+        before = hint.dim
+        out = top_svd(X, k, centred, max_dim, hint)
+        seen.append((id(hint), before, hint.dim, bool(out.converged.all())))
+        return out
+
+    monkeypatch.setattr(krylov, "top_svd", spy)
+    monkeypatch.setattr(compress, "_BATCH_NUMBERS", 26 * 2 * 8 * 256)  # one layer per batch: 4 batches
+    SharedSubspace.from_adapters(_adapters(layers=4), num_components=6, method="rank")
+    assert len(seen) == 8 and len({h for h, *_ in seen}) == 2  # A and B: one hint each
+    for side in {h for h, *_ in seen}:
+        calls = [s for s in seen if s[0] == side]
+        assert calls[0][1] == 0 and all(c[1] == p[2] for p, c in zip(calls, calls[1:]))  # handed on
+    assert all(ok for *_, ok in seen)
+
+
+def test_the_rank_basis_gauges_into_contiguous_columns():
+    """canonical_factors(columns=True): the same factors, laid out so that each rank vector is a contiguous row."""
+    gen = torch.Generator().manual_seed(3)
+    A, B = torch.randn(5, 8, 96, generator=gen), torch.randn(5, 64, 8, generator=gen)
+    scaling = torch.rand(5, generator=gen) + 0.5
+    plain, columns = canonical_factors(A, B, scaling), canonical_factors(A, B, scaling, columns=True)
+    for F, G in zip(plain, columns):
+        assert G.shape == F.shape and G.mT.is_contiguous()
+        assert torch.allclose(F, G, rtol=1e-5, atol=1e-6 * F.abs().max().item())
+    assert get_method("rank").columns and not get_method("flat").columns

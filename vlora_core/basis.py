@@ -69,13 +69,14 @@ def fit(vectors: torch.Tensor, centre: bool, rtol: float = 1e-6) -> tuple[Basis,
 
 
 def fit_many(
-    vectors: torch.Tensor, centre: bool, rtol: float = 1e-6, max_k: int | None = None
+    vectors: torch.Tensor, centre: bool, rtol: float = 1e-6, max_k: int | None = None, hint: krylov.Hint | None = None
 ) -> list[tuple[Basis, torch.Tensor]]:
     """``fit`` for L layers of one shape at once: vectors (L, N, g, D) -> L (basis, loadings (N, g, k)).
 
     Directions whose singular value is below ``rtol`` of the largest carry no data and are not kept;
     the spectrum keeps every value. With ``max_k`` only that many directions are formed (the spectrum is
-    still whole): what a fixed k needs, at a fraction of the d-sized work when k is well below N·g.
+    still whole): what a fixed k needs, at a fraction of the d-sized work when k is well below N·g. A ``hint``
+    carries the Krylov subspace size from one call to the next (``krylov.Hint``: less work, the same precision).
     """
     L, N, g, D = vectors.shape
     X = vectors.reshape(L, N * g, D).float()
@@ -84,7 +85,7 @@ def fit_many(
         and 0 < max_k < max_components(N * g, D, centre)
         and krylov.cheaper_than_dense(N * g, D, max_k)
     ):
-        return _fit_top(X, N, g, centre, max_k, rtol)
+        return _fit_top(X, N, g, centre, max_k, rtol, hint)
     return _fit_dense(X, N, g, centre, rtol, max_k)
 
 
@@ -109,9 +110,11 @@ def _fit_dense(
     return out
 
 
-def _fit_top(X: torch.Tensor, N: int, g: int, centre: bool, k: int, rtol: float) -> list[tuple[Basis, torch.Tensor]]:
+def _fit_top(
+    X: torch.Tensor, N: int, g: int, centre: bool, k: int, rtol: float, hint: krylov.Hint | None
+) -> list[tuple[Basis, torch.Tensor]]:
     """``fit_many`` of the first k directions by ``krylov.top_svd``; layers it leaves go the dense way."""
-    top = krylov.top_svd(X, k, centred=centre)
+    top = krylov.top_svd(X, k, centred=centre, hint=hint)
     mean = X.mean(dim=1) if centre else None  # (L, D)
     out = []
     for i in range(X.shape[0]):

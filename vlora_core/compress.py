@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import basis as basis_math
+from . import krylov
 from .adapter import LoRAAdapter
 from .calibration import Calibration
 from .config import CompressConfig
@@ -73,12 +74,14 @@ def fit(
         calibration.check_layers(shapes)
     tasks = {i: Task.from_adapter(a, i) for i, a in zip(ids, adapters)}
     top = None if config is None or config.adaptive_k else config.num_components
+    hints: dict = {}  # (side, shape) -> krylov.Hint: the Krylov subspace size, batch to batch
+    columns = get_method(method).columns  # factors laid out so that the method's vectors are contiguous
     bases: Bases = {}
     for batch in tqdm(layer_batches(adapters, list(shapes)), desc="compress", disable=not progress, leave=False):
-        stacked = batch_factors(adapters, batch, device)  # F_A (L, N, d_in, r), F_B (L, N, d_out, r)
+        stacked = batch_factors(adapters, batch, device, columns)  # F_A (L, N, d_in, r), F_B (L, N, d_out, r)
         if calibration is not None:
             stacked = calibration.whiten(batch, stacked)  # the factors of ΔW·S, in the whitened gauge
-        _fit_batch(method, batch, stacked, bases, tasks.values(), top)
+        _fit_batch(method, batch, stacked, bases, tasks.values(), top, hints)
         if device is not None:
             _to_cpu(bases, tasks.values(), batch)
             stacked = tuple(F.cpu() for F in stacked)
@@ -109,15 +112,23 @@ def fit_factors(method: str, shapes: dict[str, LayerShape], factors: dict[str, F
 
 
 def _fit_batch(
-    method: str, names: list[str], stacked: Factors, bases: Bases, tasks: Iterable[Task], top: int | None = None
+    method: str,
+    names: list[str],
+    stacked: Factors,
+    bases: Bases,
+    tasks: Iterable[Task],
+    top: int | None = None,
+    hints: dict | None = None,
 ) -> None:
     """Fit same-shape layers from F_A (L, N, d_in, r), F_B (L, N, d_out, r), forming at most ``top``
-    directions each; ``tasks`` (N of them) get their loadings."""
+    directions each; ``tasks`` (N of them) get their loadings. ``hints`` ((side, shape) -> ``krylov.Hint``,
+    filled here) carry the Krylov work from one batch to the next."""
     rule = get_method(method)
     tasks = list(tasks)
     for side, F in zip(SIDES, stacked):
         vectors = rule.to_vectors(F.flatten(0, 1)).unflatten(0, F.shape[:2])  # (L, N, g, D), a view for flat
-        for name, (basis, loadings) in zip(names, basis_math.fit_many(vectors, rule.centre, max_k=top)):
+        hint = None if hints is None else hints.setdefault((side, F.shape[1:]), krylov.Hint())
+        for name, (basis, loadings) in zip(names, basis_math.fit_many(vectors, rule.centre, max_k=top, hint=hint)):
             bases.setdefault(name, {})[side] = basis
             for task, rows in zip(tasks, loadings):
                 task.loadings.setdefault(name, {})[side] = rows
@@ -345,13 +356,15 @@ def layer_factors(adapters: list[LoRAAdapter], names: list[str]) -> dict[str, Fa
     return out
 
 
-def batch_factors(adapters: list[LoRAAdapter], names: list[str], device: str | torch.device | None = None) -> Factors:
+def batch_factors(
+    adapters: list[LoRAAdapter], names: list[str], device: str | torch.device | None = None, columns: bool = False
+) -> Factors:
     """Canonical factors of same-shape layers: F_A (L, N, d_in, r), F_B (L, N, d_out, r), one gauge call
-    (on ``device`` if given)."""
+    (on ``device`` if given; with ``columns``, each column contiguous: see ``canonical_factors``)."""
     A = torch.stack([a.layers[n].A for n in names for a in adapters]).to(device)  # (L·N, r, d_in)
     B = torch.stack([a.layers[n].B for n in names for a in adapters]).to(device)
     scaling = torch.tensor([a.layers[n].scaling for n in names for a in adapters], device=device)
-    return tuple(F.unflatten(0, (len(names), len(adapters))) for F in canonical_factors(A, B, scaling))
+    return tuple(F.unflatten(0, (len(names), len(adapters))) for F in canonical_factors(A, B, scaling, columns))
 
 
 def _batches(items: list, key: Callable, size: Callable) -> list[list]:

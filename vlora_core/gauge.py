@@ -20,8 +20,13 @@ import torch
 _RANK_TOL = 1e-12  # eigenvalues below this share of the largest are treated as zero
 
 
-def canonical_factors(A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (..., r, d_in), B (..., d_out, r), scaling (...) -> F_A (..., d_in, r), F_B (..., d_out, r), fp32."""
+def canonical_factors(
+    A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, columns: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (..., r, d_in), B (..., d_out, r), scaling (...) -> F_A (..., d_in, r), F_B (..., d_out, r), fp32.
+
+    With ``columns`` each factor is the transposed view of an (..., r, d) tensor: the same numbers, each column
+    (a rank vector) contiguous, for methods whose vectors are the columns."""
     A, B = A.float(), B.float()
     s = scaling.double()[..., None, None]
     lam, W = _eigh_psd((B.mT @ B).double())  # (..., r), (..., r, r)
@@ -31,7 +36,10 @@ def canonical_factors(A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor) -
     T_b = (W * _inv_sqrt(lam)[..., None, :]) @ U * sigma2.pow(0.25)
     T_a = s * (WR @ U) * _inv_sqrt(sigma2).sqrt()
     signs = _column_signs(B.sum(dim=-2, keepdim=True).double() @ T_b)  # (..., 1, r)
-    return A.mT @ (T_a * signs).float(), B @ (T_b * signs).float()
+    T_a, T_b = (T_a * signs).float(), (T_b * signs).float()
+    if columns:
+        return (T_a.mT @ A).mT, (T_b.mT @ B.mT).mT
+    return A.mT @ T_a, B @ T_b
 
 
 def _eigh_psd(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,12 +12,15 @@ instead, b directions at a time, with thin products X·W and Qᵀ·X only:
 The eigenpairs of T give the Ritz vectors, and the block Lanczos residual ‖R_{j+1}·Y_last‖ says how far
 each is from an exact singular pair (checked once the k leading Ritz values have settled: eigenvalues alone
 are half the cost of the vectors). Once the first k are within ``TOL`` of the largest, the leading
-k + b Ritz vectors are rotated once more in float64 (the second pass of ``_thin_svd``: their Gram from
-one more product, so near-equal singular values are told apart as well as the float32 data allows).
-A layer that has not converged when the subspace reaches ``max_dim`` is left to the dense path.
+k + b Ritz vectors are rotated once more in float64 (the second pass of ``_thin_svd``: their Gram from the
+blocks' images Xᵀ·Q_j, kept, so near-equal singular values are told apart as well as the float32 data
+allows). A layer that has not converged when the subspace reaches ``max_dim`` is left to the dense path.
 
 All d-sized work is float32 products; only m x m problems are float64. Work runs on the smaller side of
-X (its rows when R ≤ D, else its columns). ``cheaper_than_dense`` says when this beats ``_thin_svd``.
+X (its rows when R ≤ D, else its columns), on blocks held as rows — Q_jᵀ (b, n) and Q_jᵀ·X — so every
+product reads X as it lies and every block is one contiguous write. A ``Hint`` passes the subspace size at
+which one batch of layers converged on to the next: the layers of one model need about the same, so the
+Ritz values are not watched on the way there. ``cheaper_than_dense`` says when this beats ``_thin_svd``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 TOL = 1e-6  # converged when each of the k Ritz residuals is below this share of the largest eigenvalue
 SETTLE = 1e-5  # Ritz values that moved less than this share since the last step are worth checking
 SEED = 0  # of the random start block: fixed, so a compress is deterministic
+DRIFT = 1e-6  # a new block overlapping the basis by more than this (Z nearly rank deficient) is orthonormalised again
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,16 @@ class TopSVD:
     Vh: torch.Tensor  # (L, k, D) orthonormal rows: the components
     energy: torch.Tensor  # (L,) float64 ‖X‖² (centred): the whole spectrum's Σ s², for variance explained
     converged: torch.Tensor  # (L,) bool: False where the dense path must decide
+    dim: int  # the size of the Krylov subspace at the end
+
+
+@dataclass
+class Hint:
+    """The Krylov subspace size at which the previous batch of a fit converged (0: none yet). ``top_svd`` checks
+    convergence at every step from that size on, without watching the Ritz values before it, and updates it.
+    Only the work depends on it: every layer still converges below ``TOL`` (or goes the dense way)."""
+
+    dim: int = 0
 
 
 def block_size(k: int) -> int:
@@ -59,7 +73,9 @@ def cheaper_than_dense(rows: int, dim: int, k: int) -> bool:
     return 12 * b < n and 20 * b * n * n_other < n * n * n_other + 17 * n**3
 
 
-def top_svd(X: torch.Tensor, k: int, centred: bool = False, max_dim: int | None = None) -> TopSVD:
+def top_svd(
+    X: torch.Tensor, k: int, centred: bool = False, max_dim: int | None = None, hint: Hint | None = None
+) -> TopSVD:
     """The k leading singular triplets of X (L, R, D), or of X minus its row mean if ``centred``."""
     L, R, D = X.shape
     X = X.float()
@@ -69,48 +85,60 @@ def top_svd(X: torch.Tensor, k: int, centred: bool = False, max_dim: int | None 
     b = min(block_size(k), n)
     max_dim = min(n, max_dim or max(8 * b, n // 2))
     generator = torch.Generator().manual_seed(SEED)
-    omega = torch.randn(op.right_dim, b, generator=generator).to(X.device)
+    omega = torch.randn(op.right_dim, b, generator=generator).to(X.device).mT  # (b, n') rows
     size = max_dim + b
-    basis_all = X.new_empty(L, n, size)  # the blocks Q_j side by side (filled as they come: no re-concatenation)
-    images = X.new_empty(L, op.right_dim, size)  # Aᵀ·Q_j of every block, kept for the second pass
-    basis_all[..., :b] = torch.linalg.qr(op.forward(omega.expand(L, -1, -1))).Q
+    rows = X.new_empty(L, size, n)  # the blocks Q_jᵀ one under the other, filled as they come
+    images = X.new_empty(L, size, op.right_dim)  # Q_jᵀ·A = (Aᵀ·Q_j)ᵀ of every block, kept for the second pass
+    rows[:, :b] = _orthonormal(op.forward(omega.expand(L, -1, -1)), None)[0]
     T = X.new_zeros(L, size, size)
     m, width = b, b  # directions so far; the last block's
-    previous = None  # the last step's leading Ritz values
+    check_from = 0 if hint is None else hint.dim  # 0: the Ritz values say when to check
+    previous = None  # the last step's leading Ritz values, while they are watched
     while True:
-        basis, block = basis_all[..., :m], basis_all[..., m - width : m]  # (L, n, m), (L, n, width)
-        images[..., m - width : m] = op.backward(block)  # (L, n', width) = Aᵀ·Q_j
-        Z = op.forward(images[..., m - width : m])  # (L, n, width) = A·Aᵀ·Q_j
-        coeffs = basis.mT @ Z
-        Z = Z - basis @ coeffs
-        again = basis.mT @ Z  # second Gram-Schmidt pass
-        Z = Z - basis @ again
+        basis = rows[:, :m]  # (L, m, n)
+        image = images[:, m - width : m]
+        image.copy_(op.backward(rows[:, m - width : m]))  # (L, width, n') = (Aᵀ·Q_j)ᵀ
+        Z = op.forward(image)  # (L, width, n) = (A·Aᵀ·Q_j)ᵀ
+        coeffs = Z @ basis.mT  # (L, width, m)
+        Z = torch.baddbmm(Z, coeffs, basis, alpha=-1)
+        again = Z @ basis.mT  # second Gram-Schmidt pass
+        Z = torch.baddbmm(Z, again, basis, alpha=-1)
         Q_next, R_next = _orthonormal(Z, basis)
-        T[:, :m, m - width : m] = coeffs + again
+        T[:, :m, m - width : m] = (coeffs + again).mT
         T[:, m : m + width, m - width : m] = R_next
         step = min(b, n - m)
         last = m + step > max_dim or step == 0
-        values = torch.linalg.eigvalsh(T[:, :m, :m]).flip(-1)[:, :k]  # cheap: is it worth the eigenvectors?
-        if last or (previous is not None and bool(((values - previous).abs() <= SETTLE * values[:, :1]).all())):
+        if check_from:
+            check = m >= check_from
+        else:
+            values = torch.linalg.eigvalsh(T[:, :m, :m]).flip(-1)[:, :k]  # cheap: is it worth the eigenvectors?
+            check = previous is not None and bool(((values - previous).abs() <= SETTLE * values[:, :1]).all())
+            previous = values
+        if last or check:
             theta, Y = _ritz(T[:, :m, :m])
             residual = (R_next.double() @ Y[:, m - width :, :k]).norm(dim=-2)  # (L, k) block Lanczos residuals
             converged = (residual <= TOL * theta[:, :1].clamp(min=0)).all(dim=-1) | (m >= n)
             if last or bool(converged.all()):
                 break
-        previous = values
-        basis_all[..., m : m + step] = Q_next[..., :step]
+        rows[:, m : m + step] = Q_next[:, :step]
         m, width = m + step, step
-    return _second_pass(op, basis, images[..., :m], Y[..., : min(m, k + b)], k, converged)
+    if hint is not None:
+        hint.dim = m
+    return _second_pass(op, basis, images[:, :m], Y[..., : min(m, k + b)], k, converged)
 
 
-def _orthonormal(Z: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q, R with Z = Q·R and Q orthonormal and orthogonal to ``basis``, also where Z is (nearly) rank deficient:
-    QR fills such columns with arbitrary directions, which are projected off the basis and orthonormalised
-    again (their rows of R are zero, so Z = Q·R still holds)."""
-    Q, R = torch.linalg.qr(Z)
-    Q = Q - basis @ (basis.mT @ Q)
-    Q2, R2 = torch.linalg.qr(Q)
-    return Q2, R2 @ R
+def _orthonormal(Z: torch.Tensor, basis: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows Q and R with Z = Rᵀ·Q, Q's rows orthonormal and orthogonal to ``basis``'s rows, also where Z is
+    (nearly) rank deficient: QR fills such rows with arbitrary directions, which are projected off the basis
+    and orthonormalised again (their rows of R are zero, so Z = Rᵀ·Q still holds)."""
+    Q, R = torch.linalg.qr(Z.mT)  # Zᵀ (n, width) is column-major: no copy
+    if basis is None:
+        return Q.mT, R
+    overlap = basis @ Q  # (L, m, width): at rounding level unless Z was (nearly) rank deficient
+    if bool(overlap.abs().amax() <= DRIFT):
+        return Q.mT, R
+    Q2, R2 = torch.linalg.qr(torch.baddbmm(Q, basis.mT, overlap, alpha=-1))
+    return Q2.mT, R2 @ R
 
 
 def _ritz(T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,45 +152,47 @@ def _second_pass(
     op: _Operator, basis: torch.Tensor, images: torch.Tensor, Y: torch.Tensor, k: int, converged: torch.Tensor
 ) -> TopSVD:
     """Rotate the leading Ritz vectors once more with a float64 eigenproblem of their own Gram."""
-    U1 = basis @ Y.float()  # (L, n, k') orthonormal, left side
-    W = images @ Y.float()  # (L, n', k') = Aᵀ·U1, from the blocks' images: no product with A
-    G = W.double().mT @ W.double()  # (L, k', k')
-    lam, Y2 = _ritz(G)
+    Yt = Y.float().mT  # (L, k', m)
+    U1 = Yt @ basis  # (L, k', n) orthonormal rows, left side
+    W = Yt @ images  # (L, k', n') = (Aᵀ·U1ᵀ)ᵀ, from the blocks' images: no product with A
+    lam, Y2 = _ritz(W.double() @ W.double().mT)  # of the (L, k', k') Gram
     k = min(k, Y2.shape[-1])
     S = lam[:, :k].clamp(min=0).sqrt()
-    left = U1 @ Y2[..., :k].float()  # (L, n, k) orthonormal
-    right = W @ Y2[..., :k].float()  # (L, n', k) = Aᵀ·left = right singular vectors · S
+    Y2 = Y2[..., :k].float().mT  # (L, k, k')
+    left = Y2 @ U1  # (L, k, n) orthonormal rows
+    right = Y2 @ W  # (L, k, n') = (Aᵀ·leftᵀ)ᵀ: the right singular vectors times S
     if op.transposed:  # left is D-sized: the components; right holds the loadings
-        Vh, loadings = left.mT, right
+        Vh, loadings = left, right.mT
     else:
-        Vh = (right / S.float().clamp(min=1e-30)[:, None, :]).mT
-        loadings = left * S.float()[:, None, :]
-    return TopSVD(loadings.contiguous(), S.float(), Vh.contiguous(), op.energy(), converged)
+        Vh = right / S.float().clamp(min=1e-30)[:, :, None]
+        loadings = left.mT * S.float()[:, None, :]
+    return TopSVD(loadings.contiguous(), S.float(), Vh.contiguous(), op.energy(), converged, basis.shape[-2])
 
 
 class _Operator:
-    """A = X − 1·meanᵀ (or its transpose, so that the left side is the smaller one), by products only."""
+    """A = X − 1·meanᵀ (or its transpose, so that the left side is the smaller one) applied to blocks of rows
+    P (c, ·) from the right, P·Aᵀ or P·A, by products with X as it lies (row-major)."""
 
     def __init__(self, X: torch.Tensor, mean: torch.Tensor | None, transposed: bool):
         self.X, self.mean, self.transposed = X, mean, transposed
         R, D = X.shape[-2:]
         self.left_dim, self.right_dim = (D, R) if transposed else (R, D)
 
-    def _times(self, W: torch.Tensor) -> torch.Tensor:  # Xc (R, D) @ W (D, c)
-        out = self.X @ W
-        return out if self.mean is None else out - self.mean @ W
+    def _times(self, P: torch.Tensor) -> torch.Tensor:  # P (c, R) @ Xc (R, D)
+        out = P @ self.X
+        return out if self.mean is None else torch.baddbmm(out, P.sum(dim=-1, keepdim=True), self.mean, alpha=-1)
 
-    def _times_t(self, Q: torch.Tensor) -> torch.Tensor:  # Xcᵀ (D, R) @ Q (R, c), as (Qᵀ·X)ᵀ: X stays row-major
-        out = (Q.mT @ self.X).mT
-        return out if self.mean is None else out - self.mean.mT @ Q.sum(dim=-2, keepdim=True)
+    def _times_t(self, P: torch.Tensor) -> torch.Tensor:  # P (c, D) @ Xcᵀ (D, R)
+        out = P @ self.X.mT
+        return out if self.mean is None else out - P @ self.mean.mT
 
     def forward(self, W: torch.Tensor) -> torch.Tensor:
-        """A·W: right side -> left side."""
-        return self._times_t(W) if self.transposed else self._times(W)
+        """(A·Wᵀ)ᵀ = W·Aᵀ: rows on the right side -> rows on the left side."""
+        return self._times(W) if self.transposed else self._times_t(W)
 
     def backward(self, Q: torch.Tensor) -> torch.Tensor:
-        """Aᵀ·Q: left side -> right side."""
-        return self._times(Q) if self.transposed else self._times_t(Q)
+        """(Aᵀ·Qᵀ)ᵀ = Q·A: rows on the left side -> rows on the right side."""
+        return self._times_t(Q) if self.transposed else self._times(Q)
 
     def energy(self) -> torch.Tensor:
         """(L,) ‖A‖² in float64."""

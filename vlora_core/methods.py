@@ -37,6 +37,7 @@ class Method:
     projection: Callable[[bases.Basis, int, int], torch.Tensor]  # basis, d, r -> P (a, d)
     expand: Callable[[torch.Tensor, int], torch.Tensor]  # L (..., g, k), r -> E (..., r, a)
     factor: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # L (..., g, k), P (a, d), r -> Fᵀ (..., r, d)
+    columns: bool = False  # the vectors are F's columns: compress forms F with contiguous columns (a view to cut)
 
     def vectors_per_factor(self, d: int, r: int) -> int:
         """g: how many loading rows one task has at a layer side."""
@@ -107,6 +108,7 @@ register(
         projection=lambda basis, d, r: basis.components,
         expand=lambda L, r: L,
         factor=lambda L, P, r: L @ P,
+        columns=True,
     )
 )
 agree(BASIS_METHODS, METHODS, "basis methods")
