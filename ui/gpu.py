@@ -29,14 +29,13 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from vlora_core.base_model import chat_prompt, get_base_model
-from vlora_core.behaviour import aligned
+from vlora_core.base_model import get_base_model
 from vlora_core.errors import VLoRAError
 from vlora_core.records import Task
 from vlora_core.subspace import SharedSubspace
 
 from . import workbench
-from .workbench import MERGE_CHOICE, Generation, Workbench, parse_choice
+from .workbench import Generation, Plan, Workbench
 
 try:  # ZeroGPU on a Space (imported before anything touches CUDA); elsewhere the decorator changes nothing
     from spaces import GPU
@@ -127,40 +126,22 @@ def on_zero_gpu() -> bool:
 # ---- the app's side: small jobs from a session's workbench -------------------------------------------------
 def ab_job(bench: Workbench, tokenizer, source: str, prompt: str, choices: list[str], max_new_tokens) -> Job:
     """The A/B tab's generation as a job, checked as ``Workbench.ab_test`` checks it, before any GPU time."""
-    max_new_tokens = bench.check_request(prompt, max_new_tokens)
-    tasks = [parse_choice(choice, list(bench.adapters)) for choice in choices]  # check all before running
-    text = chat_prompt(tokenizer, prompt)
-    tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if tokens > bench.settings.max_prompt_tokens:
-        raise VLoRAError(
-            f"the prompt is {tokens:,} tokens with the chat template, over this workbench's limit of "
-            f"{bench.settings.max_prompt_tokens:,} (max_prompt_tokens); shorten it."
-        )
-    subspace = bench.ab_subspace(choices) if any(task_id for _, task_id in tasks) else None
-    return make_job(source, subspace, text, choices, max_new_tokens)
+    return make_job(source, bench.ab_plan(tokenizer, prompt, choices, max_new_tokens))
 
 
 def merge_job(bench: Workbench, tokenizer, source: str, prompt: str, max_new_tokens) -> Job:
-    """The latest merge and each of its parts on one prompt as a job, as ``Workbench.merge_ab`` runs them: the
-    merge first, all on one basis (padded to one rank per layer: exact ΔW)."""
-    if bench.merged is None:
-        raise VLoRAError("nothing merged yet; pick tasks and weights and press Merge first.")
-    max_new_tokens = bench.check_request(prompt, max_new_tokens)
-    parts = [t for t in bench.merged.task_ids if t in bench.adapters]
-    choices = [f"{MERGE_CHOICE}: {bench.merged.name}", *parts]
-    adapters = [bench.merged.result.adapter, *(bench.adapters[t] for t in parts)]
-    with bench.gate:
-        subspace = SharedSubspace.decompose(aligned(adapters), choices)
-    return make_job(source, subspace, chat_prompt(tokenizer, prompt), choices, max_new_tokens)
+    """The latest merge and each of its parts on one prompt as a job, as ``Workbench.merge_ab`` runs them."""
+    return make_job(source, bench.merge_plan(tokenizer, prompt, max_new_tokens))
 
 
-def make_job(source: str, subspace: SharedSubspace | None, text: str, choices: list[str], max_new_tokens: int) -> Job:
-    """A job for ``choices`` (task ids of ``subspace``, or the base model): its basis registered, the chosen
-    tasks' loadings copied (a view would pickle the whole tensor it is cut from)."""
+def make_job(source: str, plan: Plan) -> Job:
+    """A job for ``plan``: its basis registered, the chosen tasks' loadings copied (a view would pickle the whole
+    tensor it is cut from)."""
+    choices, subspace = plan.choices, plan.subspace
     if subspace is None:
-        return Job(source, None, text, tuple(choices), {}, max_new_tokens)
+        return Job(source, None, plan.text, tuple(choices), {}, plan.max_new_tokens)
     tasks = {c: _own(subspace.tasks[c]) for c in dict.fromkeys(choices) if c in subspace.tasks}
-    return Job(source, BASES.register(subspace), text, tuple(choices), tasks, max_new_tokens)
+    return Job(source, BASES.register(subspace), plan.text, tuple(choices), tasks, plan.max_new_tokens)
 
 
 def _own(task: Task) -> Task:

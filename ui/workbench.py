@@ -136,6 +136,22 @@ class KReport:
 
 
 @dataclass(frozen=True)
+class Plan:
+    """One A/B generation, checked and ready: the prompt in the chat template, the choices in order, the basis
+    holding their tasks (None: the base model alone) and the tokens to generate. Run here (``run``) or as a
+    GPU job (``ui/gpu.py``)."""
+
+    text: str
+    choices: list[str]
+    subspace: SharedSubspace | None
+    max_new_tokens: int
+
+    def run(self, base_model, tokenizer) -> list[Generation]:
+        with attached(base_model, self.subspace) as model:  # one VLoRAModel: a switch is ``set_task``
+            return [_generate(model, tokenizer, c, self.text, self.max_new_tokens) for c in self.choices]
+
+
+@dataclass(frozen=True)
 class Exported:
     adapters_zip: Path  # standard PEFT folders, one per task
     store_zip: Path  # the vlora store of every task
@@ -587,7 +603,12 @@ class Workbench:
 
     def merge_ab(self, base_model, tokenizer, prompt: str, max_new_tokens: int) -> list[Generation]:
         """The latest merge and each of its parts on one prompt, on the shared base model: one generation each,
-        the merge first. Parts and merge are held on one basis (padded to one rank per layer: exact ΔW)."""
+        the merge first."""
+        return self.merge_plan(tokenizer, prompt, max_new_tokens).run(base_model, tokenizer)
+
+    def merge_plan(self, tokenizer, prompt: str, max_new_tokens: int) -> Plan:
+        """What ``merge_ab`` generates, checked: the merge and its parts held on one basis (padded to one rank per
+        layer: exact ΔW), the merge first."""
         if self.merged is None:
             raise VLoRAError("nothing merged yet; pick tasks and weights and press Merge first.")
         max_new_tokens = self.check_request(prompt, max_new_tokens)
@@ -596,9 +617,7 @@ class Workbench:
         adapters = [self.merged.result.adapter, *(self.adapters[t] for t in parts)]
         with self.gate:
             subspace = SharedSubspace.decompose(aligned(adapters), choices)
-        text = chat_prompt(tokenizer, prompt)
-        with attached(base_model, subspace) as model:
-            return [_generate(model, tokenizer, choice, text, max_new_tokens) for choice in choices]
+        return Plan(chat_prompt(tokenizer, prompt), choices, subspace, max_new_tokens)
 
     # ---- A/B testing ------------------------------------------------------------------------------
     def choices(self) -> list[str]:
@@ -638,8 +657,12 @@ class Workbench:
 
     def ab_test(self, base_model, tokenizer, prompt: str, choices: list[str], max_new_tokens: int) -> list[Generation]:
         """Generate for each choice with one VLoRAModel on the shared base model: a switch is ``set_task``."""
+        return self.ab_plan(tokenizer, prompt, choices, max_new_tokens).run(base_model, tokenizer)
+
+    def ab_plan(self, tokenizer, prompt: str, choices: list[str], max_new_tokens: int) -> Plan:
+        """What ``ab_test`` generates, every choice and limit checked before anything runs."""
         max_new_tokens = self.check_request(prompt, max_new_tokens)
-        tasks = [parse_choice(choice, list(self.adapters)) for choice in choices]  # check all before running
+        tasks = [parse_choice(choice, list(self.adapters)) for choice in choices]
         text = chat_prompt(tokenizer, prompt)
         tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         if tokens > self.settings.max_prompt_tokens:
@@ -648,8 +671,7 @@ class Workbench:
                 f"{self.settings.max_prompt_tokens:,} (max_prompt_tokens); shorten it."
             )
         subspace = self.ab_subspace(choices) if any(task_id for _, task_id in tasks) else None
-        with attached(base_model, subspace) as model:
-            return [_generate(model, tokenizer, choice, text, max_new_tokens) for choice in choices]
+        return Plan(text, choices, subspace, max_new_tokens)
 
     def ab_subspace(self, choices: list[str] = ()) -> SharedSubspace:
         """Every task twice on the full basis, under its choice name: 'original: id' with all its loadings,
