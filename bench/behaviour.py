@@ -10,12 +10,14 @@ faster in fp32 than in bf16 on this project's CPUs), each task on its 8 prompts 
   bases (and a few adaptive thresholds), next to the ΔW relative error per task (``quality.sweep_ks``), and the
   recommended k at 0.95 / 0.95;
 - cost: ``evaluate`` of 5 tasks x 8 prompts x 10 values of k on the rank basis (reference included: the
-  original's answers, its logits, the base model's), ``--repeats`` times, against the naive way measured in the
+  original's answers with the logits it chose them from, the base model's logits; k = 40 keeps every direction,
+  so it is the originals, scored without a run), ``--repeats`` times, against the naive way measured in the
   same run: one ``generate`` per task and prompt for the answers, then one forward per task per k per prompt
   (VLoRAModel on the truncated store, ``set_task``, one unpadded row, the LM head on the scored positions only),
   plus the base model and the original once per task and prompt. The naive way is timed in full for its
   reference and on ``--naive-ks`` values of k only, then extrapolated linearly to the 10 values; its answers and
-  numbers are checked against the batched ones. Other jobs may share the machine: the load average is recorded.
+  numbers are checked against the batched ones. Other jobs may share the machine: the load average is recorded
+  before and after each timed run, and CPU time (per thread too) next to wall time.
 
 Results: bench/results/behaviour.json and behaviour.png.
 """
@@ -154,7 +156,7 @@ def setting_row(setting, errors: dict | None) -> dict:
 # ---- cost: batched against naive --------------------------------------------------------------------------
 def time_batched(model, tokenizer, full, prompts, config, repeats: int):
     """``reference`` + ``measure`` of the timed grid (= ``evaluate``), ``repeats`` times; the last reference is kept."""
-    runs = []
+    runs, threads = [], torch.get_num_threads()
     for _ in range(repeats):
         load, cpu = os.getloadavg()[0], time.process_time()
         start = time.perf_counter()
@@ -162,20 +164,26 @@ def time_batched(model, tokenizer, full, prompts, config, repeats: int):
         middle = time.perf_counter()
         report = measure(model, tokenizer, full, ref, GRIDS[TIMED], config)
         end = time.perf_counter()
+        cpu_s = time.process_time() - cpu  # this process's CPU time, all threads: the work, whatever else runs
         runs.append(
             {
                 "reference_s": middle - start,
                 "measure_s": end - middle,
-                "cpu_s": time.process_time() - cpu,  # this process's CPU time: the work, whatever else runs
+                "cpu_s": cpu_s,
+                "cpu_per_thread_s": cpu_s / threads,  # the wall time with each thread on a core of its own
                 "load_before": load,
+                "load_after": os.getloadavg()[0],
             }
         )
     totals = [r["reference_s"] + r["measure_s"] for r in runs]
-    rows = len(ref.rows) * (2 + len(GRIDS[TIMED]))  # base (deduplicated where equal) + original + one per k
+    k_max = max(b.k for sides in full.bases.values() for b in sides.values())
+    cut = sum(k < k_max for k in GRIDS[TIMED])  # the k that keep fewer directions than the full basis
+    rows = len(ref.rows) * (1 + cut)  # base (deduplicated where equal) + one per k that cuts (answers generated)
     batched = {
         "runs": runs,
         "median_s": statistics.median(totals),
         "median_cpu_s": statistics.median(r["cpu_s"] for r in runs),
+        "median_cpu_per_thread_s": statistics.median(r["cpu_per_thread_s"] for r in runs),
         "rows": rows,
         "target_s": 60,
     }
@@ -186,6 +194,7 @@ def time_naive(model, full, ref, config, ks: list[int], report) -> dict:
     """The naive way: its reference (the original's answer to each prompt, generated one prompt at a time;
     the base model and the original, a row each) in full, then one row per task x prompt at each of ``ks``;
     extrapolated to the timed grid. Its numbers are checked against ``report``'s."""
+    load_before = os.getloadavg()[0]
     start, cpu = time.perf_counter(), time.process_time()
     same_answers = answer_each(model, full, ref, config)
     greedy_s = time.perf_counter() - start
@@ -216,6 +225,8 @@ def time_naive(model, full, ref, config, ks: list[int], report) -> dict:
         "forwards": len(ref.rows) * (3 + len(GRIDS[TIMED])),  # + the generations, one per row
         "median_forward_s": statistics.median(per_k) / len(ref.rows),
         "max_gap_to_batched": max(gaps),
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
     }
 
 
@@ -275,7 +286,8 @@ def print_summary(payload: dict) -> None:
         f"target {b['target_s']} s) over {b['rows']} rows; naive {n['extrapolated_s']:.1f} s (reference "
         f"{n['reference_s']:.1f} s + {n['median_per_k_s']:.1f} s per k, median of {len(n['per_k_s'])} k, "
         f"{n['median_forward_s'] * 1000:.0f} ms per forward); naive / batched = {t['ratio_naive_to_batched']:.2f}x; "
-        f"CPU time: batched {b['median_cpu_s']:.1f} s, naive {n['extrapolated_cpu_s']:.1f} s "
+        f"CPU time: batched {b['median_cpu_s']:.1f} s ({b['median_cpu_per_thread_s']:.1f} s per thread), naive "
+        f"{n['extrapolated_cpu_s']:.1f} s "
         f"({t['cpu_ratio_naive_to_batched']:.2f}x); largest gap between the two ways' numbers: "
         f"{n['max_gap_to_batched']:.1e}"
     )
