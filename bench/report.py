@@ -141,6 +141,7 @@ def main() -> None:
         ("fidelity", fidelity_table),
         ("budgets", budgets_table),
         ("compress_rank_before", rank_table),
+        ("compress_rank_krylov1", rank_table),
         ("compress_rank_after", rank_table),
         ("greedy", greedy_table),
         ("scale", scale_table),
