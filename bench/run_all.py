@@ -26,7 +26,7 @@ def main() -> None:
     fidelity.main(["--n", "16", "--no-demo"])  # bytes on disk x fp32/bf16/int8; the demo set is budgets.py's
     budgets.main([])  # behaviour at 10x, 25 %, 50 %, 75 % of the demo adapters' bytes (bundled SmolLM2-135M)
     compress.main(
-        ["--n", "8", "32", "128", "--kinds", "mixture", "--runs", "3"]
+        ["--n", "8", "32", "128", "--kinds", "mixture", "--runs", "5"]
         + ["--cases", "vlora flat", "vlora rank", "--out", "compress_rank_after"]
     )
     compress.main(["--n", "128", "--kinds", "mixture", "--methods", "flat", *FIVE_EACH])
