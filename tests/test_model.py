@@ -287,3 +287,63 @@ def test_loadings_are_placed_once_and_follow_the_model(adapter_dirs, input_ids):
 
 def layer_name(model, layer) -> str:
     return next(name for name, other in model.targets.items() if other is layer)
+
+
+# ---- the kept factors and the output layer's input --------------------------------------------------
+def test_kept_factors_follow_loadings_changed_in_place(adapter_dirs, input_ids):
+    """A task's factors are made on its first forward and kept; an in-place change of its loadings (training,
+    editing) makes them again, so the model never serves stale factors."""
+    subspace = full_store(adapter_dirs, "rank")
+    model = VLoRAModel(tiny_llama(0), subspace)
+    task = model.available_tasks[2]
+    model.set_task(task)
+    before = logits(model, input_ids)
+    layer = next(iter(model.targets.values()))
+    kept = layer.kept
+    assert kept is not None and logits(model, input_ids) is not None and layer.kept is kept  # reused, not remade
+    with torch.no_grad():
+        for sides in subspace.tasks[task].loadings.values():
+            sides["B"].mul_(3.0)
+    changed = logits(model, input_ids)
+    assert layer.kept is not kept and not torch.allclose(changed, before)
+    fresh = VLoRAModel(tiny_llama(0), subspace)
+    fresh.set_task(task)
+    assert torch.equal(changed, logits(fresh, input_ids))
+
+
+def test_a_half_precision_layer_keeps_float32_factors(adapter_dirs, input_ids):
+    """bf16 layers run the task's rank-r products in float32 (faster on CPUs than bf16 ones, and closer)."""
+    subspace = full_store(adapter_dirs, "flat")
+    model = VLoRAModel(tiny_llama(0).to(torch.bfloat16), subspace)
+    task = model.available_tasks[0]
+    model.set_task(task)
+    out = logits(model, input_ids)
+    layer = next(iter(model.targets.values()))
+    assert out.dtype == torch.bfloat16 and layer.kept.FA_T.dtype == torch.float32
+    reference = VLoRAModel(tiny_llama(0), subspace)
+    reference.set_task(task)
+    per_call = layer.update(torch.ones(1, 1, layer.shape.d_in, dtype=torch.bfloat16), *layer.loadings, layer.gain)
+    assert per_call.dtype == torch.bfloat16  # the per-call path (training, mixed rows) stays in the layer's dtype
+    torch.testing.assert_close(out.float(), logits(reference, input_ids), atol=0.15, rtol=0.05)
+
+
+def test_the_output_layer_gets_its_input_with_standard_strides(llama):
+    """With the base model frozen, matmul would copy the whole output weight to multiply the last position's
+    slice; VLoRAModel hands that slice on as a plain view, and gives the hook back with the model."""
+    seen = []
+    head = llama.base_model.get_output_embeddings()
+    spy = head.register_forward_hook(lambda m, args, out: seen.append(args[0].stride()))
+    llama.set_task(llama.available_tasks[0])
+    prompt = torch.randint(0, 128, (1, 9))
+    with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
+        llama.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    spy.remove()
+    d = head.in_features
+    assert seen and all(s == (d, d, 1) for s in seen)  # (1, 1, d) views with standard strides, prefill included
+    copies = [e for e in prof.events() if e.name == "aten::bmm" and e.input_shapes[1][-2:] == [d, head.out_features]]
+    assert not copies  # no batched product over the output weight (matmul's copy of it)
+    base = tiny_llama(0)
+    model = VLoRAModel(base, llama.subspace)
+    assert len(base.get_output_embeddings()._forward_pre_hooks) == 1
+    model.unload()
+    assert not base.get_output_embeddings()._forward_pre_hooks

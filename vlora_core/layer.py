@@ -15,8 +15,15 @@ orders, chosen on every call from the shapes (flop counts in ``basis_first_is_ch
                    (few tokens: decoding one token at a time, mixed batches of short rows)
     factors first  F_Aᵀ, F_Bᵀ once per task from its loadings, then x·F_A·F_Bᵀ (many tokens: prefill)
 
-Both read the loadings on every call, so switching tasks only moves pointers and gradients reach the
-loadings. Glossary as in ``adapter``; x is (B, T, d_in); a_A, a_B are the two sides' basis rows.
+A single active task that is not being trained takes a third way: its F_Aᵀ and F_Bᵀ are made on its first
+forward after a switch and kept (``Factors``), so each later call is two rank-r products, as in a PEFT LoRA
+layer. They are kept in float32 when the layer is half precision (PEFT's ``autocast_adapter_dtype`` does the
+same): rank-r products in bf16 are several times slower than in fp32 on CPUs, and more exact in fp32. They are
+made again when the loadings change in place (their version counter), so training and editing are seen.
+
+Loadings being trained and mixed batches read the loadings on every call, so gradients reach them; switching
+tasks only moves pointers either way. Glossary as in ``adapter``; x is (B, T, d_in); a_A, a_B are the two sides'
+basis rows.
 """
 
 from __future__ import annotations
@@ -70,7 +77,22 @@ def layer_kind(module: nn.Module) -> Kind | None:
     return next((kind for cls, kind in kinds().items() if isinstance(module, cls)), None)
 
 
+def update_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kept task's update runs in: float32 for half-precision layers, else the layer's own."""
+    return torch.float32 if weight_dtype in (torch.bfloat16, torch.float16) else weight_dtype
+
+
 # ---- the module --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Factors:
+    """The active task's factors, kept between calls, and what they were made from."""
+
+    FA_T: torch.Tensor  # (r, d_in), in ``update_dtype``
+    FB: torch.Tensor  # (d_out, r), the scaling folded in; contiguous for F.linear
+    loadings: tuple[torch.Tensor, torch.Tensor]  # the L_A, L_B they were made from (identity)
+    stamp: tuple  # their in-place version counters and the gain, then
+
+
 @dataclass
 class Rows:
     """A mixed batch at one layer: n distinct tasks, and which of them each row uses."""
@@ -96,6 +118,7 @@ class SubspaceLayer(nn.Module):
         self.loadings: tuple[torch.Tensor, torch.Tensor] | None = None  # active task: L_A (g, k_A), L_B (g, k_B)
         self.gain = 1.0  # extra scaling of the active task (a lora_alpha override)
         self.rows: Rows | None = None  # set only while a mixed batch runs
+        self.kept: Factors | None = None  # the active task's factors, made on its first forward (not a buffer)
         self.merged: torch.Tensor | None = None  # the base weight as it was before merge()
 
     @property
@@ -113,6 +136,7 @@ class SubspaceLayer(nn.Module):
         self.P_A = self.method.projection(A, shape.d_in, shape.rank).to(weight.device, weight.dtype).contiguous()
         self.P_B = self.method.projection(B, shape.d_out, shape.rank).to(weight.device, weight.dtype).contiguous()
         self.source = (A, B)
+        self.kept = None
 
     def cut_from(self, A: Basis, B: Basis) -> bool:
         """Whether the projections come from exactly these basis objects (identity, not values)."""
@@ -123,10 +147,16 @@ class SubspaceLayer(nn.Module):
         are ones being trained (so gradients reach them); others are copied there once, here, not per forward."""
         self.loadings = None if L_A is None else (self._placed(L_A, self.P_A), self._placed(L_B, self.P_B))
         self.gain = gain
+        self.kept = None
 
     @staticmethod
     def _placed(L: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
         return L if L.requires_grad else L.to(P.device, P.dtype)
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()`` and friends move P_A and P_B; kept factors are made again where they now are."""
+        self.kept = None
+        return super()._apply(fn, *args, **kwargs)
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -134,9 +164,23 @@ class SubspaceLayer(nn.Module):
         if self.rows is not None:
             rows = self.rows
             return out + self.update(x, rows.L_A, rows.L_B, rows.gain, self._row_index(x)).to(out.dtype)
-        if self.loadings is not None and self.merged is None:
+        if self.loadings is None or self.merged is not None:
+            return out
+        if any(L.requires_grad for L in self.loadings):  # being trained: read them on every call
             return out + self.update(x, *self.loadings, self.gain).to(out.dtype)
-        return out
+        kept = self._kept()
+        h = F.linear(x.to(kept.FA_T.dtype), kept.FA_T)  # (B, T, r)
+        return out + F.linear(h, kept.FB).to(out.dtype)  # (B, T, d_out)
+
+    def _kept(self) -> Factors:
+        """The active task's factors, made again only when the loadings or the gain changed since."""
+        L_A, L_B = self.loadings
+        kept, stamp = self.kept, (_version(L_A), _version(L_B), self.gain)
+        if kept is None or kept.loadings[0] is not L_A or kept.loadings[1] is not L_B or kept.stamp != stamp:
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable in and out of inference
+                FA_T, FB_T = self.factors(L_A, L_B, self.gain, dtype=update_dtype(self.P_A.dtype))
+            self.kept = kept = Factors(FA_T.contiguous(), FB_T.T.contiguous(), (L_A, L_B), stamp)
+        return kept
 
     def update(self, x: torch.Tensor, L_A: torch.Tensor, L_B: torch.Tensor, gain, index=None) -> torch.Tensor:
         """x (B, T, d_in) -> (B, T, d_out). One task: L (g, k), gain a float; rows: L (n, g, k), index (B,)."""
@@ -152,10 +196,14 @@ class SubspaceLayer(nn.Module):
         FA_T, FB_T = (FA_T, FB_T) if index is None else (FA_T[index], FB_T[index])
         return (x @ FA_T.transpose(-1, -2)) @ FB_T  # (B, T, r) -> (B, T, d_out)
 
-    def factors(self, L_A: torch.Tensor, L_B: torch.Tensor, gain=1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """F_Aᵀ (..., r, d_in) and F_Bᵀ (..., r, d_out), the scaling folded into F_B."""
+    def factors(
+        self, L_A: torch.Tensor, L_B: torch.Tensor, gain=1.0, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """F_Aᵀ (..., r, d_in) and F_Bᵀ (..., r, d_out), the scaling folded into F_B; in ``dtype`` (default: P's)."""
         P_A, P_B, r = self.P_A, self.P_B, self.shape.rank
-        L_A, L_B = L_A.to(P_A.device, P_A.dtype), L_B.to(P_B.device, P_B.dtype)
+        dtype = dtype or P_A.dtype
+        P_A, P_B = P_A.to(dtype), P_B.to(dtype)
+        L_A, L_B = L_A.to(P_A.device, dtype), L_B.to(P_B.device, dtype)
         return self.method.factor(L_A, P_A, r), _scaled(self.method.factor(L_B, P_B, r), gain)
 
     def _row_index(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,3 +238,8 @@ class SubspaceLayer(nn.Module):
 
 def _scaled(t: torch.Tensor, gain) -> torch.Tensor:
     return t if isinstance(gain, float) and gain == 1.0 else t * gain
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """How often ``t`` was changed in place (None for inference tensors, which keep no count)."""
+    return None if t.is_inference() else t._version

@@ -3,8 +3,9 @@
 Each targeted layer becomes a ``SubspaceLayer`` that holds the shared basis once, where the model is.
 Switching tasks is a dict lookup plus one pointer move per layer: the layers are pointed at the task's
 loadings (tiny tensors owned by the subspace); nothing is rebuilt, copied or reconstructed at the switch.
-The forward reads the loadings on every call (see ``layer``), so a ``SubspaceTrainer`` that trains those
-tensors in place is seen by every model pointing at them.
+Each layer keeps the active task's two factors from its first forward after a switch (see ``layer``), made again
+when the loadings change in place, so a ``SubspaceTrainer`` that trains those tensors in place is seen by every
+model pointing at them.
 
     model = VLoRAModel(base_model, subspace)      # the tasks' own scaling; lora_alpha= overrides it
     model.set_task("sentiment"); model(input_ids)
@@ -58,6 +59,7 @@ class VLoRAModel(nn.Module):
         self.base_model = base_model
         self.lora_alpha = lora_alpha  # None: each task's own alpha, rslora and alpha_pattern
         self.targets = wrap_layers(base_model, subspace)  # layer name -> SubspaceLayer (inside base_model)
+        self._head_hook = restride_head_input(base_model)  # removed by unload()
         self._active: str | None = None
         self._merged: str | None = None
 
@@ -152,7 +154,9 @@ class VLoRAModel(nn.Module):
             setattr(self.base_model.get_submodule(parent), child, layer.base)
         for p in self._trainable:
             p.requires_grad_(True)
-        self.targets, self._active, self._trainable = {}, None, []
+        if self._head_hook is not None:
+            self._head_hook.remove()
+        self.targets, self._active, self._trainable, self._head_hook = {}, None, [], None
         return self.base_model
 
     # ---- internals --------------------------------------------------------------------------------
@@ -283,6 +287,24 @@ def _nearest(missing: list[str], modules: dict[str, nn.Module]) -> list[str]:
     for name in missing[:3]:
         found += [n for n in difflib.get_close_matches(name, candidates, n=2, cutoff=0.4) if n not in found]
     return found
+
+
+def restride_head_input(model: nn.Module):
+    """A hook on the output layer giving it its input with standard strides (None: no such layer); its
+    ``remove()`` takes it off. Worth it on any frozen model that ``generate`` runs (see ``_standard_strides``)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return None if head is None else head.register_forward_pre_hook(_standard_strides)
+
+
+def _standard_strides(module: nn.Module, args: tuple):
+    """A contiguous input cut as a slice (transformers' last-position logits: (B, 1, d) of a (B, T, d) tensor) as a
+    view with the standard strides. ``matmul`` then folds it into one mm; with the slice's strides and a weight
+    that needs no gradient (VLoRAModel freezes the base model) it copies the whole (vocab, d) weight into a
+    batched product instead: 56 MB and 0.19 s of every ``generate`` on SmolLM2-135M in bf16 on a CPU."""
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.dim() > 2 and x.is_contiguous():
+        return (x.view(x.shape), *args[1:])
+    return None
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
