@@ -347,3 +347,19 @@ def test_the_output_layer_gets_its_input_with_standard_strides(llama):
     assert len(base.get_output_embeddings()._forward_pre_hooks) == 1
     model.unload()
     assert not base.get_output_embeddings()._forward_pre_hooks
+
+
+def test_the_shared_base_model_hands_its_output_layer_standard_strides(tiny_model_dir):
+    """get_base_model's model is frozen too (the A/B tab's base model choice and the behaviour checks run it bare):
+    its output layer gets the same plain view, so generate never copies the output weight."""
+    from vlora_core.base_model import get_base_model
+
+    model, _ = get_base_model(tiny_model_dir)
+    head = model.get_output_embeddings()
+    seen = []
+    spy = head.register_forward_hook(lambda m, args, out: seen.append(args[0].stride()))
+    with torch.no_grad():
+        model.generate(torch.randint(0, 128, (1, 9)), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    spy.remove()
+    d = head.in_features
+    assert not any(p.requires_grad for p in model.parameters()) and seen and all(s == (d, d, 1) for s in seen)

@@ -306,3 +306,19 @@ def test_loading_opens_tab_2_on_the_better_basis_in_the_clis_precision(tmp_path,
         *drawn, shown_method, dtype, status, tab = steps.overview("flat", 2, False, 0.9, "fp32", "Loaded.", page(flag))
         assert (shown_method, dtype, tab) == (method, flag, "tune") and f"opened on the {method} basis" in status
         assert f"stored in {flag}" in drawn[0]  # the summary counts bytes in that precision
+
+
+def test_on_zero_gpu_the_base_model_is_loaded_before_launch(monkeypatch, tmp_path):
+    """ZeroGPU's documented pattern: the model is loaded and placed at start-up, outside any GPU call; elsewhere
+    nothing is loaded until someone uses it."""
+    import ui.layout
+
+    loaded = []
+    monkeypatch.setattr(ui.layout, "get_base_model", lambda source: loaded.append(source))
+    settings = AppSettings(session_root=tmp_path, model_source="some/model")
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    ui.layout.build_app(settings)
+    assert loaded == []
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    ui.layout.build_app(settings)
+    assert loaded == ["some/model"]

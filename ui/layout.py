@@ -12,7 +12,7 @@ from __future__ import annotations
 import gradio as gr
 from gradio.utils import get_upload_folder
 
-from vlora_core.base_model import DEFAULT_MAX_NEW_TOKENS
+from vlora_core.base_model import DEFAULT_MAX_NEW_TOKENS, get_base_model
 from vlora_core.behaviour import DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_EFFECT
 from vlora_core.config import DEFAULT_METHOD, DEFAULT_NUM_COMPONENTS, DEFAULT_VARIANCE_THRESHOLD
 from vlora_core.merge import METHODS as MERGE_METHODS
@@ -20,6 +20,7 @@ from vlora_core.merge import MergeConfig
 from vlora_core.methods import METHODS
 from vlora_core.precision import PRECISIONS
 
+from . import gpu
 from .callbacks import PROMPT_COLUMNS, SUMMARY_CLASS, Callbacks
 from .page import SHARED_EXAMPLE, PageSteps
 from .session import Sessions
@@ -77,8 +78,11 @@ SHOW_TAB = """(tab) => { if (tab) document.querySelector(`#stages button[data-ta
 
 
 def build_app(settings: AppSettings | None = None) -> gr.Blocks:
-    """The Blocks of the workbench; nothing is loaded until someone uses it."""
+    """The Blocks of the workbench; nothing is loaded until someone uses it, except on ZeroGPU, where the base
+    model is loaded (and placed) now, before any GPU call forks its worker: the documented pattern."""
     settings = settings or AppSettings.from_env()
+    if gpu.on_zero_gpu():
+        get_base_model(settings.model_source)
     # exported zips go straight into Gradio's cache (see ui/session.py): served as they are, gone with the session
     sessions = Sessions(settings, downloads=get_upload_folder())
     calls = Callbacks(sessions, settings)
