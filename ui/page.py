@@ -74,7 +74,8 @@ class PageSteps:
             gr.Dataset(samples=[[task or SHARED_EXAMPLE, text] for task, text in examples]),
         )
 
-    # Each of these takes tab 2's setting as its first inputs: method, k, adaptive k, threshold, dtype (SETTING).
+    # Each of these takes tab 2's setting as its first inputs: method, k, adaptive k, threshold, dtype (layout's
+    # settings_in).
     @user_errors
     def overview(
         self,
