@@ -1,9 +1,12 @@
-"""ui/gpu.py: the A/B tab's GPU call in ZeroGPU's shape. Its argument is small, picklable and holds no model and no
-tensor but the chosen tasks' loadings; run in a fresh process (tests/zerogpu/spaces.py stands in for ZeroGPU's
-``spaces``) it gives what it gives in-process; it returns plain Python values."""
+"""ui/gpu.py: the A/B tab's GPU call and the behaviour checks' in ZeroGPU's shape. Each argument is small, picklable
+and holds no model and no tensor but the needed tasks' loadings; run in a fresh process (tests/zerogpu/spaces.py
+stands in for ZeroGPU's ``spaces``) each gives what it gives in-process; each returns plain Python values (the
+checks: the core's reports, dataclasses of str, int, float and bool)."""
 
+import dataclasses
 import io
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -14,17 +17,24 @@ import pytest
 import torch
 from conftest import byte_tokenizer
 
+import ui.checks
 from ui import gpu
 from ui.settings import AppSettings
 from ui.workbench import BASE_CHOICE, Workbench
 from vlora_core.base_model import get_base_model
+from vlora_core.behaviour import BehaviourReport, PairBehaviour, SettingBehaviour, TaskBehaviour, check_ks
 from vlora_core.config import CompressConfig
 from vlora_core.errors import VLoRAError
+from vlora_core.io.prompts import Prompt
+from vlora_core.subspace import SharedSubspace
 
 ROOT = Path(__file__).resolve().parents[1]
 STANDIN = Path(__file__).resolve().parent / "zerogpu"  # holds the stand-in spaces.py
 MB = 1_000_000
 PLACED = {"VLORA_DEVICE": "cpu", "VLORA_DTYPE": "fp32"}  # the app and every worker place the model alike
+PROMPTS = (Prompt("hello there", answer=" general kenobi"), Prompt("the cat sat on"), Prompt("a b c", task="qa"))
+SECONDS = {"check": gpu.check_seconds, "check_pair": gpu.pair_seconds, "check_export": gpu.export_check_seconds}
+REPORTS = (BehaviourReport, SettingBehaviour, TaskBehaviour, PairBehaviour, CompressConfig)  # what checks return
 
 
 @pytest.fixture
@@ -214,3 +224,150 @@ def test_the_duration_asked_grows_with_the_work_and_is_capped():
     longer = gpu.Job("bundled", None, "hi", (BASE_CHOICE, BASE_CHOICE), {}, 256)
     assert gpu.SECONDS_FIXED < gpu.gpu_seconds(job) < gpu.gpu_seconds(longer) <= gpu.SECONDS_MOST
     assert gpu.gpu_seconds(gpu.Job("bundled", None, "hi", (BASE_CHOICE,) * 9, {}, 256)) == gpu.SECONDS_MOST
+
+
+# ---- the behaviour checks: the same shape --------------------------------------------------------------------
+def check_jobs(bench: Workbench, source: str, prompts, method: str) -> dict:
+    """GPU function name -> its job, for the k tab's check, the A/B pair line and the export check."""
+    task = next(iter(bench.adapters))
+    choices = [f"original: {task}", f"compressed: {task}"]
+    return {
+        "check": gpu.check_job(source, bench.behaviour_plan(method, prompts, 2, source)),
+        "check_pair": gpu.pair_job(bench, source, "the cat sat on", choices, " the mat"),
+        "check_export": gpu.export_check_job(bench, source, prompts),
+    }
+
+
+def loadings_of(job) -> list:
+    return [t for task in job.tasks.values() for sides in task.loadings.values() for t in sides.values()]
+
+
+def leaves(value) -> list:
+    """Every number and string of a report, in order (nan as the string 'nan', to compare)."""
+    if dataclasses.is_dataclass(value):
+        return leaves(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return [x for k, v in value.items() for x in [k, *leaves(v)]]
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in leaves(v)]
+    return ["nan" if isinstance(value, float) and math.isnan(value) else value]
+
+
+@pytest.mark.parametrize("method", ["flat", "rank"])
+def test_the_demo_check_calls_pickle_small_with_only_the_loadings(method, tmp_path, bases):
+    bench = Workbench(tmp_path / "session", AppSettings())
+    bench.add_demo()
+    bench.report(CompressConfig(2, method))
+    bench.export()
+    jobs = check_jobs(bench, "bundled", bench.check_prompts(), method)
+    full = bench._decompositions[method].full
+    for name, job in jobs.items():
+        size, met = seen_while_pickling(((job,), {}))  # what spaces.GPU pickles: (args, kwargs)
+        assert size <= 1 * MB, (name, size)
+        assert not [o for o in met if isinstance(o, (torch.nn.Module, Workbench, SharedSubspace))], name
+        tensors = [o for o in met if isinstance(o, torch.Tensor)]
+        assert {id(t) for t in tensors} == {id(t) for t in loadings_of(job)}, name  # no basis, no factors, no model
+        assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in tensors)  # no view of more
+        for task in job.tasks.values():  # every direction of the full basis
+            assert all(
+                L.shape[-1] == full.bases[n][s].k for n, sides in task.loadings.items() for s, L in sides.items()
+            )
+    assert set(jobs["check"].tasks) == set(bench.adapters)  # the originals of every task
+    assert len(jobs["check_pair"].tasks) == 2 and set(jobs["check_export"].tasks) == set(bench.exported.task_ids)
+    assert Path(jobs["check_export"].adapters_zip) == bench.exported.adapters_zip
+    bench.close()
+
+
+def test_the_check_calls_in_a_fresh_process_answer_as_in_process(
+    tiny_bench, tiny_model_dir, bases, tmp_path, monkeypatch
+):
+    monkeypatch.setenv(gpu.ZERO_GPU_ENV, "true")  # as on ZeroGPU: the basis is written out for the worker
+    source = str(tiny_model_dir)
+    tiny_bench.report(CompressConfig(1, "rank"))  # an export that loses something
+    tiny_bench.export(["qa", "sentiment"])
+    jobs = check_jobs(tiny_bench, source, PROMPTS, "rank")
+    here = {name: getattr(gpu, name)(job) for name, job in jobs.items()}
+    for name, result in here.items():  # the core's report dataclasses, no tensor
+        _, met = seen_while_pickling(result)
+        assert met and all(isinstance(o, REPORTS) or o in REPORTS for o in met), name  # instances or their classes
+        assert plain(leaves(result)), name
+
+    # the same numbers as the workbench's own checks in this process: one code path
+    model, tokenizer = get_base_model(source)
+    direct = tiny_bench.check_behaviour(model, tokenizer, "rank", PROMPTS, 2)
+    assert leaves(here["check"]) == pytest.approx(leaves(direct), abs=1e-6, nan_ok=True)
+    pair = tiny_bench.ab_behaviour(model, tokenizer, "the cat sat on", ["original: qa", "compressed: qa"], " the mat")
+    assert leaves(here["check_pair"]) == pytest.approx(leaves(pair), abs=1e-6)
+    assert leaves(here["check_export"]) == pytest.approx(
+        leaves(tiny_bench.check_export(model, tokenizer, PROMPTS)), abs=1e-6
+    )
+    assert here["check_export"]["qa"].effect_retained < 0.999  # k = 1 loses something: the numbers mean something
+
+    (tmp_path / "jobs.pkl").write_bytes(pickle.dumps(jobs))
+    env = {**os.environ, **PLACED, "PYTHONPATH": os.pathsep.join([str(STANDIN), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", CHECKS_APP, str(tmp_path / "jobs.pkl"), str(tmp_path / "out.pkl")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    there = pickle.loads((tmp_path / "out.pkl").read_bytes())
+    assert there["standin"] and len({c["pid"] for c in there["calls"]}) == 3  # a fresh process per call
+    assert os.getpid() not in {c["pid"] for c in there["calls"]}
+    assert [c["duration"] for c in there["calls"]] == [SECONDS[name](job) for name, job in jobs.items()]
+    for name, result in here.items():
+        assert type(there["results"][name]) is type(result)
+        assert leaves(there["results"][name]) == pytest.approx(leaves(result), abs=1e-6, nan_ok=True), name
+
+
+CHECKS_APP = """
+import os, pickle, sys
+import spaces
+from ui import gpu
+jobs = pickle.loads(open(sys.argv[1], "rb").read())
+results = {name: getattr(gpu, name)(job) for name, job in jobs.items()}
+with open(sys.argv[2], "wb") as out:
+    pickle.dump({"standin": gpu.GPU is spaces.GPU, "calls": spaces.CALLS, "results": results}, out)
+"""
+
+
+def test_the_app_keeps_the_results_and_the_gpu_side_the_reference(tiny_bench, tiny_model_dir, bases, monkeypatch):
+    source = str(tiny_model_dir)
+    monkeypatch.setattr(gpu, "REFERENCES", gpu.Kept())
+    plan = tiny_bench.behaviour_plan("rank", PROMPTS, 2, source)
+    k_max = tiny_bench.k_max("rank")
+    assert plan.ks == tuple(check_ks(k_max)) and plan.ref is None
+    tiny_bench.record_behaviour(plan, gpu.check(gpu.check_job(source, plan)))
+    assert tiny_bench.behaviour_plan("rank", PROMPTS, 2, source).ks == ()  # every k measured: no GPU call
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference was measured again")
+
+    new_k = next(k for k in range(1, k_max) if k not in plan.ks)
+    more = tiny_bench.behaviour_plan("rank", PROMPTS, new_k, source)
+    assert more.ks == (new_k,)
+    monkeypatch.setattr(ui.checks, "reference", refuse)  # the GPU side still holds it
+    tiny_bench.record_behaviour(more, gpu.check(gpu.check_job(source, more)))
+    monkeypatch.undo()
+    view = tiny_bench.behaviour_view("rank", new_k, 0.95, 0.95)
+    assert view.ks == sorted({*plan.ks, new_k}) and view.current_k == new_k
+
+    stale = tiny_bench.behaviour_plan("flat", PROMPTS, 1, source)
+    report = gpu.check(gpu.check_job(source, stale))
+    tiny_bench.remove(["qa"])  # the adapters changed while the GPU worked: its results are not kept
+    tiny_bench.record_behaviour(stale, report)
+    assert tiny_bench.behaviour_view("flat", 1, 0.95, 0.95) is None
+
+
+def test_the_checks_ask_for_a_duration_that_grows_with_the_work_and_is_capped(tiny_bench, tiny_model_dir, bases):
+    source = str(tiny_model_dir)
+    plan = tiny_bench.behaviour_plan("rank", PROMPTS, 2, source)
+    job = gpu.check_job(source, plan)
+    one_k = dataclasses.replace(job, ks=job.ks[:1])
+    answered = dataclasses.replace(job, prompts=tuple(dataclasses.replace(p, answer="x") for p in PROMPTS))
+    assert gpu.SECONDS_FIXED < gpu.check_seconds(one_k) < gpu.check_seconds(job) <= gpu.SECONDS_MOST
+    assert gpu.check_seconds(answered) < gpu.check_seconds(job)  # no answers to generate
+    assert gpu.check_seconds(dataclasses.replace(job, prompts=PROMPTS * 200)) == gpu.SECONDS_MOST
+    assert gpu.SECONDS_FIXED < gpu.pair_seconds(gpu.pair_job(tiny_bench, source, "hi", ["original: qa"] * 2, "x")) < 30

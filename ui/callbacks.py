@@ -331,10 +331,15 @@ class Callbacks:
         with self.sessions.open(request) as bench:
             prompts = table_prompts(table) or bench.check_prompts()
         progress(0, desc=f"loading {source}")
-        model, tokenizer = get_base_model(source)
+        get_base_model(source)  # loaded and placed here, outside the GPU call (ui/gpu.py)
         current = None if adaptive_k else _whole(k)
         with self.sessions.open(request) as bench:
-            bench.check_behaviour(model, tokenizer, method, prompts, current, progress=progress)
+            plan = bench.behaviour_plan(method, prompts, current, source, progress=True)
+            job = gpu.check_job(source, plan) if plan.ks else None
+        progress(0.1, desc=f"checking {len(plan.ks)} k" if job else "measured before")
+        report = gpu.check(job) if job else None
+        with self.sessions.open(request) as bench:
+            bench.record_behaviour(plan, report)
             view = bench.behaviour_view(method, current, min_effect, min_agreement)
         status = f"Behaviour checked on {source}, {view.prompts} prompts: {view.recommendation.summary()}"
         return (
@@ -362,9 +367,10 @@ class Callbacks:
         if not (answer_a or "").strip():
             return "A gave no answer to compare B on."
         source = self._model_source(source)
-        model, tokenizer = get_base_model(source)
+        get_base_model(source)  # loaded and placed here, outside the GPU call (ui/gpu.py)
         with self.sessions.open(request) as bench:
-            pair = bench.ab_behaviour(model, tokenizer, prompt or "", [choice_a, choice_b], answer_a)
+            job = gpu.pair_job(bench, source, prompt or "", [choice_a, choice_b], answer_a)
+        pair = gpu.check_pair(job)
         return (
             f"**B against A** on A's answer ({pair.positions} tokens, teacher-forced): KL(A ‖ B) "
             f"**{pair.kl:.4f}** nats per token · top-1 agreement **{pair.agreement:.1%}**"
@@ -383,9 +389,11 @@ class Callbacks:
         with self.sessions.open(request) as bench:
             prompts = table_prompts(table) or bench.check_prompts()
         progress(0, desc=f"loading {source}")
-        model, tokenizer = get_base_model(source)
+        get_base_model(source)  # loaded and placed here, outside the GPU call (ui/gpu.py)
         with self.sessions.open(request) as bench:
-            results = bench.check_export(model, tokenizer, prompts)
+            job = gpu.export_check_job(bench, source, prompts)
+        progress(0.1, desc="checking the export")
+        results = gpu.check_export(job)
         warnings = effect_warnings(results, min_effect)
         for warning in warnings:
             gr.Warning(html.escape(warning, quote=False))

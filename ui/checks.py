@@ -1,9 +1,11 @@
 """Behaviour checks of one workbench session (no Gradio): what each task still does at each k, on prompts.
 
-Per basis, base model and prompt set, the reference (the original adapters' answers and logits, the base
-model's) runs once and each k is measured once (``vlora_core.behaviour``); a later check with more k measures
-only those. ``BehaviourView`` is what the k tab draws: effect retained and top-1 agreement per task over k, the
-current k and the recommended one; the plot makers only reshape it.
+Per basis, base model and prompt set each k is measured once (``vlora_core.behaviour``); a later check with more
+k measures only those. ``BehaviourChecks.plan`` says what a check still needs (a ``CheckPlan``), which runs here
+(``BehaviourChecks.run``, the reference kept for the next k) or as a GPU call (``ui/gpu.py``, which keeps the
+reference where it runs); either way the results are recorded here (``record``). ``BehaviourView`` is what the
+k tab draws: effect retained and top-1 agreement per task over k, the current k and the recommended one; the
+plot makers only reshape it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from vlora_core.behaviour import (
     BehaviourReport,
     Progress,
     Recommendation,
+    Reference,
     SettingBehaviour,
     TaskBehaviour,
     measure,
@@ -48,11 +51,28 @@ class BehaviourView:
         return None if self.recommendation.k is None else self.recommendation.k.config.num_components
 
 
+@dataclass(frozen=True)
+class CheckPlan:
+    """What one check still has to measure: the k not measured yet of one basis, base model and prompt set."""
+
+    key: tuple  # (method, base model, prompts): the entry of ``BehaviourChecks`` its results go to
+    full: SharedSubspace  # every direction of the basis: its tasks are the original adapters
+    prompts: tuple[Prompt, ...]
+    ks: tuple[int, ...]  # the k to measure; empty: every k asked is measured already
+    config: BehaviourConfig
+    ref: Reference | None = None  # the reference measured before in this process (None: measured anew)
+
+    def run(self, base_model, tokenizer, progress: Progress | None = None) -> tuple[Reference, BehaviourReport]:
+        """The reference (unless given) and every k of the plan, on ``base_model``."""
+        ref = self.ref or reference(base_model, tokenizer, self.full, self.prompts, self.config, progress=progress)
+        return ref, measure(base_model, tokenizer, self.full, ref, list(self.ks), self.config, progress)
+
+
 @dataclass
 class _Checked:
     """What one (basis, base model, prompt set) has measured so far."""
 
-    ref: object  # vlora_core.behaviour.Reference
+    ref: Reference | None = None  # the reference, where it was measured in this process
     base: dict[str, TaskBehaviour] = field(default_factory=dict)
     settings: dict[int, SettingBehaviour] = field(default_factory=dict)  # k -> every task at that k
 
@@ -69,29 +89,29 @@ class BehaviourChecks:
         self._found.clear()
         self._last.clear()
 
-    def run(
-        self,
-        base_model,
-        tokenizer,
-        full: SharedSubspace,
-        prompts: Sequence[Prompt],
-        ks: Sequence[int],
-        progress: Progress | None = None,
-    ) -> BehaviourReport:
-        """Every task of ``full`` at each of ``ks`` on ``prompts``: the reference once per prompt set, then only
-        the k not measured yet."""
-        key = (full.method, id(base_model), tuple((p.text, p.answer, p.task) for p in prompts))
-        found = self._found.get(key)
-        if found is None:
-            found = _Checked(reference(base_model, tokenizer, full, prompts, self.config, progress=progress))
-        missing = [k for k in dict.fromkeys(ks) if k not in found.settings]
-        if missing:
-            report = measure(base_model, tokenizer, full, found.ref, missing, self.config, progress)
+    def plan(self, full: SharedSubspace, model: object, prompts: Sequence[Prompt], ks: Sequence[int]) -> CheckPlan:
+        """Every task of ``full`` at each of ``ks`` on ``prompts``, less the k measured already; ``model`` names
+        the base model (its source, or its id in this process)."""
+        key = (full.method, model, tuple((p.text, p.answer, p.task) for p in prompts))
+        found = self._found.get(key, _Checked())
+        missing = tuple(k for k in dict.fromkeys(ks) if k not in found.settings)
+        return CheckPlan(key, full, tuple(prompts), missing, self.config, found.ref)
+
+    def run(self, plan: CheckPlan, base_model, tokenizer, progress: Progress | None = None) -> BehaviourReport:
+        """``plan`` measured in this process, its reference kept for the next k; the whole check's report."""
+        ref, report = plan.run(base_model, tokenizer, progress) if plan.ks else (plan.ref, None)
+        return self.record(plan, report, ref)
+
+    def record(self, plan: CheckPlan, report: BehaviourReport | None, ref: Reference | None = None) -> BehaviourReport:
+        """Keep what ``plan`` measured (``report``: its k in order; None: nothing was missing) and give the whole
+        check's report: every k measured so far for its basis, base model and prompt set."""
+        found = self._found.setdefault(plan.key, _Checked())
+        found.ref = found.ref or ref
+        if report is not None:
             found.base = report.base
-            found.settings.update(zip(missing, report.settings))
-        self._found[key] = found
-        self._last[full.method] = (key, len(prompts))
-        return _report(full.method, found)
+            found.settings.update(zip(plan.ks, report.settings))
+        self._last[plan.full.method] = (plan.key, len(plan.prompts))
+        return _report(plan.full.method, found)
 
     def view(
         self,

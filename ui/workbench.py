@@ -58,7 +58,7 @@ from vlora_core.precision import default_precision, get_precision
 from vlora_core.records import Task, check_task_id
 from vlora_core.subspace import SharedSubspace
 
-from .checks import BehaviourChecks
+from .checks import BehaviourChecks, CheckPlan
 from .settings import AppSettings
 
 ADAPTERS_ZIP = "vlora-adapters-{setting}.zip"  # the setting: "rank-k16", "flat-adaptive0.9", "...-int8" (setting_slug)
@@ -706,11 +706,23 @@ class Workbench:
         self, base_model, tokenizer, method: str, prompts, k: int | None = None, progress=None
     ) -> BehaviourReport:
         """Every task at each k of ``check_ks`` (and ``k``) of this basis on ``prompts``, against its original and
-        the base model; the reference and each k run once per basis and prompt set (``checks``)."""
-        full = self._decomposition(method, progress=progress is not None).full
+        the base model, in this process; the reference and each k run once per basis and prompt set (``checks``)."""
+        plan = self.behaviour_plan(method, prompts, k, id(base_model), progress=progress is not None)
+        return self.checks.run(plan, base_model, tokenizer, progress)
+
+    def behaviour_plan(self, method: str, prompts, k: int | None, model: object, progress: bool = False) -> CheckPlan:
+        """What ``check_behaviour`` still measures (only the k not measured yet for this basis, base model and
+        prompt set), to run here or as a GPU call (``ui/gpu.py``); ``model`` names the base model."""
+        full = self._decomposition(method, progress=progress).full
         k_max = self.k_max(method)
         ks = sorted(set(check_ks(k_max)) | ({min(k, k_max)} if k else set()))
-        return self.checks.run(base_model, tokenizer, full, prompts, ks, progress)
+        return self.checks.plan(full, model, prompts, ks)
+
+    def record_behaviour(self, plan: CheckPlan, report: BehaviourReport | None) -> None:
+        """Keep what ``plan`` measured elsewhere (a GPU call), unless the adapters changed meanwhile."""
+        found = self._decompositions.get(plan.full.method)
+        if found is not None and found.full is plan.full:
+            self.checks.record(plan, report)
 
     def behaviour_view(self, method: str, k: int | None, min_effect: float, min_agreement: float):
         """The latest check of this basis at these thresholds, marking ``k`` (None: adaptive); None before one.
@@ -721,20 +733,28 @@ class Workbench:
 
     def ab_behaviour(self, base_model, tokenizer, prompt: str, choices: list[str], answer: str) -> PairBehaviour:
         """B against A on the A/B prompt, teacher-forced on ``answer`` (A's output): KL(A ‖ B), top-1 agreement."""
-        tasks = [parse_choice(choice, list(self.adapters))[1] for choice in choices]
-        subspace = self.ab_subspace(choices)
-        a, b = (None if task is None else choice for choice, task in zip(choices, tasks))
+        subspace, a, b = self.pair_plan(choices)
         return compare_pair(base_model, tokenizer, subspace, a, b, prompt, answer)
+
+    def pair_plan(self, choices: list[str]) -> tuple[SharedSubspace, str | None, str | None]:
+        """What ``ab_behaviour`` compares: the A/B basis holding both choices, and A's and B's task there (None:
+        the base model)."""
+        tasks = [parse_choice(choice, list(self.adapters))[1] for choice in choices]
+        a, b = (None if task is None else choice for choice, task in zip(choices, tasks))
+        return self.ab_subspace(choices), a, b
 
     def check_export(self, base_model, tokenizer, prompts) -> dict[str, TaskBehaviour]:
         """Each task of the latest export, as read back from its folder, against its original adapter (every
         direction of the decomposition), each on its own prompts or else the shared ones (``compare_adapters``)."""
+        full, exported = self.export_plan()
+        originals = {task_id: full.to_adapter(task_id) for task_id in exported.written}
+        return compare_adapters(base_model, tokenizer, originals, exported.written, prompts)
+
+    def export_plan(self) -> tuple[SharedSubspace, Exported]:
+        """What ``check_export`` compares: the full decomposition (its tasks are the originals) and the export."""
         if self.exported is None or not self.exported.written:
             raise VLoRAError("nothing exported yet in this session; export first, then check it.")
-        full = self._decomposition(self.exported.config.method, progress=False).full
-        written = self.exported.written
-        originals = {task_id: full.to_adapter(task_id) for task_id in written}
-        return compare_adapters(base_model, tokenizer, originals, written, prompts)
+        return self._decomposition(self.exported.config.method, progress=False).full, self.exported
 
     # ---- the session's end ------------------------------------------------------------------------
     def close(self) -> None:
