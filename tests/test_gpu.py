@@ -371,3 +371,23 @@ def test_the_checks_ask_for_a_duration_that_grows_with_the_work_and_is_capped(ti
     assert gpu.check_seconds(answered) < gpu.check_seconds(job)  # no answers to generate
     assert gpu.check_seconds(dataclasses.replace(job, prompts=PROMPTS * 200)) == gpu.SECONDS_MOST
     assert gpu.SECONDS_FIXED < gpu.pair_seconds(gpu.pair_job(tiny_bench, source, "hi", ["original: qa"] * 2, "x")) < 30
+
+
+def test_a_check_in_this_process_shows_its_progress_and_on_zero_gpu_crosses_over(
+    tiny_bench, tiny_model_dir, bases, monkeypatch
+):
+    """Without ZeroGPU the check runs here and its batches tick the page's progress bar; on ZeroGPU the job goes to
+    the decorated function (a worker), with no callback, and gives the same report."""
+    source = str(tiny_model_dir)
+    monkeypatch.setattr(gpu, "REFERENCES", gpu.Kept())
+    job = gpu.check_job(source, tiny_bench.behaviour_plan("rank", PROMPTS, 2, source))
+    ticks = []
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    here = gpu.run_check(job, lambda done, what: ticks.append((done, what)))
+    assert len(ticks) > 3 and all(0 <= done <= 1 for done, _ in ticks) and ticks[-1][0] == 1
+    assert {what.split(":")[0] for _, what in ticks} >= {"original adapters", "scoring"}
+    crossed = []
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    monkeypatch.setattr(gpu, "check", lambda job_: crossed.append(job_) or gpu._check(job_))
+    assert gpu.run_check(job, lambda *_: pytest.fail("a callback crossed into the GPU call")) == here
+    assert crossed == [job]

@@ -336,8 +336,8 @@ class Callbacks:
         with self.sessions.open(request) as bench:
             plan = bench.behaviour_plan(method, prompts, current, source, progress=True)
             job = gpu.check_job(source, plan) if plan.ks else None
-        progress(0.1, desc=f"checking {len(plan.ks)} k" if job else "measured before")
-        report = gpu.check(job) if job else None
+        progress(0, desc=f"checking {len(plan.ks)} k" if job else "measured before")
+        report = gpu.run_check(job, progress) if job else None
         with self.sessions.open(request) as bench:
             bench.record_behaviour(plan, report)
             view = bench.behaviour_view(method, current, min_effect, min_agreement)

@@ -44,6 +44,7 @@ from vlora_core.behaviour import (
     BehaviourConfig,
     BehaviourReport,
     PairBehaviour,
+    Progress,
     TaskBehaviour,
     compare_adapters,
     compare_pair,
@@ -316,14 +317,25 @@ def check_seconds(job_: CheckJob) -> int:
     return _seconds(_rows(job_.tasks, job_.prompts) * (len(job_.ks) + _reference_passes(job_.prompts, job_.config)))
 
 
+def run_check(job_: CheckJob, progress: Progress | None = None) -> BehaviourReport:
+    """``check`` where it runs: in this process when there is no ZeroGPU, with its batches ticking ``progress``
+    (e.g. a gr.Progress); on ZeroGPU in a worker, where no callback can follow the pickled job."""
+    return check(job_) if on_zero_gpu() else _check(job_, progress)
+
+
 @GPU(duration=check_seconds)
 def check(job_: CheckJob) -> BehaviourReport:
     """Every task of the job's basis at each of its k, on its prompts (``CheckPlan.run``); the reference of the
     same basis, prompts and model is reused from this process's last checks. The report holds no tensor."""
+    return _check(job_)
+
+
+def _check(job_: CheckJob, progress: Progress | None = None) -> BehaviourReport:
     model, tokenizer = get_base_model(job_.source)
     key = (job_.source, job_.basis.key, job_.prompts, job_.config)  # the reference's, in this process
     full = _subspace(job_.basis, job_.tasks)
-    ref, report = CheckPlan((), full, job_.prompts, job_.ks, job_.config, REFERENCES.get(key)).run(model, tokenizer)
+    plan = CheckPlan((), full, job_.prompts, job_.ks, job_.config, REFERENCES.get(key))
+    ref, report = plan.run(model, tokenizer, progress)
     REFERENCES.put(key, ref)
     return report
 
