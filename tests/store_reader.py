@@ -1,6 +1,8 @@
 """Load a store over and over until a stop file appears; run by test_store_concurrency.py beside writers.
 
-    python store_reader.py STORE STOP_FILE
+    python store_reader.py STORE STOP_FILE READY_FILE
+
+The ready file appears after the first load, so that writers can start once the reader is reading.
 
 Each load must succeed and be whole: every task's factors rebuild from the basis, and its ids are the
 first ones plus some of the added ones. Prints one JSON line: how many loads, the generations and task
@@ -15,8 +17,9 @@ from vlora import SharedSubspace, VLoRAError
 
 
 def main() -> None:
-    store, stop = Path(sys.argv[1]), Path(sys.argv[2])
+    store, stop, ready = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     first = SharedSubspace.load(store).task_ids
+    ready.touch()
     loads, generations, counts, errors = 0, set(), set(), []
     while not stop.exists() or loads == 0:
         try:

@@ -156,7 +156,9 @@ def test_each_session_gets_exactly_its_own_results(sessions):
         with zipfile.ZipFile(io.BytesIO(adapters_zip.content)) as zf:
             assert sorted({name.split("/")[0] for name in zf.namelist()}) == ids
         with zipfile.ZipFile(io.BytesIO(store_zip.content)) as zf:
-            manifest = json.loads(zf.read("store/manifest.json"))
+            (folder,) = {name.split("/")[0] for name in zf.namelist()}  # one folder, named by the setting
+            manifest = json.loads(zf.read(f"{folder}/manifest.json"))
+        assert folder.startswith("vlora-store-") and folder.endswith("-k1")
         assert [t["id"] for t in manifest["tasks"]] == ids
     all_errors = [e for s in sessions for e in s.numbers["task_errors"].values()]
     assert len(set(all_errors)) == len(all_errors)  # no two sessions' numbers coincide

@@ -42,10 +42,17 @@ def python(*args: str) -> list[str]:
 @pytest.mark.slow
 def test_concurrent_adds_lose_no_task_and_readers_never_fail(store, tmp_path):
     adapters = {task_id: write_adapter(tmp_path / task_id, 100 + i) for i, task_id in enumerate(WRITERS)}
-    stop = tmp_path / "stop"
+    stop, ready = tmp_path / "stop", tmp_path / "ready"
     reader = subprocess.Popen(
-        python(str(HERE / "store_reader.py"), str(store), str(stop)), stdout=subprocess.PIPE, text=True, cwd=HERE
+        python(str(HERE / "store_reader.py"), str(store), str(stop), str(ready)),
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=HERE,
     )
+    deadline = time.monotonic() + 120
+    while not ready.exists() and reader.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the writers start once the reader reads: on an idle machine they could all be done first
+    assert ready.exists(), "the reader did not start"
     writers = [
         subprocess.Popen(
             python("-m", "vlora_core.cli", "add", str(store), str(adapters[t]), *(["--incremental"] if inc else [])),

