@@ -115,6 +115,7 @@ def test_the_demo_merge_call_pickles_small(tmp_path, bases):
 
 
 # ---- (b) and (c): a fresh process gives the in-process answer, as plain values -------------------------
+@pytest.mark.slow  # a fresh spawned process per call, as ZeroGPU runs it: seconds each
 def test_the_gpu_call_in_a_fresh_process_answers_as_in_process(
     tiny_bench, tiny_model_dir, bases, tmp_path, monkeypatch
 ):
@@ -278,6 +279,7 @@ def test_the_demo_check_calls_pickle_small_with_only_the_loadings(method, tmp_pa
     bench.close()
 
 
+@pytest.mark.slow  # a fresh spawned process per call, as ZeroGPU runs it: seconds each
 def test_the_check_calls_in_a_fresh_process_answer_as_in_process(
     tiny_bench, tiny_model_dir, bases, tmp_path, monkeypatch
 ):
