@@ -8,130 +8,134 @@ from __future__ import annotations
 from common import read_result
 
 
+def table(columns: str, rows) -> list[str]:
+    """A markdown table: ``columns`` as "name | name: | ..." (a trailing ":" right-aligns the column), then each
+    row's cells (anything that formats as text)."""
+    names = [c.strip() for c in columns.split("|")]
+    head = "| " + " | ".join(n.removesuffix(":") for n in names) + " |"
+    rule = "|" + "|".join("---:" if n.endswith(":") else "---" for n in names) + "|"
+    return [head, rule, *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
+
+
 def compress_table(data) -> list[str]:
-    lines = ["| kind / N | case | median s | min | max | runs | × floor |", "|---|---|---:|---:|---:|---:|---:|"]
-    for key, r in data["results"].items():
-        for case, v in r["cases"].items():
-            lines.append(
-                f"| {key} | {case} | {v['median']:.3f} | {v['min']:.3f} | {v['max']:.3f} | {v['runs']} "
-                f"| {r['ratio_to_floor'][case]:.1f} |"
-            )
-    return lines
+    return table(
+        "kind / N | case | median s: | min: | max: | runs: | × floor:",
+        (
+            (key, case, f"{v['median']:.3f}", f"{v['min']:.3f}", f"{v['max']:.3f}", v["runs"],
+             f"{r['ratio_to_floor'][case]:.1f}")
+            for key, r in data["results"].items()
+            for case, v in r["cases"].items()
+        ),
+    )  # fmt: skip
 
 
 def compress_summary(data) -> list[str]:
     """The targets' ratios per kind and N: medians against the floor and against each peer."""
-    lines = [
-        "| kind / N | vlora flat × floor | same, no errors × floor | vlora-dev ÷ vlora flat | "
-        "(no errors) | lorashare ÷ vlora flat | (no errors) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for key, r in data["results"].items():
+
+    def row(key, r):
         med = {case: v["median"] for case, v in r["cases"].items()}
         ours, bare = med.get("vlora flat"), med.get("vlora flat, no errors")
 
-        def speedup(peer, mine, med=med):
+        def speedup(peer, mine):
             return f"{med[peer] / mine:.1f}×" if peer in med and mine else "–"
 
-        lines.append(
-            f"| {key} | {ours / med['floor']:.1f} | {bare / med['floor']:.1f} | {speedup('vlora-dev', ours)} | "
-            f"{speedup('vlora-dev', bare)} | {speedup('lorashare', ours)} | {speedup('lorashare', bare)} |"
-        )
-    return lines
+        return (
+            key, f"{ours / med['floor']:.1f}", f"{bare / med['floor']:.1f}", speedup("vlora-dev", ours),
+            speedup("vlora-dev", bare), speedup("lorashare", ours), speedup("lorashare", bare),
+        )  # fmt: skip
+
+    return table(
+        "kind / N | vlora flat × floor: | same, no errors × floor: | vlora-dev ÷ vlora flat: | (no errors): | "
+        "lorashare ÷ vlora flat: | (no errors):",
+        (row(key, r) for key, r in data["results"].items()),
+    )
 
 
 def fidelity_table(data) -> list[str]:
-    lines = ["| set | tool | k | stored MiB | ΔW rel. error |", "|---|---|---:|---:|---:|"]
-    for name, curves in data["results"].items():
-        for tool, pts in curves.items():
-            if not isinstance(pts, list):
-                lines.append(f"| {name} | original files | – | {pts / 2**20:.1f} | 0 |")
-                continue
-            for p in pts:
-                if "error" in p:
-                    lines.append(f"| {name} | {tool} | {p['k']} | {p['bytes'] / 2**20:.2f} | {p['error']:.4f} |")
-                else:
-                    lines.append(f"| {name} | {tool} | {p['k']} | failed | {p.get('failed', '')[-80:]!r} |")
-    return lines
+    def rows():
+        for name, curves in data["results"].items():
+            for tool, pts in curves.items():
+                if not isinstance(pts, list):
+                    yield name, "original files", "–", f"{pts / 2**20:.1f}", 0
+                    continue
+                for p in pts:
+                    if "error" in p:
+                        yield name, tool, p["k"], f"{p['bytes'] / 2**20:.2f}", f"{p['error']:.4f}"
+                    else:
+                        yield name, tool, p["k"], "failed", repr(p.get("failed", "")[-80:])
+
+    return table("set | tool | k: | stored MiB: | ΔW rel. error:", rows())
 
 
 def scale_table(data) -> list[str]:
-    lines = [
-        "| N | hidden | input MiB | seconds | RSS after imports MiB | peak RSS MiB |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in data["rows"]:
-        lines.append(
-            f"| {r['n']} | {r['hidden']} | {r['input_mib']:.0f} | {r['seconds']:.1f} | "
-            f"{r['baseline_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} |"
-        )
-    return lines
+    return table(
+        "N: | hidden: | input MiB: | seconds: | RSS after imports MiB: | peak RSS MiB:",
+        (
+            (r["n"], r["hidden"], f"{r['input_mib']:.0f}", f"{r['seconds']:.1f}", f"{r['baseline_rss_mib']:.0f}",
+             f"{r['peak_rss_mib']:.0f}")
+            for r in data["rows"]
+        ),
+    )  # fmt: skip
 
 
 def greedy_table(data) -> list[str]:
-    lines = [
-        "| method | k | greedy answers unchanged | share | worst task's ΔW rel. error |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for r in data["rows"]:
-        lines.append(
-            f"| {r['method']} | {r['k']} | {r['unchanged']} / {r['prompts']} | {r['share']:.0%} | "
-            f"{r['max_task_delta_w_error']:.3g} |"
-        )
-    return lines
+    return table(
+        "method | k: | greedy answers unchanged: | share: | worst task's ΔW rel. error:",
+        (
+            (r["method"], r["k"], f"{r['unchanged']} / {r['prompts']}", f"{r['share']:.0%}",
+             f"{r['max_task_delta_w_error']:.3g}")
+            for r in data["rows"]
+        ),
+    )  # fmt: skip
 
 
 def budgets_table(data) -> list[str]:
     """Per budget: every variant's best k within it, its bytes, ΔW error and behaviour; then the verdict."""
-    lines = [
-        "| budget | variant | k | MiB on disk | ΔW rel. error | mean KL | 1 − effect | top-1 agreement |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for budget, picks in data["picks"].items():
-        for variant, label in picks.items():
-            r = data["rows"][label]
-            lines.append(
-                f"| {budget} | {variant} | {r['k']} | {r['disk_bytes'] / 2**20:.2f} | {r['error']:.4f} | "
-                f"{r['kl']:.4f} | {r['effect_lost']:.4f} | {r['agreement']:.3f} |"
-            )
-    lines += [
-        "",
-        "| budget | metric | best vlora | value | best peer | value | ratio | ≤ 0.5× |",
-        "|---|---|---|---:|---|---:|---:|---|",
-    ]
-    for budget, verdict in data["verdicts"].items():
-        for metric, v in verdict.items():
-            if v.get("vlora") is None:
-                lines.append(f"| {budget} | {metric} | none fits | | | | | |")
-                continue
-            peer = v.get("peer") or "none fits"
-            ratio = f"{v['ratio']:.2f}" if "ratio" in v else "–"
-            peer_value = f"{v['peer_value']:.4f}" if "peer_value" in v else "–"
-            lines.append(
-                f"| {budget} | {metric} | {v['vlora']} | {v['vlora_value']:.4f} | {peer} | {peer_value} | {ratio} | "
-                f"{'met' if v['meets_half'] else 'missed'} |"
-            )
-    return lines
+    picks = table(
+        "budget | variant | k: | MiB on disk: | ΔW rel. error: | mean KL: | 1 − effect: | top-1 agreement:",
+        (
+            (budget, variant, r["k"], f"{r['disk_bytes'] / 2**20:.2f}", f"{r['error']:.4f}", f"{r['kl']:.4f}",
+             f"{r['effect_lost']:.4f}", f"{r['agreement']:.3f}")
+            for budget, chosen in data["picks"].items()
+            for variant, r in ((v, data["rows"][label]) for v, label in chosen.items())
+        ),
+    )  # fmt: skip
+
+    def verdict(budget, metric, v):
+        if v.get("vlora") is None:
+            return budget, metric, "none fits", "", "", "", "", ""
+        return (
+            budget, metric, v["vlora"], f"{v['vlora_value']:.4f}", v.get("peer") or "none fits",
+            f"{v['peer_value']:.4f}" if "peer_value" in v else "–", f"{v['ratio']:.2f}" if "ratio" in v else "–",
+            "met" if v["meets_half"] else "missed",
+        )  # fmt: skip
+
+    verdicts = table(
+        "budget | metric | best vlora | value: | best peer | value: | ratio: | ≤ 0.5×",
+        (verdict(b, m, v) for b, found in data["verdicts"].items() for m, v in found.items()),
+    )
+    return [*picks, "", *verdicts]
 
 
 def rank_table(data) -> list[str]:
-    lines = ["| kind / N | vlora flat s | vlora rank s | rank ÷ flat |", "|---|---:|---:|---:|"]
-    for key, r in data["results"].items():
-        c = r["cases"]
-        lines.append(
-            f"| {key} | {c['vlora flat']['median']:.3f} | {c['vlora rank']['median']:.3f} | {r['rank_over_flat']:.2f} |"
-        )
-    return lines
+    return table(
+        "kind / N | vlora flat s: | vlora rank s: | rank ÷ flat:",
+        (
+            (key, f"{r['cases']['vlora flat']['median']:.3f}", f"{r['cases']['vlora rank']['median']:.3f}",
+             f"{r['rank_over_flat']:.2f}")
+            for key, r in data["results"].items()
+        ),
+    )  # fmt: skip
 
 
 def switching_table(data) -> list[str]:
-    lines = ["| measure | unit | bare | PEFT | vlora |", "|---|---|---:|---:|---:|"]
-    for r in data["results"].values():
-        cells = [r.get(c) for c in ("bare", "peft", "vlora")]
-        lines.append(
-            f"| {r['what']} | {r['unit']} | " + " | ".join("–" if c is None else f"{c:.4g}" for c in cells) + " |"
-        )
-    return lines
+    return table(
+        "measure | unit | bare: | PEFT: | vlora:",
+        (
+            (r["what"], r["unit"], *("–" if r.get(c) is None else f"{r[c]:.4g}" for c in ("bare", "peft", "vlora")))
+            for r in data["results"].values()
+        ),
+    )
 
 
 def main() -> None:
