@@ -44,9 +44,10 @@ from vlora_core.base_model import load_base_model  # noqa: E402
 from vlora_core.behaviour import (  # noqa: E402
     BehaviourConfig,
     measure,
-    position_sums,
     recommend,
     reference,
+    reference_stats,
+    row_sums,
     task_scores,
 )
 from vlora_core.io.prompts import read_prompts  # noqa: E402
@@ -248,7 +249,7 @@ def answer_each(model, full, ref, config) -> float:
 
 def one_row_each(model, subspace, ref) -> torch.Tensor:
     """One unpadded forward per reference row, the LM head on its scored positions only: ``set_task`` to the
-    row's task on ``subspace`` (None: the base model); ``position_sums`` (R, 5) against the reference."""
+    row's task on ``subspace`` (None: the base model); ``row_sums`` (R, 5) against the reference."""
     wrapped = None if subspace is None else VLoRAModel(model, subspace)
     sums = torch.zeros(len(ref.rows), 5)
     try:
@@ -257,7 +258,8 @@ def one_row_each(model, subspace, ref) -> torch.Tensor:
                 if wrapped is not None:
                     wrapped.set_task(row.task)
                 logits = (wrapped or model)(torch.tensor([row.inputs]), logits_to_keep=row.answer).logits  # (1, a, V)
-                sums[i] = position_sums(logits, ref.logits[i][None], torch.ones(1, row.answer, dtype=torch.bool))[0]
+                z_o = ref.logits[i]
+                sums[i] = row_sums(logits[0].float(), z_o, *reference_stats(z_o))
     finally:
         if wrapped is not None:
             wrapped.unload()

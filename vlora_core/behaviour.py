@@ -49,12 +49,12 @@ from vlora_core.adapter import LoRAAdapter, LoRALayer
 from vlora_core.base_model import chat_prompt
 from vlora_core.errors import CompatibilityError, TaskError, VLoRAError, short_list
 from vlora_core.io.prompts import GENERIC_PROMPTS, Prompt, PromptError, prompts_by_task
+from vlora_core.quality import stored_bytes
 
 DEFAULT_MIN_EFFECT = 0.95  # effect retained every task must keep for a setting to be recommended
 DEFAULT_MIN_AGREEMENT = 0.95  # top-1 agreement every task must keep
-SUMS = ("kl", "agree", "gap_sq", "norm_sq", "positions")  # the columns of ``position_sums``
+SUMS = ("kl", "agree", "gap_sq", "norm_sq", "positions")  # the columns of ``row_sums``
 KL, AGREE, GAP_SQ, NORM_SQ, POSITIONS = range(len(SUMS))
-BYTES_PER_NUMBER = 4  # stores hold fp32
 CANDIDATE = "candidate: "  # prefix of the candidates' ids inside ``compare_adapters``' joint decomposition
 NEAR_ZERO_EFFECT = 0.1  # effect retained below this: the task acts about like the base model
 UNDERFLOW = 1e-20  # row_sums: a log-sum-exp term below this is recomputed from log-softmaxes
@@ -107,7 +107,7 @@ class SettingBehaviour:
 
     label: str  # "k=4" or "adaptive 0.9"
     config: CompressConfig
-    stored_bytes: int  # shared basis + every task's loadings, fp32
+    stored_bytes: int  # shared basis + every task's loadings, in the store's precision (quality.stored_bytes)
     tasks: dict[str, TaskBehaviour]
 
     def margin(self, min_effect: float, min_agreement: float) -> float:
@@ -160,15 +160,6 @@ class Recommendation:
 
 
 # ---- the math: tensors in, tensors out ------------------------------------------------------------------
-def position_sums(logits: torch.Tensor, reference: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-    """Per row, sums over its scored positions of KL(reference ‖ logits), top-1 agreement, ‖logits − reference‖²,
-    ‖logits‖² and 1: logits, reference (R, A, V), scored (R, A) bool -> (R, 5), columns as ``SUMS``."""
-    rows = []
-    for z, z_o, keep in zip(logits.float(), reference.float(), scored):  # padding may hold anything, even nan
-        rows.append(row_sums(z[keep], z_o[keep], *reference_stats(z_o[keep])))
-    return torch.stack(rows) if rows else torch.zeros(0, len(SUMS))
-
-
 def reference_stats(z_o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What ``row_sums`` needs of reference logits z_o (a, V), computed once however many rows are compared
     with them: the next-token distribution p (a, V), its total (a,) (1 up to rounding) and its top-1 token (a,)."""
@@ -179,8 +170,9 @@ def reference_stats(z_o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 def row_sums(
     z: torch.Tensor, z_o: torch.Tensor, p: torch.Tensor, mass: torch.Tensor, top: torch.Tensor
 ) -> torch.Tensor:
-    """Sums over one row's positions (as ``position_sums``' columns) of logits z (a, V) against reference logits
-    z_o (a, V), with ``reference_stats(z_o)``: a few passes over the row, no (a, V) temporary kept.
+    """Sums over one row's positions of logits z (a, V) against reference logits z_o (a, V), columns as ``SUMS``:
+    KL(softmax z_o ‖ softmax z), top-1 agreement, ‖z − z_o‖², ‖z‖² and 1. With ``reference_stats(z_o)``: a few
+    passes over the row, no (a, V) temporary kept.
 
     With d = z − z_o and m = max d, KL(p ‖ softmax z) = m + log Σ p·exp(d − m) − Σ p·d: the difference of two
     log-sum-exps without forming either, so a variant equal to the original gives KL 0, not rounding noise.
@@ -207,21 +199,13 @@ def kl_divergence(z: torch.Tensor, z_o: torch.Tensor) -> torch.Tensor:
 
 
 def scores(task: str, sums: torch.Tensor, base: torch.Tensor, tol: float) -> TaskBehaviour:
-    """A task's measures from its rows' ``position_sums`` added up (5,), against the original, and those of the
+    """A task's measures from its rows' ``row_sums`` added up (5,), against the original, and those of the
     base model against the original (5,): its GAP_SQ is Σ‖z_o − z_base‖², its NORM_SQ Σ‖z_base‖²."""
     kl, agree, gap_sq, _, positions = sums.tolist()
     effect_sq, base_sq = base[GAP_SQ].item(), base[NORM_SQ].item()
     no_effect = effect_sq <= tol * tol * base_sq
     effect = math.nan if no_effect else 1.0 - math.sqrt(gap_sq / effect_sq)
     return TaskBehaviour(task, kl / positions, agree / positions, effect, no_effect, int(positions))
-
-
-def stored_bytes(subspace: SharedSubspace) -> int:
-    """Bytes of the shared basis (components and mean) plus every task's loadings, fp32."""
-    bases = [b for sides in subspace.bases.values() for b in sides.values()]
-    basis = sum(b.components.numel() + (0 if b.mean is None else b.mean.numel()) for b in bases)
-    loadings = sum(L.numel() for t in subspace.tasks.values() for sides in t.loadings.values() for L in sides.values())
-    return BYTES_PER_NUMBER * (basis + loadings)
 
 
 def padded(task, full: SharedSubspace):
@@ -403,7 +387,7 @@ class Runner:
         targets: Sequence[Sequence[Target]],
         ref: Sequence[torch.Tensor],
     ) -> torch.Tensor:
-        """``position_sums`` of each run against each of its reference rows' logits (a, V), in result slots (S, 5).
+        """``row_sums`` of each run against each of its reference rows' logits (a, V), in result slots (S, 5).
 
         Scored as each batch comes, row by row: only one batch's logits are ever held, and each reference row's
         distribution is computed once per batch, however many rows (a prompt at every k) are compared with it."""
@@ -501,7 +485,7 @@ class Reference:
 
     rows: tuple[ScoredRow, ...]  # one per task and prompt, task by task
     logits: tuple[torch.Tensor, ...]  # per row: the original's logits (answer, V) at its scored positions, fp32
-    base: torch.Tensor  # (R, 5) ``position_sums`` of the base model against the original
+    base: torch.Tensor  # (R, 5) ``row_sums`` of the base model against the original
     greedy: tuple[str, ...] | None  # the original's greedy answer per row (when greedy_chars > 0)
 
     @property
@@ -627,7 +611,7 @@ def _greedy_same(runner: Runner, tokenizer, ref: Reference, slots: list[tuple[in
 def task_scores(
     ref: Reference, sums: torch.Tensor, config: BehaviourConfig, same: Sequence[bool] | None = None
 ) -> dict[str, TaskBehaviour]:
-    """Per task: its rows' ``position_sums`` (R, 5) added up and turned into measures."""
+    """Per task: its rows' ``row_sums`` (R, 5) added up and turned into measures."""
     found = {}
     for task in ref.task_ids:
         idx = [i for i, row in enumerate(ref.rows) if row.task == task]
