@@ -55,7 +55,7 @@ from vlora_core.merge import MergeConfig, MergeResult, merge_adapters
 from vlora_core.methods import METHODS
 from vlora_core.model import VLoRAModel
 from vlora_core.precision import default_precision, get_precision
-from vlora_core.records import Task, check_task_id
+from vlora_core.records import check_task_id
 from vlora_core.subspace import SharedSubspace
 
 from .checks import BehaviourChecks, CheckPlan
@@ -546,7 +546,7 @@ class Workbench:
     def default_dtype(self) -> str:
         """The storage precision the CLI picks for these adapters when none is asked (bf16 when every one is bf16
         or fp16, else fp32: ``precision.default_precision``)."""
-        return default_precision([Task.from_adapter(a, "-").dtype for a in self.adapters.values()])
+        return default_precision([a.dtype for a in self.adapters.values()])
 
     def preferred_method(self) -> tuple[str, str]:
         """The basis that measures better on these adapters, and why in words: decomposes every basis (once each)

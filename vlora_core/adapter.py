@@ -70,6 +70,11 @@ class LoRAAdapter:
         return {name: layer.rank for name, layer in self.layers.items()}
 
     @property
+    def dtype(self) -> str:
+        """The factors' dtype as the precision table names it ("float32", "bfloat16", ...)."""
+        return str(next(iter(self.layers.values())).A.dtype).removeprefix("torch.")
+
+    @property
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers.values() for t in (layer.A, layer.B))
 

@@ -46,8 +46,7 @@ class Task:
     @classmethod
     def from_adapter(cls, adapter: LoRAAdapter, task_id: str) -> Task:
         """A task for ``adapter`` with no loadings yet (fitting or projecting fills them in)."""
-        dtype = str(next(iter(adapter.layers.values())).A.dtype).removeprefix("torch.")
-        return cls(task_id, {}, adapter.config, adapter.extras, adapter.source, dtype)
+        return cls(task_id, {}, adapter.config, adapter.extras, adapter.source, adapter.dtype)
 
     def bare(self) -> Task:
         """The same task without loadings or errors."""

@@ -120,11 +120,7 @@ class SharedSubspace:
         """
         config = CompressConfig(num_components, method, adaptive_k, variance_threshold)
         calibration = _calibration(calibration, adapters, task_ids, base_model, damping)
-        dtype = (
-            get_precision(dtype).name
-            if dtype
-            else default_precision([Task.from_adapter(a, "-").dtype for a in adapters])
-        )
+        dtype = get_precision(dtype).name if dtype else default_precision([a.dtype for a in adapters])
         pieces = compress.fit(
             adapters,
             task_ids,
