@@ -264,7 +264,7 @@ def test_the_basis_that_keeps_more_at_equal_bytes_is_chosen(bench):
     assert compare_curves(never_smaller, 40)[0] == "flat"
     method, why = bench.preferred_method()  # the workbench compares its own sweeps the same way
     found = {m: bench._decompositions[m] for m in ("flat", "rank")}
-    curves = {m: (d.sweep.bytes, d.curve_mean) for m, d in found.items()}
+    curves = {m: (d.sized("float32")[0], d.curve_mean) for m, d in found.items()}
     assert (method, why) == compare_curves(curves, found["flat"].original_bytes)
     assert CompressConfig().method == "flat"  # the CLI and library keep the spec's default
 

@@ -419,15 +419,15 @@ class Workbench:
         outline = found.shell.truncated(config)  # per-side k (uniform or adaptive), variance, clipping
         reports, sweep, k = quality.layer_reports(outline), found.sweep, config.num_components
         curve_bytes, break_even = found.sized(dtype)
+        basis_bytes, loadings_bytes = quality.cut_bytes(found.full, outline.layer_ks, dtype)
         if not config.adaptive_k and min(k, sweep.ks[-1]) in sweep.ks:
-            view, stored = None, curve_bytes[sweep.ks.index(min(k, sweep.ks[-1]))]
+            view = None
             task_errors, layer_errors = sweep.task_errors(k).tolist(), sweep.layer_errors(k).tolist()
         else:  # adaptive k, or a k between swept points: cut and measure this view (no SVD, but every layer)
             with self.gate:
                 view = found.full.truncated(config)
                 view.measure_against(found.full)
             task_errors = list(quality.task_errors(view).values())
-            stored = sum(quality.cut_bytes(found.full, outline.layer_ks, dtype))
             layer_errors = [r.error for r in quality.layer_reports(view)]
         others = {
             method: (d.sweep.ks, d.sized(dtype)[0], d.curve_mean)
@@ -448,8 +448,8 @@ class Workbench:
             curve_bytes=curve_bytes,
             curve_mean_errors=found.curve_mean,
             curve_max_errors=found.curve_max,
-            stored_bytes=stored,
-            basis_bytes=quality.cut_bytes(outline, outline.layer_ks, dtype)[0],
+            stored_bytes=basis_bytes + loadings_bytes,
+            basis_bytes=basis_bytes,
             original_bytes=found.original_bytes,
             k_max=sweep.ks[-1],
             note=outline.clipping_note(),
@@ -555,7 +555,7 @@ class Workbench:
         curves = {}
         for method in METHODS:
             found = self._decomposition(method, progress=False)
-            curves[method] = (found.sweep.bytes, found.curve_mean)
+            curves[method] = (found.sized("float32")[0], found.curve_mean)
         original = next(iter(self._decompositions.values())).original_bytes
         return compare_curves(curves, original)
 

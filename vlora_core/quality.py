@@ -98,12 +98,12 @@ def break_even_k(subspace, original_bytes: int, dtype: str | None = None) -> int
 
 @dataclass(frozen=True)
 class KSweep:
-    """ΔW error and storage for every uniform k, computed once from an untruncated decomposition."""
+    """ΔW error for every uniform k, computed once from an untruncated decomposition (the bytes of each cut:
+    ``cut_bytes``)."""
 
     ks: list[int]
     errors: torch.Tensor  # (K, L, N) relative ΔW error per k, layer, task
     norms: torch.Tensor  # (L, N) ‖ΔW‖ per layer and task
-    bytes: list[int]  # stored bytes per k
     layers: list[str]
     task_ids: list[str]
 
@@ -122,7 +122,7 @@ class KSweep:
 
 
 def sweep_ks(full, ks: list[int] | None = None, progress=None) -> KSweep:
-    """ΔW error and bytes of ``full`` (from SharedSubspace.decompose) cut at every k: no SVD is recomputed.
+    """ΔW error of ``full`` (from SharedSubspace.decompose) cut at every k: no SVD is recomputed.
 
     Per layer, each side's reconstruction grows from one k to the next by only the added directions, so
     the whole sweep costs one reconstruction plus the r x r Grams of each k.
@@ -131,15 +131,13 @@ def sweep_ks(full, ks: list[int] | None = None, progress=None) -> KSweep:
     layers, tasks, rule = list(full.shapes), list(full.tasks.values()), get_method(full.method)
     errors = torch.zeros(len(ks), len(layers), len(tasks))  # (K, L, N)
     norms = torch.zeros(len(layers), len(tasks))
-    sizes = [0] * len(ks)
     for li, name in enumerate(progress(layers) if progress else layers):
         shape, reference = full.shapes[name], full.stacked_factors(name)
         sides = {side: _Growing(full.bases[name][side], tasks, name, side) for side in ("A", "B")}
         for ki, k in enumerate(ks):
             approx = tuple(rule.from_vectors(sides[s].at(k), shape.dim(s), shape.rank) for s in ("A", "B"))
             errors[ki, li], norms[li] = delta_w_errors(reference, approx)
-            sizes[ki] += sum(g.bytes(k, len(tasks)) for g in sides.values())
-    return KSweep(ks, errors, norms, sizes, layers, [t.id for t in tasks])
+    return KSweep(ks, errors, norms, layers, [t.id for t in tasks])
 
 
 class _Growing:
@@ -159,10 +157,6 @@ class _Growing:
             self.vectors += self.loadings[..., self.k : k] @ self.basis.components[self.k : k]
             self.k = k
         return self.vectors
-
-    def bytes(self, k: int, num_tasks: int, bytes_per_number: int = 4) -> int:
-        k, (g, D) = min(k, self.basis.k), (self.loadings.shape[1], self.basis.components.shape[1])
-        return bytes_per_number * (k * D + (D if self.basis.mean is not None else 0) + num_tasks * g * k)
 
 
 def k_grid(k_max: int, dense_up_to: int = 16, points: int = 40) -> list[int]:
