@@ -231,11 +231,10 @@ class Callbacks:
         alpha = _alpha(alpha)
         with self.sessions.open(request) as bench:
             exported = bench.export(task_ids or None, alpha=alpha, base_model=(base_model or "").strip() or None)
-        zips = [exported.adapters_zip, exported.store_zip]
+        zips = exported.zips
         sizes = [plots.human_bytes(path.stat().st_size) for path in zips]
         return (
-            str(exported.adapters_zip),
-            str(exported.store_zip),
+            *map(str, zips),
             f"Exported {_count(exported.task_ids, 'task')} as PEFT folders "
             f"({plots.setting_label(exported.config, exported.dtype)}; {', '.join(exported.task_ids)}): "
             f"{zips[0].name} {sizes[0]} (full-size adapters), {zips[1].name} {sizes[1]} (the small store: "

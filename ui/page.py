@@ -10,7 +10,6 @@ failure is written into the status line (``failed``). Each method reads componen
 from __future__ import annotations
 
 import html
-from pathlib import Path
 
 import gradio as gr
 
@@ -28,7 +27,7 @@ from .callbacks import (
     summary_text,
 )
 from .errors import failed_line, markdown_text, user_errors
-from .workbench import ADAPTERS_ZIP, AT_K_KIND, BASE_CHOICE, STORE_ZIP, Workbench, setting_slug, store_folder
+from .workbench import AT_K_KIND, BASE_CHOICE, Workbench, export_names, store_folder
 
 SHARED_EXAMPLE = "any task"  # the "for" column of an example prompt shared by every task
 RESET = (
@@ -218,17 +217,16 @@ class PageSteps:
             if why_not_drawn(bench):
                 return "Nothing to export yet: load two or more adapters that fit together, then tune k in tab 2."
             report = bench.current_report()
-        setting = setting_slug(report.config, report.dtype)
-        store = STORE_ZIP.format(setting=setting)
+        adapters, store = export_names(report.config, report.dtype)
         return (
             f"Exports at **{plots.setting_label(report.config, report.dtype)}** (tab 2's setting): "
-            f"`{ADAPTERS_ZIP.format(setting=setting)}` and `{store}`.  \n"
+            f"`{adapters}` and `{store}`.  \n"
             f"- **PEFT folders** are ordinary, **full-size** LoRA adapters (each the rank and size of its original: "
             f"{plots.human_bytes(report.original_bytes)} for all of them, as loaded); they carry the compressed ΔW, "
             "not a smaller file.  \n"
             f"- **The vlora store** is the small part: {plots.human_bytes(report.stored_bytes)}, "
             f"{plots.size_words(report.stored_bytes, report.original_bytes)}; {break_even_words(report)}. "
-            f"It unpacks into one folder: `unzip {store} && vlora info {store_folder(Path(store))}`."
+            f"It unpacks into one folder: `unzip {store} && vlora info {store_folder(store)}`."
         )
 
     @user_errors
@@ -263,7 +261,7 @@ class PageSteps:
             table, config, exported, dtype = adapter_table(bench.table()), bench.config, bench.exported, bench.dtype
             k_max = bench.k_max(config.method) if config else None
             held = ", ".join(bench.adapters) or "no adapters"
-        whole = exported is not None and exported.adapters_zip.is_file() and exported.store_zip.is_file()
+        whole = exported is not None and all(path.is_file() for path in exported.zips)
         status = f"Restored your session: {held}"
         setting = [gr.skip()] * 5
         if config:

@@ -531,10 +531,9 @@ class Workbench:
                     export_task(view, task_id, folder, alpha=alpha, base_model=base_model)
                     written[task_id] = load_adapter(folder, task_id)
                 view.save(out / "store")
-                setting = setting_slug(self.config, self.dtype)
-                adapters_zip = archive.make_zip(out / "adapters", zips / ADAPTERS_ZIP.format(setting=setting))
-                store_zip = zips / STORE_ZIP.format(setting=setting)
-                archive.make_zip(out / "store", store_zip, root_name=store_folder(store_zip))
+                adapters_name, store_name = export_names(self.config, self.dtype)
+                adapters_zip = archive.make_zip(out / "adapters", zips / adapters_name)
+                store_zip = archive.make_zip(out / "store", zips / store_name, root_name=store_folder(store_name))
         except BaseException:
             shutil.rmtree(zips, ignore_errors=True)
             raise
@@ -789,7 +788,13 @@ def setting_slug(config: CompressConfig | None, dtype: str = "float32") -> str:
     return f"{config.method}-{k}" + ("" if flag == "fp32" else f"-{flag}")
 
 
-def store_folder(store_zip: Path) -> str:
+def export_names(config: CompressConfig | None, dtype: str = "float32") -> tuple[str, str]:
+    """The zips an export at this setting writes: (PEFT adapters, store)."""
+    setting = setting_slug(config, dtype)
+    return ADAPTERS_ZIP.format(setting=setting), STORE_ZIP.format(setting=setting)
+
+
+def store_folder(store_zip: str | Path) -> str:
     """The one folder a store zip unpacks into: its own name, so `unzip X.zip && vlora info X` reads it."""
     return Path(store_zip).name.removesuffix(".zip")
 
