@@ -37,7 +37,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import HERE, RESULTS, write_result  # noqa: E402
+from common import HERE, RESULTS, demo_dirs, write_result  # noqa: E402
 
 from vlora_core import CompressConfig, SharedSubspace, VLoRAModel, load_adapter  # noqa: E402
 from vlora_core.base_model import load_base_model  # noqa: E402
@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     logging.getLogger("vlora").setLevel(logging.ERROR)
     torch.manual_seed(0)
-    dirs = sorted(p for p in (ASSETS / "demo_adapters").iterdir() if (p / "adapter_config.json").is_file())
+    dirs = demo_dirs()
     adapters, ids = [load_adapter(d) for d in dirs], [d.name for d in dirs]
     prompts = read_prompts(ASSETS / "demo_prompts.jsonl")
     model, tokenizer = load_base_model("bundled", dtype="fp32")

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import HERE, PEERS_PYTHON, dir_bytes, write_result
+from common import HERE, PEERS_PYTHON, demo_dirs, dir_bytes, write_result
 
 from vlora import SharedSubspace, load_adapter
 from vlora_core.base_model import load_base_model
@@ -38,7 +38,6 @@ from vlora_core.io.prompts import read_prompts
 from vlora_core.options import CALIBRATION_DAMPING
 from vlora_core.quality import delta_w_gap, overall_error
 
-DEMO = HERE.parent / "assets" / "demo_adapters"
 PROMPTS = HERE.parent / "assets" / "demo_prompts.jsonl"
 BUDGETS = {"10x": 0.10, "25 %": 0.25, "50 %": 0.50, "75 %": 0.75}
 DTYPES = ("float32", "bfloat16", "int8")
@@ -147,7 +146,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     if args.activation_aware:
         return activation_aware(args)
-    dirs = sorted(p for p in DEMO.iterdir() if (p / "adapter_config.json").is_file())
+    dirs = demo_dirs()
     originals = {d.name: load_adapter(d) for d in dirs}
     original_bytes = sum((d / "adapter_model.safetensors").stat().st_size for d in dirs)
     peers = args.peers if PEERS_PYTHON.exists() else []
@@ -216,7 +215,7 @@ def activation_aware(args) -> dict:
     from vlora_core.io.prompts import write_prompts
     from vlora_core.reports import task_activation_errors
 
-    dirs = sorted(p for p in DEMO.iterdir() if (p / "adapter_config.json").is_file())
+    dirs = demo_dirs()
     originals = {d.name: load_adapter(d) for d in dirs}
     adapters = list(originals.values())
     layers = list(adapters[0].layers)

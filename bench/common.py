@@ -12,6 +12,12 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"  # generated adapters (gitignored)
 RESULTS = HERE / "results"
 PEERS_PYTHON = HERE / ".venv-peers" / "bin" / "python"
+DEMO = HERE.parent / "assets" / "demo_adapters"  # the bundled demo's PEFT adapter folders
+
+
+def demo_dirs() -> list[Path]:
+    """The demo adapter folders (each holding an adapter_config.json), by name; none when the assets are absent."""
+    return sorted(p for p in DEMO.iterdir() if (p / "adapter_config.json").is_file()) if DEMO.is_dir() else []
 
 
 def timed(fn, *args, **kwargs) -> tuple[float, object]:

@@ -19,13 +19,12 @@ import tempfile
 from pathlib import Path
 
 from budgets import pooled_error
-from common import HERE, PEERS_PYTHON, dir_bytes, write_result
+from common import HERE, PEERS_PYTHON, demo_dirs, dir_bytes, write_result
 from synthetic import adapter_dirs
 
 from vlora import SharedSubspace, load_adapter
 from vlora_core.quality import overall_error
 
-DEMO = HERE.parent / "assets" / "demo_adapters"
 KS = (1, 2, 4, 8, 16, 24, 31, 48, 64)
 DTYPES = ("float32", "bfloat16", "int8")
 
@@ -95,7 +94,7 @@ def main(argv=None) -> dict:
     peers = {t: [int(k) for k in ks.split(",")] for t, ks in (p.split("=") for p in args.peers)}
     peers = peers if PEERS_PYTHON.exists() else {}
     sets = {f"{kind} N={args.n}": adapter_dirs(kind, args.n) for kind in args.kinds}
-    demo = sorted(p for p in DEMO.iterdir() if (p / "adapter_config.json").is_file()) if DEMO.is_dir() else []
+    demo = demo_dirs()
     if len(demo) >= 2 and not args.no_demo:
         sets["demo adapters"] = demo
     results = {}

@@ -34,14 +34,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from common import HERE, PEERS_PYTHON, write_result
+from common import DEMO, HERE, PEERS_PYTHON, demo_dirs, write_result
 from synthetic import adapter_dirs
 
 from vlora_core import SharedSubspace, VLoRAModel, load_adapter
 from vlora_core.adapter import LoRAAdapter, LoRALayer
 from vlora_core.merge import MergeConfig, exact_merge, merge_adapters
 
-DEMO = HERE.parent / "assets" / "demo_adapters"
 EXAMPLE = (["pirate", "shouting"], [1.0, 1.0])
 EXAMPLE_PROMPT = "What is the tallest mountain in the world?"
 METHODS = ("linear", "cat", "ties", "dare")
@@ -206,8 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-behaviour", action="store_true", help="skip the bundled model (merges and errors only)")
     args = parser.parse_args(argv)
-    demo_dirs = sorted(p for p in DEMO.iterdir() if (p / "adapter_config.json").is_file())
-    demo, held = run_set("demo", demo_dirs, args.runs)
+    demo, held = run_set("demo", demo_dirs(), args.runs)
     synthetic, _ = run_set(f"synthetic x{args.n}", adapter_dirs("mixture", args.n), args.runs)
     payload = {
         "command": f"python bench/merge.py --n {args.n} --runs {args.runs}",
