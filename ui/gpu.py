@@ -133,62 +133,23 @@ class ExportCheckJob:
     prompts: tuple[Prompt, ...]
 
 
-class Bases:
-    """The shared bases one process holds, by key, the most recently used last (at most ``keep``)."""
-
-    def __init__(self, keep: int = KEPT_BASES, spill_root: Path = SPILL_ROOT):
-        self.keep, self.spill_root = keep, spill_root
-        self._held: OrderedDict[str, tuple[SharedSubspace, str | None]] = OrderedDict()  # key -> (basis, folder)
-        self._lock = threading.Lock()
-
-    def register(self, subspace: SharedSubspace, spill: bool | None = None) -> BasisKey:
-        """The key of ``subspace``'s basis, the same for the same basis objects. ``spill`` (default: on ZeroGPU)
-        writes it once as a store, for worker processes that do not share this one's memory."""
-        spill = on_zero_gpu() if spill is None else spill
-        with self._lock:
-            for key, (held, folder) in self._held.items():
-                if held.bases is subspace.bases and held.method == subspace.method and (folder or not spill):
-                    self._held.move_to_end(key)
-                    return BasisKey(key, folder)
-            key = secrets.token_hex(8)
-            folder = str(subspace.save(self.spill_root / key, force=True)) if spill else None  # tasks too: a store
-            self._hold(key, SharedSubspace(subspace.method, subspace.shapes, subspace.bases, {}), folder)
-            return BasisKey(key, folder)
-
-    def get(self, ref: BasisKey) -> SharedSubspace:
-        """The basis (no tasks) under ``ref.key``: from memory, else read once from ``ref.folder``."""
-        with self._lock:
-            if ref.key in self._held:
-                self._held.move_to_end(ref.key)
-                return self._held[ref.key][0]
-            if ref.folder is None:
-                raise VLoRAError(
-                    f"shared basis {ref.key} is not held by this process (pid {os.getpid()}) and was not written "
-                    f"out; register it with spill=True (or set {ZERO_GPU_ENV}=true) where GPU calls run elsewhere."
-                )
-            store = SharedSubspace.load(ref.folder)
-            basis = SharedSubspace(store.method, store.shapes, store.bases, {})
-            self._hold(ref.key, basis, None)  # the writer's to remove, not a reader's
-            return basis
-
-    def _hold(self, key: str, basis: SharedSubspace, folder: str | None) -> None:
-        self._held[key] = (basis, folder)
-        while len(self._held) > self.keep:
-            _, (_, written) = self._held.popitem(last=False)
-            if written:
-                shutil.rmtree(written, ignore_errors=True)
-
-
-BASES = Bases()  # this process's; a worker process has its own (filled by fork, or from the written stores)
-
-
 class Kept:
-    """Values by key, the most recently used last (at most ``keep``): a process's behaviour references."""
+    """Values by key, the most recently used last, at most ``keep`` of them; ``on_drop(value)`` is called for each
+    one pushed out."""
 
-    def __init__(self, keep: int = KEPT_REFERENCES):
-        self.keep = keep
+    def __init__(self, keep: int = KEPT_REFERENCES, on_drop=None):
+        self.keep, self.on_drop = keep, on_drop
         self._held: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def __iter__(self):  # the keys, least recently used first
+        return iter(list(self._held))
+
+    def __getitem__(self, key):  # a look without counting as a use
+        return self._held[key]
 
     def get(self, key):
         with self._lock:
@@ -201,10 +162,72 @@ class Kept:
             self._held[key] = value
             self._held.move_to_end(key)
             while len(self._held) > self.keep:
-                self._held.popitem(last=False)
+                _, dropped = self._held.popitem(last=False)
+                if self.on_drop is not None:
+                    self.on_drop(dropped)
+
+    def find(self, wanted) -> tuple | None:
+        """The first (key, value) for which ``wanted(value)`` holds, now the most recently used; None if none."""
+        with self._lock:
+            key = next((key for key, value in self._held.items() if wanted(value)), None)
+            if key is None:
+                return None
+            self._held.move_to_end(key)
+            return key, self._held[key]
 
 
-REFERENCES = Kept()  # this process's: (source, basis key, prompts, config) -> the reference of its last checks
+class Bases:
+    """The shared bases one process holds, by key, the most recently used last (at most ``keep``); a basis written
+    out for workers (``register(spill=True)``) is removed from disk when it is pushed out."""
+
+    def __init__(self, keep: int = KEPT_BASES, spill_root: Path = SPILL_ROOT):
+        self.spill_root = spill_root
+        self._held = Kept(keep, on_drop=_remove_written)  # key -> (basis, the folder it was written to or None)
+        self._lock = threading.Lock()  # a look-up and the write and hold that may follow it, as one step
+
+    def register(self, subspace: SharedSubspace, spill: bool | None = None) -> BasisKey:
+        """The key of ``subspace``'s basis, the same for the same basis objects. ``spill`` (default: on ZeroGPU)
+        writes it once as a store, for worker processes that do not share this one's memory."""
+        spill = on_zero_gpu() if spill is None else spill
+
+        def same(held) -> bool:
+            basis, folder = held
+            return basis.bases is subspace.bases and basis.method == subspace.method and bool(folder or not spill)
+
+        with self._lock:
+            found = self._held.find(same)
+            if found is not None:
+                key, (_, folder) = found
+                return BasisKey(key, folder)
+            key = secrets.token_hex(8)
+            folder = str(subspace.save(self.spill_root / key, force=True)) if spill else None  # tasks too: a store
+            self._held.put(key, (SharedSubspace(subspace.method, subspace.shapes, subspace.bases, {}), folder))
+            return BasisKey(key, folder)
+
+    def get(self, ref: BasisKey) -> SharedSubspace:
+        """The basis (no tasks) under ``ref.key``: from memory, else read once from ``ref.folder``."""
+        with self._lock:
+            held = self._held.get(ref.key)
+            if held is not None:
+                return held[0]
+            if ref.folder is None:
+                raise VLoRAError(
+                    f"shared basis {ref.key} is not held by this process (pid {os.getpid()}) and was not written "
+                    f"out; register it with spill=True (or set {ZERO_GPU_ENV}=true) where GPU calls run elsewhere."
+                )
+            store = SharedSubspace.load(ref.folder)
+            basis = SharedSubspace(store.method, store.shapes, store.bases, {})
+            self._held.put(ref.key, (basis, None))  # the writer's to remove, not a reader's
+            return basis
+
+
+def _remove_written(held: tuple[SharedSubspace, str | None]) -> None:
+    if held[1]:
+        shutil.rmtree(held[1], ignore_errors=True)
+
+
+BASES = Bases()  # this process's; a worker process has its own (filled by fork, or from the written stores)
+REFERENCES = Kept()  # this process's: (source, basis key, prompts, config) -> its last references
 
 
 def on_zero_gpu() -> bool:
