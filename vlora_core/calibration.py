@@ -188,7 +188,9 @@ class Calibration:
 
     def __post_init__(self):
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not self.damping > 0:
-            raise VLoRAError(f"calibration damping must be a number > 0, got {self.damping!r}; for example 0.01.")
+            raise VLoRAError(
+                f"calibration damping must be a number > 0, got {self.damping!r}; for example 1 (the default)."
+            )
         self.damping = float(self.damping)
         self.record = dict(self.record) | {"damping": self.damping}
 

@@ -110,7 +110,7 @@ class SharedSubspace:
                 basis then minimises ‖(ΔW − ΔŴ)·C^½‖ with C each layer's input second moment; each task's
                 activation-weighted error is recorded next to its ΔW error. Default: the plain fit.
             base_model: the model the calibration prompts run on: "bundled" (default), a folder, org/name.
-            damping: λ of the calibration's C + λ·mean(diag C)·I (default 0.01).
+            damping: λ of the calibration's C + λ·mean(diag C)·I (default ``calibration.DEFAULT_DAMPING``, 1).
 
         Returns:
             The subspace; ``vlora_core.quality`` reports its variance explained and ΔW errors.
