@@ -241,7 +241,7 @@ def ab_job(bench: Workbench, tokenizer, source: str, prompt: str, choices: list[
 
 
 def merge_job(bench: Workbench, tokenizer, source: str, prompt: str, max_new_tokens) -> Job:
-    """The latest merge and each of its parts on one prompt as a job, as ``Workbench.merge_ab`` runs them."""
+    """The latest merge and each of its parts on one prompt as a job (``Workbench.merge_plan``)."""
     return make_job(source, bench.merge_plan(tokenizer, prompt, max_new_tokens))
 
 

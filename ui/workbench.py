@@ -600,14 +600,9 @@ class Workbench:
         self.merged = Merged(zip_path, result, ids, list(weights) if weights else [1.0] * len(ids))
         return self.merged
 
-    def merge_ab(self, base_model, tokenizer, prompt: str, max_new_tokens: int) -> list[Generation]:
-        """The latest merge and each of its parts on one prompt, on the shared base model: one generation each,
-        the merge first."""
-        return self.merge_plan(tokenizer, prompt, max_new_tokens).run(base_model, tokenizer)
-
     def merge_plan(self, tokenizer, prompt: str, max_new_tokens: int) -> Plan:
-        """What ``merge_ab`` generates, checked: the merge and its parts held on one basis (padded to one rank per
-        layer: exact ΔW), the merge first."""
+        """The latest merge and each of its parts on one prompt, checked: one generation each, the merge first, all
+        held on one basis (padded to one rank per layer: exact ΔW). ``ui/gpu.py``'s merge job runs it."""
         if self.merged is None:
             raise VLoRAError("nothing merged yet; pick tasks and weights and press Merge first.")
         max_new_tokens = self.check_request(prompt, max_new_tokens)
