@@ -487,10 +487,12 @@ def _wire(calls: Callbacks, steps: PageSteps, settings: AppSettings, demo, sessi
     )
     kept(told(compressing.success(**table), "Listing every k", [k["k_table"]]))
     # a k change is shown at once from the table (PAGE_JS); the server makes it the session's setting (and answers
-    # with what to show for a k the table lacks)
+    # with what to show for a k the table lacks). On the user's input only: a step that sets the slider draws the
+    # tab itself, and Gradio's slider can fire change after change on its own when one update moves its maximum and
+    # value (seen switching between a basis of 2 and one of 12 directions): each set_k then rewrote the status line.
     demo.load(None, None, None, js=PAGE_JS, **private)
     told(
-        k["k"].change(
+        k["k"].input(
             steps.set_k,
             settings_in,
             [k["numbers"], status, k["k_shown"]],
@@ -647,7 +649,7 @@ def _wire_behaviour(calls: Callbacks, told, light: dict, status, k: dict, ab: di
         "The behaviour check",
         checked,
     )
-    marks = [k["k"].change, k["method"].change, k["adaptive"].change, k["min_effect"].change, k["min_agreement"].change]
+    marks = [k["k"].input, k["method"].change, k["adaptive"].change, k["min_effect"].change, k["min_agreement"].change]
     marks_in = [k["method"], k["k"], k["adaptive"], k["min_effect"], k["min_agreement"]]
     told(
         gr.on(marks, calls.behaviour_marks, marks_in, shown, show_progress="hidden", **private, **light),
