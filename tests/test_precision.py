@@ -10,12 +10,15 @@ import torch
 from conftest import run_cli as vlora
 from conftest import write_adapter
 from safetensors import safe_open
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 from vlora import LoRAAdapter, LoRALayer, SharedSubspace, load_adapter
 from vlora_core import quality
-from vlora_core.errors import VLoRAError
+from vlora_core.errors import StoreError, VLoRAError
 from vlora_core.io import manifest as schema
-from vlora_core.precision import PRECISIONS, get_precision
+from vlora_core.io.store_view import read_view
+from vlora_core.precision import PRECISIONS, SCALE, get_precision, int8_block
 from vlora_core.training import SubspaceTrainer, orthogonal_init
 
 LOW = ["bfloat16", "float16", "int8"]
@@ -37,13 +40,21 @@ def _adapters(n: int = 6, d: int = 128, r: int = 8, dtype=torch.float32) -> list
     return out
 
 
+def _block_max(x: torch.Tensor) -> torch.Tensor:
+    """Each number's max|block|: the largest |x| of the int8 block it is in (blocks of int8_block(n) along a row)."""
+    out, B = torch.empty_like(x), int8_block(x.shape[-1])
+    for start in range(0, x.shape[-1], B):
+        out[..., start : start + B] = x[..., start : start + B].abs().amax(dim=-1, keepdim=True)
+    return out
+
+
 @pytest.mark.parametrize("name", list(PRECISIONS))
 def test_round_trip_is_within_the_precision_and_stable(name):
     rule = get_precision(name)
     x = torch.randn(40, 33, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 3, 40)[:, None]
     y = rule.round_trip(x)
-    if name == "int8":  # symmetric per-row scales: at most max|row| / 253 a number
-        assert ((x - y).abs().amax(dim=-1) <= x.abs().amax(dim=-1) / 253).all()
+    if name == "int8":  # symmetric scales per block of 8 (rows under 128): at most max|block| / 253 a number
+        assert ((x - y).abs() <= _block_max(x) / 253).all()
     elif name == "float32":
         assert torch.equal(x, y)
     else:
@@ -52,10 +63,38 @@ def test_round_trip_is_within_the_precision_and_stable(name):
     assert torch.equal(rule.round_trip(y), y)  # a store written again is the same store
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 127, 128, 129, 1000])
+def test_int8_blocks_bound_each_number_by_its_own_block_and_an_outlier_coarsens_only_its_block(n):
+    rule, gen = get_precision("int8"), torch.Generator().manual_seed(n)
+    B = int8_block(n)
+    assert B == (32 if n >= 128 else 8)
+    x = torch.randn(6, n, generator=gen) * torch.logspace(-2, 2, 6)[:, None]
+    x[:, 0], x[::2, min(5, n - 1)] = 1e4, -1e4  # huge numbers in each row's first block
+    parts = rule.encode(x)
+    assert parts[""].shape == x.shape and parts[""].dtype == torch.int8
+    assert parts[SCALE].shape == (6, -(-n // B)) and parts[SCALE].dtype == torch.bfloat16
+    y = rule.decode(parts)
+    assert ((x - y).abs() <= _block_max(x) / 253).all()  # each number within its own block's step
+    fine = _block_max(x) < 1e4  # numbers outside the outliers' block keep their own block's fine step, not the
+    assert torch.equal(fine.any(dim=0), torch.arange(n) >= B)  # outliers' 1e4 / 127 (one scale a row gave them that)
+    assert ((x - y).abs()[fine] <= 1e4 / 253 / 10).all()
+    assert torch.equal(rule.round_trip(y), y)  # written again: the same codes and scales
+    assert torch.equal(rule.encode(y)[""], parts[""]) and torch.equal(rule.encode(y)[SCALE], parts[SCALE])
+    assert rule.num_bytes((6, n)) == parts[""].numel() + 2 * parts[SCALE].numel() == 6 * n + 2 * 6 * -(-n // B)
+
+
 def test_int8_scales_handle_zero_rows_and_fp16_refuses_what_it_cannot_hold():
     x = torch.zeros(3, 5)
     x[1] = torch.tensor([0.0, 1e-30, -2.0, 0.5, 3.0])
     assert torch.equal(get_precision("int8").round_trip(x)[0], torch.zeros(5))
+    numbers = torch.randn(9, generator=torch.Generator().manual_seed(1))
+    parts = get_precision("int8").encode(torch.cat([torch.zeros(8), numbers, torch.zeros(3)]))  # blocks 8, 8, 4
+    assert parts[SCALE].tolist()[0] == 0 and min(parts[SCALE].tolist()[1:]) > 0  # a zero block: s = 0, q = 0
+    assert torch.equal(parts[""][:8], torch.zeros(8, dtype=torch.int8))
+    assert torch.equal(get_precision("int8").decode(parts)[:8], torch.zeros(8))
+    for shape in [(0,), (3, 0), (0, 5)]:  # nothing to store: no numbers, no scales
+        empty = get_precision("int8").encode(torch.zeros(shape))
+        assert get_precision("int8").decode(empty).shape == shape and get_precision("int8").num_bytes(shape) == 0
     with pytest.raises(VLoRAError, match="bf16"):
         get_precision("fp16").round_trip(torch.tensor([[1e6, 1.0]]))
     with pytest.raises(VLoRAError, match="choose one of: fp32, bf16, fp16, int8"):
@@ -90,11 +129,12 @@ def _data_bytes(path) -> int:
         return path.stat().st_size - 8 - int.from_bytes(f.read(8), "little")
 
 
-def test_the_bytes_on_disk_shrink_with_the_precision(tmp_path):
+@pytest.mark.parametrize("method", ["flat", "rank"])
+def test_the_bytes_on_disk_shrink_with_the_precision(tmp_path, method):
     adapters = _adapters(d=256)
     sizes = {}
     for name in PRECISIONS:
-        store = SharedSubspace.from_adapters(adapters, num_components=4, method="flat", dtype=name)
+        store = SharedSubspace.from_adapters(adapters, num_components=4, method=method, dtype=name)
         folder = store.save(tmp_path / name)
         manifest = json.loads((folder / "manifest.json").read_text())
         assert manifest["storage"] == name and manifest["format_version"] == 3
@@ -104,7 +144,79 @@ def test_the_bytes_on_disk_shrink_with_the_precision(tmp_path):
         assert sizes[name] == quality.stored_bytes(store) + spectra  # the file holds what stored_bytes counts
     assert sizes["bfloat16"] / sizes["float32"] < 0.52
     assert sizes["float16"] == sizes["bfloat16"]
-    assert sizes["int8"] / sizes["float32"] < 0.27
+    # int8: a byte a number plus 2 bytes a block: 1/16 more in basis rows (2048 or 256 numbers, blocks of 32),
+    # 2 bytes a loading row of k = 4 (one block of 8): rank's 8 loading rows a task weigh more than flat's one
+    assert sizes["int8"] / sizes["float32"] < {"flat": 0.27, "rank": 0.32}[method]
+
+
+def test_int8_bytes_count_a_scale_per_block():
+    rule = get_precision("int8")
+    assert [int8_block(n) for n in (0, 1, 127, 128, 4096)] == [8, 8, 8, 32, 32]
+    assert rule.num_bytes((3, 200)) == 3 * 200 + 2 * 3 * 7  # blocks of 32: 6 whole and one of 8
+    assert rule.num_bytes((8, 4)) == 8 * 4 + 2 * 8  # a rank loading of k = 4: one block of 8 a row
+    assert rule.num_bytes((2, 127)) == 2 * 127 + 2 * 2 * 16 and rule.num_bytes((2048,)) == 2048 + 2 * 64
+    assert rule.num_bytes((0, 5)) == rule.num_bytes((3, 0)) == 0
+
+
+def _rewrite(folder, change) -> None:
+    """Replace every data file of the store at ``folder`` by ``change`` (tensors -> tensors), checksums updated."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name in manifest["checksums"]:
+        data = save_bytes(change(load_bytes((folder / name).read_bytes())))
+        (folder / name).write_bytes(data)
+        manifest["checksums"][name] = hashlib.sha256(data).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(schema.seal(manifest)))
+
+
+def _per_row(tensors: dict) -> dict:
+    """An int8 store file as vlora wrote it before the blocks: one bf16 scale per row, s = max|row| / 127."""
+    out = dict(tensors)
+    for key in [k for k in tensors if k + SCALE in tensors]:
+        x = get_precision("int8").decode({"": tensors[key], SCALE: tensors[key + SCALE]})
+        scale = (x.abs().amax(dim=-1) / 127).to(torch.bfloat16).float()
+        q = torch.where(scale[..., None] > 0, x / scale.clamp(min=1e-38)[..., None], 0.0).round().clamp(-127, 127)
+        out[key], out[key + SCALE] = q.to(torch.int8), scale.to(torch.bfloat16)
+    return out
+
+
+@pytest.mark.parametrize("method", ["flat", "rank"])
+def test_an_int8_store_written_with_a_scale_per_row_still_loads(tmp_path, method):
+    store = SharedSubspace.from_adapters(_adapters(d=160), num_components=3, method=method, dtype="int8")
+    folder = store.save(tmp_path / "old")
+    _rewrite(folder, _per_row)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    files = {name: load_bytes((folder / name).read_bytes()) for name in manifest["checksums"]}
+    loaded = SharedSubspace.load(folder)
+    assert loaded.dtype == "int8" and read_view(folder) is not None  # `vlora info` reads it without torch too
+    layer, side, task = manifest["layers"][0]["name"], "B", manifest["tasks"][0]["id"]
+    old_basis, old_task = files[manifest["basis_file"]], files[manifest["tasks"][0]["file"]]
+    for tensors, key, got in [
+        (old_basis, "0.B.components", loaded.bases[layer][side].components),
+        (old_task, "0.B", loaded.tasks[task].loadings[layer][side]),
+    ]:
+        assert tensors[key + SCALE].shape == tensors[key].shape[:-1]  # the old layout: one scale a row
+        assert torch.equal(got, tensors[key].float() * tensors[key + SCALE].float()[..., None])  # read as written
+    loaded.save(tmp_path / "new")  # written again: in blocks, each number rounded once more within its block's step
+    again = SharedSubspace.load(tmp_path / "new")
+    for before, after in [
+        (loaded.bases[layer][side].components, again.bases[layer][side].components),
+        (loaded.tasks[task].loadings[layer][side], again.tasks[task].loadings[layer][side]),
+    ]:
+        assert ((after - before).abs() <= _block_max(before) / 253).all()
+        assert torch.equal(get_precision("int8").round_trip(after), after)  # from now on the same bytes each time
+
+
+def test_an_int8_scale_of_another_shape_is_refused(tmp_path):
+    store = SharedSubspace.from_adapters(_adapters(), num_components=2, method="flat", dtype="int8")
+    folder = store.save(tmp_path / "s")
+
+    def first_scales(tensors):  # (rows, blocks) -> (rows, 1): neither a scale a block nor a scale a row
+        return {k: v[..., :1].contiguous() if k.endswith(SCALE) and v.shape[-1] > 1 else v for k, v in tensors.items()}
+
+    _rewrite(folder, first_scales)
+    with pytest.raises(StoreError, match="is not stored as int8"):
+        SharedSubspace.load(folder)
+    assert read_view(folder) is None  # info leaves it to the full load, which names it
 
 
 def test_default_is_bf16_for_bf16_or_fp16_inputs_and_fp32_otherwise():

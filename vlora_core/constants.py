@@ -14,3 +14,11 @@ READABLE_STORE_VERSIONS = (2, 3)  # what this vlora reads; it writes STORE_FORMA
 
 PEFT_PREFIX = "base_model.model."
 SIDES = ("A", "B")
+
+
+def int8_block(n: int) -> int:
+    """Numbers per bfloat16 scale in an int8 row of ``n`` numbers (``vlora_core.precision``): 32 in rows of at
+    least 128 (basis directions, means), else 8 (a task's loading rows: k numbers that fall with the singular
+    values, so a block of the large leading ones does not coarsen the small trailing ones). Here, torch-free,
+    because ``vlora info`` checks the scales' shapes from the file headers alone."""
+    return 32 if n >= 128 else 8

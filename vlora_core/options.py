@@ -13,7 +13,10 @@ STORAGE = {  # vlora_core.precision.PRECISIONS: name -> (flag, summary)
     "float32": ("fp32", "exact"),
     "bfloat16": ("bf16", "half the bytes, relative error <= 2^-9 a number"),
     "float16": ("fp16", "half the bytes, relative error <= 2^-12, range +-65504"),
-    "int8": ("int8", "a quarter of the bytes, error <= max|row|/253 a number (+ a bf16 scale a row)"),
+    "int8": (
+        "int8",
+        "a quarter of the bytes + a bf16 scale per 32 numbers (8 in loadings rows), error <= max|block|/253 a number",
+    ),
 }
 STORAGE_FLAGS = {flag: name for name, (flag, _) in STORAGE.items()}  # fp32 -> float32, ...
 MERGE_METHODS = ("linear", "cat", "ties", "dare")  # vlora_core.merge.METHODS

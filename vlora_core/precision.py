@@ -4,15 +4,17 @@
     bfloat16  2 bytes, relative error at most 2⁻⁹ per number
     float16   2 bytes, relative error at most 2⁻¹² per number above 6.1e-5 (below: 3e-8 absolute); a row
               whose largest |x| is above 65504 or below 6.1e-5 does not fit (refused: bf16 has float32's range)
-    int8      1 byte a number + a bfloat16 scale per row (a basis direction, the mean, a task's loading row):
-              symmetric, s = max|row| / 127 rounded to bfloat16, q = round(x / s) within ±127; |x − q·s| ≤ s/2,
-              i.e. at most max|row| / 253 per number
+    int8      1 byte a number + a bfloat16 scale per block of B numbers along a row (a basis direction, the mean,
+              a task's loading row): B = 32 in rows of at least 128 numbers, else 8 (``int8_block``; a row's last
+              block may be shorter, no block spans two rows). Symmetric: s = max|block| / 127 rounded to bfloat16,
+              q = round(x / s) within ±127; |x − q·s| ≤ s/2, i.e. at most max|block| / 253 per number, so a large
+              number coarsens only its own block. Stores written with one scale per row still read.
 
 In memory a store holds float32 numbers its precision represents exactly (``round_trip``): its ΔW errors,
 measured after the round trip, are those of what is on disk, and writing it again gives the same bytes
-(an int8 row's largest code is ±127 and its scale a bfloat16 number, so 127·s and (127·s)/127 are exact in
-float32 and the same codes and scale come back). The singular values
-and the energy are always float32 / float64: a few numbers per layer side. Variants are table entries.
+(an int8 block's largest code is ±127 and its scale a bfloat16 number, so 127·s and (127·s)/127 are exact in
+float32; the blocks depend on the row's length alone, so the same codes and scales come back). The singular
+values and the energy are always float32 / float64: a few numbers per layer side. Variants are table entries.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .constants import int8_block
 from .errors import VLoRAError
 from .options import STORAGE, agree
 
-SCALE = ".scale"  # the key suffix of an int8 tensor's per-row scales in a store file
+SCALE = ".scale"  # the key suffix of an int8 tensor's scales in a store file: (*rows, ceil(n / int8_block(n)))
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,13 @@ class Precision:
         return t if self.name == "float32" else self.decode(self.encode(t))
 
     def num_bytes(self, shape: tuple[int, ...]) -> int:
-        """Bytes of one tensor of ``shape`` in a store file (int8: plus its rows' scales), headers aside."""
+        """Bytes of one tensor of ``shape`` in a store file (int8: plus its blocks' scales), headers aside."""
         numel = int(torch.Size(shape).numel())
-        rows = numel // shape[-1] if shape and shape[-1] else 0
-        return int(numel * self.bytes_per_number) + (2 * rows if self.name == "int8" else 0)
+        if self.name != "int8" or not shape:
+            return int(numel * self.bytes_per_number)
+        n = shape[-1]
+        rows = int(torch.Size(shape[:-1]).numel())
+        return numel + 2 * rows * -(-n // int8_block(n))
 
 
 def _cast(dtype: torch.dtype) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
@@ -66,13 +72,22 @@ def _cast(dtype: torch.dtype) -> Callable[[torch.Tensor], dict[str, torch.Tensor
 
 def _encode_int8(t: torch.Tensor) -> dict[str, torch.Tensor]:
     x = t.float()
-    scale = (x.abs().amax(dim=-1) / 127).to(torch.bfloat16).float()  # (...,) within 2⁻⁹ of max|row| / 127
-    q = torch.where(scale[..., None] > 0, x / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None], 0.0)
-    return {"": q.round().clamp(-127, 127).to(torch.int8).contiguous(), SCALE: scale.to(torch.bfloat16).contiguous()}
+    n = x.shape[-1]
+    B = int8_block(n)
+    nb = -(-n // B)  # blocks per row, the last one zero-padded here (padding is never written)
+    blocks = torch.nn.functional.pad(x, (0, nb * B - n)).reshape(*x.shape[:-1], nb, B)  # (..., nb, B)
+    scale = (blocks.abs().amax(dim=-1) / 127).to(torch.bfloat16).float()  # (..., nb) within 2⁻⁹ of max|block| / 127
+    q = torch.where(scale[..., None] > 0, blocks / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None], 0.0)
+    q = q.round().clamp(-127, 127).reshape(*x.shape[:-1], nb * B)[..., :n]  # (..., n)
+    return {"": q.to(torch.int8).contiguous(), SCALE: scale.to(torch.bfloat16).contiguous()}
 
 
 def _decode_int8(parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    return parts[""].float() * parts[SCALE].float()[..., None]
+    q, scale = parts[""].float(), parts[SCALE].float()
+    if scale.shape == q.shape[:-1]:  # one scale per row: a store written before the blocks
+        return q * scale[..., None]
+    n = q.shape[-1]
+    return q * scale.repeat_interleave(int8_block(n), dim=-1)[..., :n]  # exact: 7-bit codes times 8-bit scales
 
 
 PRECISIONS: dict[str, Precision] = {}

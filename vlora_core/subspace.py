@@ -102,9 +102,9 @@ class SharedSubspace:
             measure: record each task's ΔW error per layer (about a quarter of the time).
             progress: show a progress bar.
             device: where the gauge and the SVDs run ("cuda" on a GPU; default: the CPU). The result is on the CPU.
-            dtype: storage precision of the basis, means and loadings: "fp32", "bf16", "fp16" or "int8" (per-row
-                scales); default: bf16 when every adapter is bf16 or fp16, else fp32 (``precision.default_precision``).
-                The ΔW errors recorded include the rounding.
+            dtype: storage precision of the basis, means and loadings: "fp32", "bf16", "fp16" or "int8" (a bf16
+                scale per block of a row); default: bf16 when every adapter is bf16 or fp16, else fp32
+                (``precision.default_precision``). The ΔW errors recorded include the rounding.
             calibration: fit activation-aware: a prompt file (JSON lines, as for ``vlora eval``) run through
                 ``base_model``, or a ``Calibration`` already collected (``vlora_core.calibration.calibrate``). The
                 basis then minimises ‖(ΔW − ΔŴ)·C^½‖ with C each layer's input second moment; each task's

@@ -6,8 +6,9 @@
     STORE/task-<sha256[:16]>.safetensors       "<layer index>.<side>" loadings, "extra.<key>" tensors
 
 Components, means and loadings are written in the store's precision (the manifest's "storage": float32,
-bfloat16, float16, or int8 with a bfloat16 "<key>.scale" per row, ``vlora_core.precision``) and read back
-as float32; singular values (float32) and energies (float64) are written as they are.
+bfloat16, float16, or int8 with a bfloat16 "<key>.scale" per block of a row's numbers, ``vlora_core.precision``;
+one per row in stores written before) and read back as float32; singular values (float32) and energies (float64)
+are written as they are.
     STORE/.vlora.lock                   held by a writer (filelock) for the whole save
 
 Task ids live only inside the manifest, never in file names. A save, under the lock, re-reads the manifest
@@ -33,7 +34,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from ..basis import Basis
-from ..constants import SIDES, STORE_FORMAT, STORE_FORMAT_VERSION, STORE_LOCK, STORE_MANIFEST
+from ..constants import SIDES, STORE_FORMAT, STORE_FORMAT_VERSION, STORE_LOCK, STORE_MANIFEST, int8_block
 from ..errors import StoreError
 from ..methods import get_method
 from ..precision import SCALE, Precision, get_precision
@@ -390,12 +391,21 @@ def _decoded(data: dict[str, torch.Tensor], precision: Precision, file: str) -> 
             continue
         parts = {"": t, SCALE: data.get(key + SCALE)} if precision.name == "int8" else {"": t}
         dtypes = tuple(None if p is None else p.dtype for p in parts.values())
-        if dtypes != precision.stored_dtypes or (SCALE in parts and parts[SCALE].shape != t.shape[:-1]):
+        if dtypes != precision.stored_dtypes or (SCALE in parts and parts[SCALE].shape not in _scale_shapes(t)):
             raise StoreError(
                 f"{file}: tensor {key!r} is not stored as {precision.name} (the manifest's storage); rebuild the store."
             )
         out[key] = precision.decode(parts)
     return out
+
+
+def _scale_shapes(t: torch.Tensor) -> tuple[tuple[int, ...], ...]:
+    """The shapes an int8 tensor's scales may have: one per block of its rows, or (stores written before the
+    blocks) one per row."""
+    if t.dim() == 0:
+        return ()
+    n = t.shape[-1]
+    return (*t.shape[:-1], -(-n // int8_block(n))), tuple(t.shape[:-1])
 
 
 def _energy(data: dict, key: str, where: str, spectrum: torch.Tensor) -> float | None:
