@@ -25,7 +25,7 @@ from synthetic import adapter_dirs
 from vlora import SharedSubspace, load_adapter
 from vlora_core.quality import overall_error
 
-KS = (1, 2, 4, 8, 16, 24, 31, 48, 64)
+KS = (1, 2, 4, 8, 16, 24, 31, 48, 64, 96, 128)
 DTYPES = ("float32", "bfloat16", "int8")
 
 

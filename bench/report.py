@@ -5,6 +5,7 @@ python bench/report.py
 
 from __future__ import annotations
 
+from budgets import BUDGETS
 from common import read_result
 
 
@@ -65,6 +66,41 @@ def fidelity_table(data) -> list[str]:
                         yield name, tool, p["k"], "failed", repr(p.get("failed", "")[-80:])
 
     return table("set | tool | k: | stored MiB: | ΔW rel. error:", rows())
+
+
+def fidelity_budgets(data) -> list[str]:
+    """Per set and budget (bench/budgets.py's shares of the input files): the lowest ΔW error among vlora's measured
+    points whose store fits, against the lowest among the peers' (stores as they write them); ≤ 0.5× is the goal."""
+
+    def best(curves, ours: bool, budget: float):
+        fits = [
+            (p["error"], tool, p)
+            for tool, pts in curves.items()
+            if isinstance(pts, list) and tool.startswith("vlora ") == ours
+            for p in pts
+            if "error" in p and p["bytes"] <= budget
+        ]
+        return min(fits, key=lambda f: f[0], default=None)
+
+    def rows():
+        for name, curves in data["results"].items():
+            for label, share in BUDGETS.items():
+                budget = share * curves["original_bytes"]
+                mine, peer = best(curves, True, budget), best(curves, False, budget)
+                if mine is None:
+                    yield name, label, "none fits", "", "", "", "", ""
+                    continue
+                point = lambda f: f"{f[1]} k = {f[2]['k']} ({f[2]['bytes'] / 2**20:.1f} MiB)"  # noqa: E731
+                ratio = mine[0] / peer[0] if peer and peer[0] > 0 else None
+                yield (
+                    name, label, point(mine), f"{mine[0]:.4f}", point(peer) if peer else "none fits",
+                    f"{peer[0]:.4f}" if peer else "–", "–" if ratio is None else f"{ratio:.2f}",
+                    "met" if ratio is None or ratio <= 0.5 else "**missed**",
+                )  # fmt: skip
+
+    return table(
+        "set | budget | best vlora | ΔW error: | best peer within the budget | ΔW error: | ratio: | ≤ 0.5×", rows()
+    )
 
 
 def scale_table(data) -> list[str]:
@@ -143,6 +179,7 @@ def main() -> None:
         ("compress", compress_summary),
         ("compress", compress_table),
         ("fidelity", fidelity_table),
+        ("fidelity", fidelity_budgets),
         ("budgets", budgets_table),
         ("compress_rank_before", rank_table),
         ("compress_rank_krylov1", rank_table),
