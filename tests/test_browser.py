@@ -538,7 +538,7 @@ def test_the_ab_tab_names_its_setting_and_compares_two_k(page, app_url, workload
 
 def test_every_k_change_shows_in_the_summary_and_all_four_plots(page, app_url, point_shots, tmp_path):
     """Point 6 in a real browser, on the demo adapters (5 tasks, 60 layers of SmolLM2-135M): each k typed shows in
-    the summary and in all four plots (``K_SHOWN``), 234 changes. Its speed (≤ 150 ms from typing to the last plot)
+    the summary and in all four plots (``K_SHOWN``), every k twice. Its speed (≤ 150 ms from typing to the last plot)
     is measured by ``bench/workbench_k.py --browser``; here the times are printed and kept with the screenshots,
     held only to a 1 s guard: a 150 ms timer fails on a slower machine, not on slower code (this machine drew the
     same code in 132–140 ms one day and 206 ms another)."""
@@ -553,13 +553,13 @@ def test_every_k_change_shows_in_the_summary_and_all_four_plots(page, app_url, p
         ks = [k for k in range(1, top + 1) if k != int(mine.locator("#k-slider input[type=number]").input_value())]
         mine.wait_for_timeout(2000)  # the table of every k arrives after the drawing
         browser_k_times(mine, ks)  # warm up: Plotly's and the page's first runs
-        times = browser_k_times(mine, ks * 6)  # never the same k twice in a row; each must show (K_SHOWN)
+        times = browser_k_times(mine, ks * 2)  # never the same k twice in a row; each must show (K_SHOWN)
         _shot(mine, point_shots, "17-6-k.png")
     measured = summary_ms(times)
     load = os.getloadavg()[0] / (os.cpu_count() or 1)
     print(f"k change in the browser: {measured} (target 150 ms at rest; load {load:.2f} per core)")
     (point_shots / "k_change_ms.json").write_text(json.dumps({**measured, "times_ms": times, "load_per_core": load}))
-    assert len(times) == len(ks) * 6 and measured["median_ms"] < 1000
+    assert len(times) == len(ks) * 2 and measured["median_ms"] < 1000
 
 
 def _basis(mine, method: str) -> None:
