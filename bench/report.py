@@ -82,6 +82,10 @@ def fidelity_budgets(data) -> list[str]:
         ]
         return min(fits, key=lambda f: f[0], default=None)
 
+    def point(found) -> str:
+        _, tool, p = found
+        return f"{tool} k = {p['k']} ({p['bytes'] / 2**20:.1f} MiB)"
+
     def rows():
         for name, curves in data["results"].items():
             for label, share in BUDGETS.items():
@@ -90,7 +94,6 @@ def fidelity_budgets(data) -> list[str]:
                 if mine is None:
                     yield name, label, "none fits", "", "", "", "", ""
                     continue
-                point = lambda f: f"{f[1]} k = {f[2]['k']} ({f[2]['bytes'] / 2**20:.1f} MiB)"  # noqa: E731
                 ratio = mine[0] / peer[0] if peer and peer[0] > 0 else None
                 yield (
                     name, label, point(mine), f"{mine[0]:.4f}", point(peer) if peer else "none fits",
