@@ -22,3 +22,12 @@ def int8_block(n: int) -> int:
     values, so a block of the large leading ones does not coarsen the small trailing ones). Here, torch-free,
     because ``vlora info`` checks the scales' shapes from the file headers alone."""
     return 32 if n >= 128 else 8
+
+
+def int8_scale_shapes(shape) -> tuple[tuple[int, ...], ...]:
+    """The shapes the scales of an int8 tensor of ``shape`` may have in a store file: one a block of each row (as
+    written now), or one a row (stores written before the blocks); none for a tensor without rows."""
+    if not shape:
+        return ()
+    *rows, n = shape
+    return (*rows, -(-n // int8_block(n))), tuple(rows)

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .constants import int8_block
+from .constants import int8_block, int8_scale_shapes
 from .errors import VLoRAError
 from .options import STORAGE, agree
 
-SCALE = ".scale"  # the key suffix of an int8 tensor's scales in a store file: (*rows, ceil(n / int8_block(n)))
+SCALE = ".scale"  # the key suffix of an int8 tensor's scales in a store file (their shapes: int8_scale_shapes)
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,7 @@ class Precision:
         numel = int(torch.Size(shape).numel())
         if self.name != "int8" or not shape:
             return int(numel * self.bytes_per_number)
-        n = shape[-1]
-        rows = int(torch.Size(shape[:-1]).numel())
-        return numel + 2 * rows * -(-n // int8_block(n))
+        return numel + 2 * int(torch.Size(int8_scale_shapes(shape)[0]).numel())
 
 
 def _cast(dtype: torch.dtype) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
@@ -84,7 +82,7 @@ def _encode_int8(t: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def _decode_int8(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     q, scale = parts[""].float(), parts[SCALE].float()
-    if scale.shape == q.shape[:-1]:  # one scale per row: a store written before the blocks
+    if scale.shape == int8_scale_shapes(q.shape)[1]:  # one scale per row: a store written before the blocks
         return q * scale[..., None]
     n = q.shape[-1]
     return q * scale.repeat_interleave(int8_block(n), dim=-1)[..., :n]  # exact: 7-bit codes times 8-bit scales

@@ -34,7 +34,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from ..basis import Basis
-from ..constants import SIDES, STORE_FORMAT, STORE_FORMAT_VERSION, STORE_LOCK, STORE_MANIFEST, int8_block
+from ..constants import SIDES, STORE_FORMAT, STORE_FORMAT_VERSION, STORE_LOCK, STORE_MANIFEST, int8_scale_shapes
 from ..errors import StoreError
 from ..methods import get_method
 from ..precision import SCALE, Precision, get_precision
@@ -391,21 +391,14 @@ def _decoded(data: dict[str, torch.Tensor], precision: Precision, file: str) -> 
             continue
         parts = {"": t, SCALE: data.get(key + SCALE)} if precision.name == "int8" else {"": t}
         dtypes = tuple(None if p is None else p.dtype for p in parts.values())
-        if dtypes != precision.stored_dtypes or (SCALE in parts and parts[SCALE].shape not in _scale_shapes(t)):
+        if dtypes != precision.stored_dtypes or (
+            SCALE in parts and parts[SCALE].shape not in int8_scale_shapes(t.shape)
+        ):
             raise StoreError(
                 f"{file}: tensor {key!r} is not stored as {precision.name} (the manifest's storage); rebuild the store."
             )
         out[key] = precision.decode(parts)
     return out
-
-
-def _scale_shapes(t: torch.Tensor) -> tuple[tuple[int, ...], ...]:
-    """The shapes an int8 tensor's scales may have: one per block of its rows, or (stores written before the
-    blocks) one per row."""
-    if t.dim() == 0:
-        return ()
-    n = t.shape[-1]
-    return (*t.shape[:-1], -(-n // int8_block(n))), tuple(t.shape[:-1])
 
 
 def _energy(data: dict, key: str, where: str, spectrum: torch.Tensor) -> float | None:

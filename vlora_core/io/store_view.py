@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..constants import SIDES, int8_block
+from ..constants import SIDES, int8_scale_shapes
 from ..reports import describe
 from .manifest import damaged, read_manifest, verify_files
 
@@ -124,13 +124,13 @@ def _view(manifest: dict, basis: dict, tasks: dict[str, dict]) -> StoreView:
 
 def _shape(found: dict, key: str, stored: tuple[str, ...]) -> list[int]:
     """The shape of tensor ``key`` stored in the store's precision (int8: with its bf16 scales, one a block of a
-    row, ``int8_block``, or one a row in stores written before the blocks)."""
+    row, or one a row in stores written before the blocks: ``int8_scale_shapes``)."""
     tensor = found.get(key)
     _expect(isinstance(tensor, dict) and tensor.get("dtype") == stored[0])
     if len(stored) > 1:
-        scale, rows, n = found.get(key + ".scale"), tensor["shape"][:-1], tensor["shape"][-1]
+        scale = found.get(key + ".scale")
         _expect(isinstance(scale, dict) and scale.get("dtype") == stored[1])
-        _expect(scale["shape"] in ([*rows, -(-n // int8_block(n))], rows))
+        _expect(tuple(scale["shape"]) in int8_scale_shapes(tensor["shape"]))
     return tensor["shape"]
 
 
