@@ -62,6 +62,14 @@ CORPUS = {  # name -> (damage the folder, words the message must contain)
         "not a readable safetensors",
     ),
     "integer tensor": (lambda f: _set_tensor(f, KEY_A, torch.ones(4, 32, dtype=torch.int32)), "must be floating point"),
+    "float8 tensor": (
+        lambda f: _set_tensor(f, KEY_A, torch.ones(4, 32).to(torch.float8_e4m3fn)),
+        "has dtype float8_e4m3fn; adapter weights must be floating point: float32, float16, bfloat16 or float64",
+    ),
+    "weights whose products overflow float32": (
+        lambda f: _set_tensor(f, KEY_A, torch.full((4, 32), 1e19)),
+        "has a weight of magnitude 1e+19 (largest |value| of lora_A, lora_B), too large for float32 arithmetic",
+    ),
     "NaN": (lambda f: _set_tensor(f, KEY_A, torch.full((4, 32), float("nan"))), "lora_A.weight' contains NaN"),
     "Inf": (lambda f: _set_tensor(f, KEY_B, torch.full((32, 4), float("inf"))), "lora_B.weight' contains NaN or Inf"),
     "ranks disagree inside the adapter": (
@@ -118,3 +126,12 @@ def test_bad_adapter_is_refused_and_the_store_is_unchanged(name, store, adapter_
         assert "bad adapter" in result.stderr  # the message names the folder
         assert snapshot(store) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad adapter"]  # nothing written beside it
+
+
+def test_large_but_sane_weights_are_stored(adapter_dirs, tmp_path):
+    folder = write_adapter(tmp_path / "loud", 5)
+    state = load_file(_weights(folder))
+    save_file({key: value * 1e6 for key, value in state.items()}, _weights(folder))  # |value| about 1e5
+    result = vlora("compress", *adapter_dirs[:2], folder, "-o", tmp_path / "store", "-k", "2")
+    assert result.returncode == 0, result.stderr
+    assert "stored 3 tasks" in result.stdout

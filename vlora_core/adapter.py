@@ -41,6 +41,13 @@ MIN_SCALING, MAX_SCALING = 2.0**-20, 2.0**20
 # keys take longer than this in all (catastrophic backtracking, or a great many keys) is refused on reading.
 PATTERN_BUDGET_S = 2.0
 MAX_PATTERN_CHARS = 1000  # longer keys are refused: no module name needs one
+# The dtypes vlora reads factors in (float8 and other exotic floats do not mix with these in torch's arithmetic).
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# A layer's largest |value| (lora_A's or lora_B's) squared, times its largest size (r, d_in or d_out), must be at
+# most 2^64 (about 1.8e19): the Grams B^T·B and A·A^T the gauge takes in float32 then stay below 2^64 too, far from
+# float32's 2^128 (about 3.4e38), and so do ΔW (scaling <= 2^20) and the sums over tasks built from them. Real
+# adapters are around 1e-3 .. 1e3 a value.
+MAX_FACTOR_SQUARE = 2.0**64
 
 
 @dataclass
@@ -286,9 +293,11 @@ def _check_tensors(state: dict, source: str) -> None:
     for key, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
             raise AdapterError(f"{source}: entry {key!r} is a {type(tensor).__name__}, not a tensor.")
-        if not tensor.is_floating_point():
+        if tensor.dtype not in WEIGHT_DTYPES:
             raise AdapterError(
-                f"{source}: tensor {key!r} has dtype {tensor.dtype}; adapter weights must be floating point."
+                f"{source}: tensor {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; adapter weights "
+                "must be floating point: float32, float16, bfloat16 or float64 (convert it, e.g. "
+                "`tensor.to(torch.float32)`, and save the adapter again)."
             )
     sums = [tensor.sum(dtype=torch.float32) for tensor in state.values()]
     if sums and torch.stack(sums).isfinite().all():
@@ -296,6 +305,19 @@ def _check_tensors(state: dict, source: str) -> None:
     for key, tensor in state.items():
         if not torch.isfinite(tensor).all():
             raise AdapterError(f"{source}: tensor {key!r} contains NaN or Inf; retrain or repair this adapter.")
+
+
+def _check_magnitude(module: str, A: torch.Tensor, B: torch.Tensor, source: str) -> None:
+    """The factors' largest |value| small enough that their products stay far inside float32 (MAX_FACTOR_SQUARE)."""
+    largest = max((t.abs().amax().item() for t in (A, B) if t.numel()), default=0.0)
+    size = max(*A.shape, B.shape[0])  # r, d_in, d_out
+    if largest * largest * size > MAX_FACTOR_SQUARE:
+        raise AdapterError(
+            f"{source}: {module} has a weight of magnitude {largest:.3g} (largest |value| of lora_A, lora_B), too "
+            f"large for float32 arithmetic: vlora needs |value|^2 x size <= 2^64 to keep the products it takes from "
+            f"overflowing (size {size} here, so |value| <= {math.sqrt(MAX_FACTOR_SQUARE / size):.3g}); retrain or "
+            "repair this adapter (if one factor alone is large, lora_A x c and lora_B / c keep ΔW)."
+        )
 
 
 def _make_layer(
@@ -315,6 +337,7 @@ def _make_layer(
             f"{source}: {module} lora_A is {tuple(A.shape)} but lora_B is {tuple(B.shape)}; "
             "their rank dimensions must agree (lora_A: r x d_in, lora_B: d_out x r)."
         )
+    _check_magnitude(module, A, B, source)
     rank = A.shape[0]
     expected = pattern_value(config.get("rank_pattern"), module, config["r"], source, deadline)
     if expected != rank:
