@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from conftest import make_tiny_model, peft_logits, snapshot, write_adapter
 from conftest import run_cli as vlora
 
@@ -82,6 +83,24 @@ def test_failures_exit_1_name_the_problem_and_keep_the_store(store, adapter_dirs
     assert result.returncode == 1, result.stdout
     assert message in result.stderr and "Traceback" not in result.stderr
     assert snapshot(store) == before
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("bogus", "--device 'bogus' is not a device name; use cpu or cuda"),
+        ("meta", "--device 'meta': vlora runs on cpu or cuda"),
+        pytest.param(
+            "cuda",
+            "--device cuda was asked for but no CUDA GPU is present",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present"),
+        ),
+    ],
+)
+def test_compress_refuses_a_device_it_cannot_use(adapter_dirs, tmp_path, device, message):
+    result = vlora("compress", *adapter_dirs[:2], "-o", tmp_path / "store", "--device", device)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "store").exists()
 
 
 @pytest.mark.slow  # new processes

@@ -34,6 +34,7 @@ import torch
 from huggingface_hub import constants as hub_constants
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from vlora_core.device import check_device
 from vlora_core.errors import ModelLoadError
 from vlora_core.head import restride_head_input
 
@@ -139,12 +140,7 @@ def placement(
     """Where and in what precision a base model runs: the arguments, else $VLORA_DEVICE / $VLORA_DTYPE,
     else bf16 on CUDA when a GPU is present, fp32 on the CPU."""
     device = device or os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ModelLoadError(f"device {device!r} is not a torch device ({err}); use cpu or cuda.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device} was asked for but no CUDA GPU is present; use cpu.")
+    device = check_device(device, error=ModelLoadError)
     dtype = dtype or os.environ.get(DTYPE_ENV) or ("bf16" if device.type == "cuda" else fastest_cpu_dtype())
     if isinstance(dtype, str):
         if dtype.lower() not in DTYPES:

@@ -11,6 +11,7 @@ import sys
 
 from . import quality
 from .cli import task_weight
+from .device import check_device
 from .errors import VLoRAError, short_list
 from .export import export_all, export_all_serving, export_serving, export_task, save_checked
 from .info import json_safe, print_bytes, print_summary
@@ -23,6 +24,7 @@ from .subspace import SharedSubspace, stream_compress
 def compress(args) -> None:
     if args.calibration is None and (args.base_model is not None or args.damping is not None):
         raise VLoRAError("--base-model and --damping set up --calibration; add --calibration PROMPTS, or drop them.")
+    device = None if args.device is None else check_device(args.device, "--device")
     if args.stream is not None:  # --stream 0 is a value to refuse, not "off"
         if args.adaptive_k:
             raise VLoRAError("--stream keeps a fixed k; drop --adaptive-k or --stream.")
@@ -47,7 +49,7 @@ def compress(args) -> None:
             adaptive_k=args.adaptive_k,
             variance_threshold=args.threshold,
             progress=True,
-            device=args.device,
+            device=device,
             dtype=args.dtype,
             calibration=args.calibration,
             base_model=args.base_model,
