@@ -350,6 +350,18 @@ def test_cli_merge_refuses_unknown_tasks_and_bad_numbers(store, tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("rank", ["1000", "1000000000"])
+def test_cli_merge_cuts_a_rank_above_what_a_layer_holds_to_that_layer(store, tmp_path, rank):
+    out = tmp_path / "merged"
+    done = run_cli("merge", store, "sentiment", "qa", "--rank", rank, "-o", out)
+    assert done.returncode == 0, done.stderr
+    assert f"note: --rank {rank} is more than some layers can hold" in done.stderr
+    assert "ΔW relative error 0.0000" in done.stdout  # nothing cut: every layer at its full rank
+    merged = load_adapter(out)
+    for layer in merged.layers.values():
+        assert layer.rank == min(layer.A.shape[1], layer.B.shape[0])
+
+
 # ---- behaviour: a merge against the exact merge and against its parts ------------------------------------------
 PROMPTS = (Prompt("hello there", answer=" general kenobi"), Prompt("the cat sat on"), Prompt("one two three"))
 

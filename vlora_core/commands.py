@@ -200,6 +200,12 @@ def merge(args) -> None:
             f"{args.output} (ranks {_rank_range(result.adapter.ranks)}; ΔW relative error {result.error:.4f} "
             "against the exact merge)"
         )
+        if args.rank is not None and min(result.adapter.ranks.values()) < args.rank:
+            print(
+                f"vlora merge: note: --rank {args.rank} is more than some layers can hold; each layer is written at "
+                "most at its min(d_out, d_in)",
+                file=sys.stderr,
+            )
     if args.base_model:
         _print_merge_behaviour(subspace, task_ids, weights, config, result, args)
 

@@ -50,7 +50,8 @@ class MergeConfig:
 
     method: str = MERGE_DEFAULTS["method"]  # one of METHODS
     density: float = MERGE_DEFAULTS["density"]  # ties / dare: share ρ of each task's ΔW entries kept (0 < ρ <= 1)
-    rank: int | None = None  # each layer's rank, by the SVD of the merged ΔW; None: the method's own (see module doc)
+    rank: int | None = None  # each layer's rank, by the SVD of the merged ΔW, at most min(d_out, d_in) (what the layer
+    # can hold; a larger rank is cut to that per layer); None: the method's own (see module doc)
     seed: int = MERGE_DEFAULTS["seed"]  # dare: seeds the masks (each layer's generator from the seed and layer name)
 
     def __post_init__(self):
@@ -110,6 +111,14 @@ def _cut(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int | None) -
         B = torch.cat([B, B.new_zeros(B.shape[0], rank - k)], dim=1)
         A = torch.cat([A, A.new_zeros(rank - k, A.shape[1])], dim=0)
     return LowRank(A, B, tail=S[k:].norm().item(), norm=S.norm().item())
+
+
+def held_rank(parts: Sequence[Part], rank: int | None) -> int | None:
+    """A rank cap cut to what the layer can hold, min(d_out, d_in): a larger one would only pad zero directions."""
+    if rank is None:
+        return None
+    A, B, _ = parts[0]
+    return min(rank, A.shape[1], B.shape[0])
 
 
 def stack_parts(parts: Sequence[Part]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,7 +244,7 @@ def merge_adapters(
             lacks counts as ΔW = 0 there.
         weights: one per task, any sign; None: 1 each (task arithmetic, Σ ΔWᵢ, and TIES' paper setting; give
             1/N each for the mean).
-        config: method, density, rank cap and seed.
+        config: method, density, rank cap (cut per layer to min(d_out, d_in)) and seed.
         name: the merged task's name.
         ranks: layer -> rank to write there instead of ``config.rank`` (e.g. a store's own ranks, to add the
             merge to it); zero directions pad a rank larger than the merged ΔW has.
@@ -252,7 +261,10 @@ def merge_adapters(
     layers = _layer_parts(adapters, weights)
     method = METHODS[config.method]
     ranks = ranks or {}
-    results = {layer: method(parts, config, layer, ranks.get(layer, config.rank)) for layer, parts in layers.items()}
+    results = {
+        layer: method(parts, config, layer, ranks.get(layer, held_rank(parts, config.rank)))
+        for layer, parts in layers.items()
+    }
     dtype = _common_dtype(adapters)
     template = merged_config(adapters)
     factors = {layer: (result.A, result.B) for layer, result in results.items()}
