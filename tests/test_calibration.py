@@ -316,5 +316,18 @@ def test_calibration_that_does_not_fit_is_refused(adapters, model_dir):
     partial = Calibration({"model.layers.0.self_attn.q_proj": torch.eye(32, dtype=torch.float64)})
     with pytest.raises(CompatibilityError, match="v_proj"):
         SharedSubspace.from_adapters(adapters, num_components=2, calibration=partial)
-    with pytest.raises(VLoRAError, match="damping must be a number > 0"):
-        Calibration({}, damping=0)
+    for damping in (0, -1, float("nan"), float("inf"), 1e300, 10**400, True, "1"):
+        with pytest.raises(VLoRAError, match=r"damping \(--damping\) must be a number from 1e-06 to 1000"):
+            Calibration({}, damping=damping)
+
+
+@pytest.mark.parametrize("damping", ["inf", "nan", "1e300", "1e-300", "0", "-1"])
+def test_cli_refuses_damping_out_of_range_before_running_the_prompts(
+    damping, adapter_dirs, model_dir, prompt_file, tmp_path
+):
+    out = tmp_path / "store"
+    args = ("--calibration", prompt_file, "--base-model", model_dir, "--damping", damping)
+    found = run_cli("compress", *adapter_dirs[:2], "-o", out, *args)
+    assert found.returncode == 1 and "Traceback" not in found.stderr, found.stderr
+    assert "--damping) must be a number from 1e-06 to 1000, got " in found.stderr
+    assert not out.exists()

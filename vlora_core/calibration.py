@@ -47,6 +47,7 @@ bounds by √(d_in/λ)).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -57,7 +58,22 @@ from .errors import CompatibilityError, VLoRAError, short_list
 from .gauge import canonical_factors
 from .options import CALIBRATION_DAMPING as DEFAULT_DAMPING
 
+# λ from 1e-6 (C_λ's condition number at most about 1e6 / the share of C's mean eigenvalue: S⁻¹ stays far inside float32)
+# to 1e3 (C_λ is then nearly λ·mean(diag C)·I: the plain fit; larger λ only adds rounding).
+MIN_DAMPING, MAX_DAMPING = 1e-6, 1e3
 MAX_CALIBRATION_TOKENS = 1 << 20  # tokens over which C is summed; a longer file is refused (a few MB of text)
+
+
+def check_damping(damping: object) -> float:
+    """The one check of a calibration's damping λ: a number from MIN_DAMPING to MAX_DAMPING (--damping, the API)."""
+    number = damping if isinstance(damping, (int, float)) and not isinstance(damping, bool) else math.nan
+    if not MIN_DAMPING <= number <= MAX_DAMPING:  # compared before float(): an int too large for a float is refused
+        raise VLoRAError(
+            f"calibration damping (--damping) must be a number from {MIN_DAMPING:g} to {MAX_DAMPING:g}, got "
+            f"{damping!r}; for example 1 (the default): smaller trusts the prompts' activations more, larger moves "
+            "towards the plain fit."
+        )
+    return float(number)
 
 
 # ---- the math: tensors in, tensors out ------------------------------------------------------------------
@@ -187,11 +203,7 @@ class Calibration:
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not self.damping > 0:
-            raise VLoRAError(
-                f"calibration damping must be a number > 0, got {self.damping!r}; for example 1 (the default)."
-            )
-        self.damping = float(self.damping)
+        self.damping = check_damping(self.damping)
         self.record = dict(self.record) | {"damping": self.damping}
 
     def with_damping(self, damping: float) -> Calibration:

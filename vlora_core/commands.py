@@ -10,6 +10,7 @@ import json
 import sys
 
 from . import quality
+from .calibration import check_damping
 from .cli import task_weight
 from .device import check_device
 from .errors import VLoRAError, short_list
@@ -25,6 +26,8 @@ def compress(args) -> None:
     if args.calibration is None and (args.base_model is not None or args.damping is not None):
         raise VLoRAError("--base-model and --damping set up --calibration; add --calibration PROMPTS, or drop them.")
     device = None if args.device is None else check_device(args.device, "--device")
+    if args.damping is not None:
+        check_damping(args.damping)  # before the prompts run, not after
     if args.stream is not None:  # --stream 0 is a value to refuse, not "off"
         if args.adaptive_k:
             raise VLoRAError("--stream keeps a fixed k; drop --adaptive-k or --stream.")
