@@ -27,8 +27,9 @@ from . import krylov
 class Basis:
     """One layer side's shared directions: ``reconstruct(basis, loadings)`` gives every task's vectors back."""
 
-    components: torch.Tensor  # (k, D), orthonormal rows, by decreasing singular value
-    spectrum: torch.Tensor  # (m',) the leading singular values of the fitted (centred) data (m' ≥ k), descending
+    components: torch.Tensor  # (k, D), orthonormal rows, by decreasing singular value (``extend`` appends)
+    spectrum: torch.Tensor  # (m',) the leading singular values of the fitted (centred) data (m' ≥ k), descending;
+    # after ``extend`` without max_k, the first k are the root energy along each direction, in basis order
     mean: torch.Tensor | None = None  # (D,) for centring methods
     energy: float | None = None  # Σ s² over the whole spectrum; None: the spectrum is whole, energy its sum
 
@@ -219,10 +220,12 @@ def extend(
 ) -> tuple[Basis, torch.Tensor]:
     """Add tasks' vectors (c, g, D) without the original data of the tasks already stored.
 
-    The basis grows by the directions of the new vectors it lacks (residual above ``rtol``), then is
-    rotated (and re-centred) to principal axes of all stored data. Without ``max_k`` nothing is
-    truncated, so every task already stored reconstructs exactly as before: its loadings are
-    re-expressed, not padded. With ``max_k`` (streaming) the weakest directions beyond it are dropped.
+    The basis grows by the directions of the new vectors it lacks (residual above ``rtol``). Without
+    ``max_k`` they are appended: the stored directions, the mean and every stored task's loadings stay as
+    they are (padded with zeros), so a stored task reconstructs bit for bit as before, in any storage
+    precision, however many tasks are added; the spectrum then lists the energy each direction carries, in
+    basis order. With ``max_k`` (streaming) the basis is rotated (and re-centred) to principal axes of all
+    the data and the weakest directions beyond ``max_k`` are dropped.
     Returns the new basis and the loadings of all tasks, the new ones last: (N + c, g, k').
     """
     N, g, k = loadings.shape
@@ -239,12 +242,17 @@ def extend(
     old = torch.cat([loadings.reshape(N * g, k), loadings.new_zeros(N * g, len(Q))], dim=1)
     new = torch.cat([coords, resid @ Q.T], dim=1)  # (c·g, k + m)
     Z = torch.cat([old, new])  # ((N + c)·g, k + m): every task in the extended coordinates
+    if max_k is None:  # appended: nothing stored moves (rotating would round every stored task again)
+        carried = Z.double().pow(2).sum(dim=0)  # (k + m,) the energy along each direction
+        spectrum = torch.cat([carried.sqrt().float(), basis.spectrum[k:]])  # then what was never formed
+        energy = None if basis.energy is None else basis.energy + float(new.double().pow(2).sum())
+        return replace(basis, components=extended, spectrum=spectrum, energy=energy), Z.reshape(N + c, g, -1)
     mean = basis.mean
     if mean is not None:
         shift = Z.mean(dim=0)  # re-centre on all N + c tasks
         mean, Z = mean + shift @ extended, Z - shift
     _, S, Hh = torch.linalg.svd(Z, full_matrices=False)  # rotate to principal axes
-    keep = len(S) if max_k is None else min(max_k, len(S))
+    keep = min(max_k, len(S))
     components = Hh[:keep] @ extended
     tail = torch.cat([S[keep:], basis.spectrum[k:]])  # energy no longer (or never) kept stays unexplained
     spectrum = torch.cat([S[:keep], tail.sort(descending=True).values])

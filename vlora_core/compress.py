@@ -33,7 +33,7 @@ from .gauge import canonical_factors
 from .io.peft_files import folder_task_id, load_adapter
 from .methods import get_method
 from .precision import get_precision
-from .quality import delta_w_errors
+from .quality import delta_w_distance, delta_w_errors
 from .records import Factors, LayerKs, LayerShape, Task, check_task_id
 
 Bases = dict[str, dict[str, basis_math.Basis]]  # layer -> side -> Basis
@@ -197,16 +197,51 @@ def round_to(precision: str, bases: Bases, tasks: Iterable[Task], names: list[st
             task.loadings[name] = {side: rule.round_trip(t.detach()) for side, t in task.loadings[name].items()}
 
 
+def round_again(method: str, shapes: dict[str, LayerShape], precision: str, bases: Bases, tasks: list[Task]) -> None:
+    """``round_to`` for tasks already measured (a precision change; stored tasks rounded once more). Where it
+    moves a layer's stored numbers, each task's recorded ΔW error there grows by how far its ΔW moved (the
+    triangle inequality: an upper bound, as the original adapters are not at hand), and its activation-weighted
+    error there, which needs the calibration, is dropped."""
+    for name in shapes:
+        sides, rows = bases[name], [t.loadings[name] for t in tasks]
+        round_to(precision, bases, tasks, [name])
+        after = [t.loadings[name] for t in tasks]
+        if all(torch.equal(a, b) for a, b in zip(_stored(sides, rows), _stored(bases[name], after))):
+            continue  # nothing moved: float32, or numbers already in this precision
+        shape = shapes[name]
+        moved = delta_w_distance(
+            reconstruct(method, shape, sides, rows), reconstruct(method, shape, bases[name], after)
+        )
+        for task, distance in zip(tasks, moved.tolist()):
+            if name in task.errors:
+                error, norm = task.errors[name]
+                task.errors[name] = (error + (distance / norm if norm > 0 else distance), norm)
+            task.act_errors.pop(name, None)
+
+
+def _stored(sides: dict[str, basis_math.Basis], rows: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """A layer's stored tensors: its bases' components and means, then each task's loadings."""
+    return [t for b in sides.values() for t in (b.components, b.mean) if t is not None] + [
+        t for sides_rows in rows for t in sides_rows.values()
+    ]
+
+
 # ---- reconstruction and ΔW errors -------------------------------------------------------------------
 def reconstruct(
     method: str, shape: LayerShape, sides: dict[str, basis_math.Basis], loadings: list[dict[str, torch.Tensor]]
 ) -> Factors:
-    """F_A (N, d_in, r), F_B (N, d_out, r) of N tasks' loadings (side -> (g, k)) at one layer."""
+    """F_A (N, d_in, r), F_B (N, d_out, r) of N tasks' loadings (side -> (g, k)) at one layer.
+
+    Directions on which every one of these tasks loads zero are left out of the sum: a task stored before an
+    incremental add (its loadings padded with zeros) comes back bit for bit as it did before."""
     rule = get_method(method)
-    return tuple(
-        rule.factors(sides[side], torch.stack([L[side] for L in loadings]), shape.dim(side), shape.rank)
-        for side in SIDES
-    )
+    out = []
+    for side in SIDES:
+        L = torch.stack([rows[side] for rows in loadings])  # (N, g, k)
+        used = L.flatten(0, -2).ne(0).any(dim=0).nonzero()  # directions some task loads on
+        k = int(used[-1]) + 1 if len(used) else 0
+        out.append(rule.factors(sides[side].truncate(k), L[..., :k], shape.dim(side), shape.rank))
+    return tuple(out)
 
 
 def measure_errors(

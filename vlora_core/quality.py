@@ -46,12 +46,18 @@ def delta_w_gap(reference: tuple[torch.Tensor, torch.Tensor], other: tuple[torch
     ΔW − ΔW' = [F_B, G_B]·[F_A, −G_A]ᵀ, so its squared norm is ⟨XᵀX, YᵀY⟩ of (r + r') x (r + r') Grams, in
     float64: whatever the two gauges, the result is good to about 1e-8 of ‖ΔW‖ (``delta_w_errors`` is cheaper
     and exact for small errors, but only when both factorisations share a gauge)."""
+    F_A, F_B = reference
+    gap = delta_w_distance(reference, other)
+    norm = ((F_B.double().mT @ F_B.double()) * (F_A.double().mT @ F_A.double())).sum(dim=(1, 2)).clamp(min=0).sqrt()
+    return torch.where(norm > 0, gap / norm.clamp(min=1e-300), gap)
+
+
+def delta_w_distance(reference: tuple[torch.Tensor, torch.Tensor], other: tuple[torch.Tensor, torch.Tensor]):
+    """‖ΔW − ΔW'‖ per task (float64, any gauges; see ``delta_w_gap``) -> (N,)."""
     (F_A, F_B), (G_A, G_B) = reference, other
     X = torch.cat([F_B, G_B], dim=-1).double()  # (N, d_out, r + r')
     Y = torch.cat([F_A, -G_A], dim=-1).double()  # (N, d_in, r + r')
-    gap = ((X.mT @ X) * (Y.mT @ Y)).sum(dim=(1, 2)).clamp(min=0).sqrt()
-    norm = ((F_B.double().mT @ F_B.double()) * (F_A.double().mT @ F_A.double())).sum(dim=(1, 2)).clamp(min=0).sqrt()
-    return torch.where(norm > 0, gap / norm.clamp(min=1e-300), gap)
+    return ((X.mT @ X) * (Y.mT @ Y)).sum(dim=(1, 2)).clamp(min=0).sqrt()
 
 
 def stored_bytes(subspace, bytes_per_number: int | None = None) -> int:

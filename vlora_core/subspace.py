@@ -163,9 +163,10 @@ class SharedSubspace:
 
     def set_dtype(self, dtype: str) -> None:
         """Store in ``dtype`` ("fp32", "bf16", "fp16", "int8") from now on: every basis and loading is rounded to
-        it (a store of higher precision loses what the lower one cannot hold; ΔW errors are not re-measured)."""
+        it (a store of higher precision loses what the lower one cannot hold), and each task's recorded ΔW error
+        grows by what the rounding moved its ΔW (``compress.round_again``: an upper bound)."""
         self.dtype = get_precision(dtype).name
-        compress.round_to(self.dtype, self.bases, list(self.tasks.values()))
+        compress.round_again(self.method, self.shapes, self.dtype, self.bases, list(self.tasks.values()))
 
     # ---- facts ------------------------------------------------------------------------------------
     @property
@@ -264,14 +265,16 @@ class SharedSubspace:
 
     def add(self, adapter: LoRAAdapter, task_id: str | None = None, *, incremental: bool = False) -> Task:
         """Add an adapter: projected on the fixed basis, or (``incremental``) growing the basis so it is
-        stored exactly while every stored task stays as it was (in a store of lower precision than float32: within
-        that precision, the basis being rounded again). Returns the new task, its ΔW error recorded (rounding
-        included)."""
+        stored exactly while every stored task stays as it was, bit for bit, in any precision (the basis grows
+        by appended directions: ``basis.extend``; one exception: an int8 store whose k reaches 128 rounds the
+        stored loadings again in longer blocks, and their recorded errors grow by what that moved). Returns the
+        new task, its ΔW error recorded (rounding included)."""
         task_id, factors = self._new_adapter(adapter, task_id)
         task = compress.project(self.method, self.bases, adapter, task_id, factors)
         if incremental:
-            compress.extend(self.method, self.bases, list(self.tasks.values()), factors, [task])
-            compress.round_to(self.dtype, self.bases, list(self.tasks.values()))
+            stored = list(self.tasks.values())
+            compress.extend(self.method, self.bases, stored, factors, [task])
+            compress.round_again(self.method, self.shapes, self.dtype, self.bases, stored)
         compress.round_to(self.dtype, self.bases, [task])
         self.tasks[task.id] = task
         compress.measure_errors(self.method, self.shapes, self.bases, factors, [task])
