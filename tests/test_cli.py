@@ -118,6 +118,22 @@ def test_usage_errors_exit_2(store):
     assert vlora("compress", "a", "b", "-o", "c", "--method", "pca").returncode == 2
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "1.5"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["export", "{store}", "qa", "-o", "{out}", "--verify", "--min-effect"],
+        ["eval", "{store}", "--min-effect"],
+        ["eval", "{store}", "--min-agreement"],
+    ],
+)
+def test_thresholds_must_be_shares(store, tmp_path, args, value):
+    result = vlora(*[a.format(store=store, out=tmp_path / "out") for a in args], value)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{args[-1]}: {value!r} is not a number from 0 to 1" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", ["compress", "info", "export", "add"])
 def test_every_command_has_help(command):
     result = vlora(command, "--help")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 from .config import DEFAULT_METHOD, DEFAULT_NUM_COMPONENTS, DEFAULT_VARIANCE_THRESHOLD
@@ -43,6 +44,17 @@ def task_weight(text: str) -> tuple[str, float]:
         except ValueError:
             pass
     return text, 1.0
+
+
+def share(text: str) -> float:
+    """An argparse type for a share such as --min-effect: a number from 0 to 1 (NaN and Inf are not)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 to 1 (a share, e.g. 0.95)")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "its --original folder (else the task as stored), and warn below --min-effect or near zero",
     )
     p.add_argument("--original", nargs="+", metavar="DIR", help="--verify against these adapter folders")
-    p.add_argument("--min-effect", type=float, default=0.95, help="--verify warns below this effect retained")
+    p.add_argument("--min-effect", type=share, default=0.95, help="--verify warns below this effect retained")
     p.set_defaults(run="export")
 
     p = commands.add_parser("merge", help="merge stored tasks on ΔW into one adapter (a folder and/or a new task)")
@@ -181,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", default="bundled", help="the base model: bundled (default), a folder, org/name")
     p.add_argument("--method", choices=list(BASIS_METHODS), default=DEFAULT_METHOD, help="basis for adapter folders")
     p.add_argument("--k", default="1,2,4,8,16,32", help="comma-separated k to measure (default 1,2,4,8,16,32)")
-    p.add_argument("--min-effect", type=float, default=0.95, help="effect retained every task must keep")
-    p.add_argument("--min-agreement", type=float, default=0.95, help="top-1 agreement every task must keep")
+    p.add_argument("--min-effect", type=share, default=0.95, help="effect retained every task must keep")
+    p.add_argument("--min-agreement", type=share, default=0.95, help="top-1 agreement every task must keep")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run="evaluate")
     return parser
