@@ -341,6 +341,8 @@ def test_cli_merge_refuses_unknown_tasks_and_bad_numbers(store, tmp_path):
     cases = [
         (["nope"], "unknown task 'nope'"),
         (["sentiment:nan"], "not a finite number"),
+        (["sentiment:abc"], "'sentiment:abc': the weight 'abc' of task 'sentiment' is not a number"),
+        (["qa", "sentiment:0,5"], "the weight '0,5' of task 'sentiment' is not a number; write TASK:WEIGHT"),
         (["sentiment", "--density", "0"], "(0, 1]"),
         (["sentiment", "--rank", "0"], "positive whole number"),
     ]

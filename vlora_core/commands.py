@@ -182,6 +182,7 @@ def merge(args) -> None:
     if args.task_id:
         with store_lock(args.store):  # load, merge, add and save as one step, as `vlora add` does
             subspace = SharedSubspace.load(args.store)
+            _check_weights(args.tasks, subspace.task_ids)
             stored = subspace.merge(list(task_ids), list(weights), config=config, name=name, fit_store=True)
             task = subspace.add(stored.adapter, args.task_id, incremental=True)
             subspace.save(args.store)
@@ -192,6 +193,7 @@ def merge(args) -> None:
         )
     else:
         subspace = SharedSubspace.load(args.store)
+        _check_weights(args.tasks, subspace.task_ids)
     if args.task_id and not args.output:
         result = stored
     else:
@@ -211,6 +213,18 @@ def merge(args) -> None:
             )
     if args.base_model:
         _print_merge_behaviour(subspace, task_ids, weights, config, result, args)
+
+
+def _check_weights(texts: list[str], known: list[str]) -> None:
+    """'qa:abc' naming no task while 'qa' is one: the weight is the typo (a task id may hold ':', so
+    ``task_weight`` keeps it whole)."""
+    for text in texts:
+        task_id, sep, weight = text.rpartition(":")
+        if sep and text not in known and task_id in known and task_weight(text)[0] == text:
+            raise VLoRAError(
+                f"{text!r}: the weight {weight!r} of task {task_id!r} is not a number; write TASK:WEIGHT with a "
+                f"number, e.g. {task_id}:0.5."
+            )
 
 
 def _print_merge_behaviour(subspace, task_ids, weights, config, result, args) -> None:
