@@ -295,6 +295,19 @@ def test_float16_overflow_is_refused_before_writing(adapters, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_float16_export_overflow_names_float16_and_the_dtypes_that_fit(adapters, tmp_path):
+    dirs = []
+    for d in adapters:
+        shutil.copytree(d, tmp_path / d.name)
+        dirs.append(_as_dtype(tmp_path / d.name, torch.float32, scale=1e6))  # canonical factors ~1e6: past fp16
+    assert vlora("compress", *dirs, "-o", tmp_path / "store", "-k", "2").returncode == 0
+    refused = vlora("export", tmp_path / "store", "template", "-o", tmp_path / "out", "--dtype", "fp16")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "overflow float16; export with --dtype fp32 or bf16 (float32's range)." in refused.stderr, refused.stderr
+    assert "lora_alpha" not in refused.stderr  # no --alpha was given: the dtype is the fix
+    assert not (tmp_path / "out").exists()
+
+
 CORRUPTIONS = {  # what a faulty export path could write: each must be caught by the read-back check
     "a factor off by 0.1%": lambda layer: layer.B.mul_(1.001),
     "a zero factor": lambda layer: layer.A.zero_(),

@@ -107,9 +107,11 @@ def task_adapter(
         root = math.sqrt(scaling)
         A, B = (F_A.T / root).to(dtype), (F_B / root).to(dtype)  # (r, d_in), (d_out, r)
         if not (A.isfinite().all() and B.isfinite().all()):
+            fixes = ["--dtype fp32 or bf16 (float32's range)"] if dtype == torch.float16 else []
+            fixes += [f"a lora_alpha nearer the task's own ({task.config.get('lora_alpha')})"] if alpha else []
             raise VLoRAError(
-                f"task {task_id!r}: at {source} the factors of {name} overflow {task.dtype}; "
-                f"export with a lora_alpha nearer the task's own ({task.config.get('lora_alpha')})."
+                f"task {task_id!r}: at {source} the factors of {name} overflow {str(dtype).removeprefix('torch.')}; "
+                f"export with {' or '.join(fixes or ['--dtype fp32'])}."
             )
         layers[name] = LoRALayer(A=A, B=B, scaling=scaling)
     return LoRAAdapter(task_id, config, layers, dict(task.extras), source=f"task {task_id!r}")
