@@ -13,6 +13,9 @@ from conftest import run_cli as vlora
 from conftest import snapshot, write_adapter
 from safetensors.torch import load_file, save_file
 
+from vlora import SharedSubspace
+from vlora_core import quality
+
 KEY_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 KEY_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 
@@ -128,10 +131,33 @@ def test_bad_adapter_is_refused_and_the_store_is_unchanged(name, store, adapter_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad adapter"]  # nothing written beside it
 
 
-def test_large_but_sane_weights_are_stored(adapter_dirs, tmp_path):
-    folder = write_adapter(tmp_path / "loud", 5)
+def _scaled(folder, factor):
     state = load_file(_weights(folder))
-    save_file({key: value * 1e6 for key, value in state.items()}, _weights(folder))  # |value| about 1e5
-    result = vlora("compress", *adapter_dirs[:2], folder, "-o", tmp_path / "store", "-k", "2")
+    save_file({key: value * factor for key, value in state.items()}, _weights(folder))
+    return folder
+
+
+def test_large_but_sane_weights_are_stored(tmp_path):
+    loud = [_scaled(write_adapter(tmp_path / f"loud{i}", i), 1e6) for i in range(3)]  # |value| about 1e5
+    result = vlora("compress", *loud, "-o", tmp_path / "store", "-k", "2")
     assert result.returncode == 0, result.stderr
     assert "stored 3 tasks" in result.stdout
+    assert max(quality.task_errors(SharedSubspace.load(tmp_path / "store")).values()) < 1e-5  # lossless k
+
+
+@pytest.mark.parametrize("factor, refused", [(1e3, False), (1e5, True)])
+def test_one_adapter_far_larger_than_the_others_is_refused_not_rounding_them_away(
+    adapter_dirs, tmp_path, factor, refused
+):
+    """Factors 10^5 x the others' (ΔW 10^10 x) would leave the other tasks with ΔW errors of 3e-3 at a lossless k,
+    10^6 x with 0.31 (rc 0, nothing said): such a set is refused by name, and nothing is written; 10^3 x (ΔW 10^6 x)
+    is stored with the others intact."""
+    loud = _scaled(write_adapter(tmp_path / "loud", 5), factor)
+    result = vlora("compress", *adapter_dirs[:2], loud, "-o", tmp_path / "store", "-k", "2")
+    if refused:
+        assert result.returncode == 1 and "loud" in result.stderr and "times that of" in result.stderr
+        assert "store of its own" in result.stderr and not (tmp_path / "store").exists()
+        return
+    assert result.returncode == 0, result.stderr
+    errors = quality.task_errors(SharedSubspace.load(tmp_path / "store"))
+    assert max(errors.values()) < 1e-4, errors
