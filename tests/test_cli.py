@@ -146,9 +146,10 @@ def test_eval_measures_behaviour_per_k_and_recommends(adapter_dirs, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     lines = [{"prompt": "the cat sat on", "answer": " the mat today"}, {"prompt": "one two three", "answer": " four"}]
     prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    args = [*adapter_dirs, "--base-model", model, "--prompts", prompts, "--method", "rank", "--k", "1,2,16"]
+    args = [*adapter_dirs, "--base-model", model, "--prompts", prompts, "--method", "rank", "--k", "1,2,16,10000"]
     result = vlora("eval", *args, "--json")
     assert result.returncode == 0, result.stderr
+    assert "--k above 16 (the most any layer holds) measured as k=16" in result.stderr  # not recommended as 10000
     data = json.loads(result.stdout)  # strict JSON: no NaN
     settings = {s["label"]: s for s in data["report"]["settings"]}
     assert set(settings) == {"k=1", "k=2", "k=16"}

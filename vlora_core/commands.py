@@ -281,6 +281,10 @@ def evaluate(args) -> None:
     else:
         adapters = [load_adapter(path) for path in args.sources]
         full = SharedSubspace.decompose(adapters, method=args.method)
+    most = max(k for sides in full.layer_ks.values() for k in sides.values())
+    if max(ks) > most:  # past every layer's k a setting is the whole store again, not a smaller one
+        print(f"note: --k above {most} (the most any layer holds) measured as k={most}", file=sys.stderr)
+        ks = sorted({min(k, most) for k in ks})
     model, tokenizer = load_base_model(args.base_model)
     report = measure(model, tokenizer, full, ks, prompts)
     advice = recommend(report, args.min_effect, args.min_agreement)
