@@ -1,6 +1,7 @@
 """The `vlora` command: the spec's commands verbatim, exit codes, and stores left untouched on failure."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -66,6 +67,7 @@ def test_export_all_and_add(store, adapter_dirs, tmp_path, input_ids):
         (["export", "{store}", "nope", "-o", "{tmp}/x"], "unknown task 'nope'"),
         (["export", "{store}", "-o", "{tmp}/x"], "give either a TASK or --all"),
         (["add", "{store}", "{adapter}", "--task-id", "qa"], "already in this store"),
+        (["add", "{store}", "{adapter}", "--task-id", ""], "task id '' is empty"),  # not the folder's name instead
         (["add", "{store}", "{rank8}", "--task-id", "r8"], "rank 8 differs from rank 4"),
         (["add", "{store}", "{tmp}/empty"], "no adapter_config.json"),
         (["compress", "{adapter}", "-o", "{tmp}/single"], "at least 2 adapters"),
@@ -200,3 +202,18 @@ def test_export_verify_warns_below_the_threshold_and_is_quiet_when_kept(adapter_
     assert missing.returncode == 1 and "--original: no folder named" in missing.stderr
     gguf = vlora("export", tmp_path / "k3", "qa", "-o", tmp_path / "q.gguf", "--format", "gguf", "--verify")
     assert gguf.returncode == 1 and "--verify reads the export back as a PEFT folder" in gguf.stderr
+
+
+def test_adapters_naming_different_base_models_are_stored_with_a_warning(adapter_dirs, tmp_path):
+    """Shapes agree, so they can share a basis; but one may be for another model of the same shape: said on compress
+    and add, naming each model and its adapters."""
+    other = tmp_path / "other"
+    shutil.copytree(adapter_dirs[3], other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "org/another-model"}))
+    result = vlora("compress", *adapter_dirs[:2], other, "-o", tmp_path / "s", "-k", "1")
+    assert result.returncode == 0 and "name 2 base models" in result.stderr and "org/another-model" in result.stderr
+    result = vlora("compress", *adapter_dirs[:2], "-o", tmp_path / "t", "-k", "1")
+    assert result.returncode == 0 and "base models" not in result.stderr
+    result = vlora("add", tmp_path / "t", other, "--incremental")
+    assert result.returncode == 0 and "org/another-model (" in result.stderr and "task " in result.stderr

@@ -258,3 +258,17 @@ def test_compress_on_a_named_device_gives_the_same_store(adapter_dirs):
         for side, basis in sides.items():
             assert torch.equal(placed.bases[name][side].components, basis.components)
     assert {t.id: t.errors for t in placed.tasks.values()} == {t.id: t.errors for t in default.tasks.values()}
+
+
+def test_from_adapters_takes_folders_as_well_as_adapters(adapter_dirs):
+    loaded = SharedSubspace.from_adapters([load_adapter(d) for d in adapter_dirs], num_components=2)
+    given = SharedSubspace.from_adapters([str(adapter_dirs[0]), *adapter_dirs[1:]], num_components=2)
+    assert given.task_ids == loaded.task_ids and quality.task_errors(given) == quality.task_errors(loaded)
+    with pytest.raises(VLoRAError, match="expected a LoRAAdapter .* or an adapter folder, got int"):
+        SharedSubspace.from_adapters([1, 2])
+    with pytest.raises(VLoRAError, match="load_adapter takes an adapter folder's path, not NoneType"):
+        load_adapter(None)
+    with pytest.raises(VLoRAError, match="'bogus' is not a device name"):
+        SharedSubspace.from_adapters(adapter_dirs, device="bogus")
+    with pytest.raises(TaskError, match="task id 1 is not a string but int"):
+        SharedSubspace.from_adapters(adapter_dirs, task_ids=[1, 2, 3, 4])

@@ -22,8 +22,10 @@ from .adapter import LoRAAdapter
 from .basis import Basis
 from .calibration import DEFAULT_DAMPING, Calibration, calibrate
 from .config import DEFAULT_METHOD, DEFAULT_NUM_COMPONENTS, DEFAULT_VARIANCE_THRESHOLD, CompressConfig
-from .errors import TaskError, VLoRAError
+from .device import check_device
+from .errors import TaskError, VLoRAError, short_list
 from .io import store_files
+from .io.peft_files import load_adapter
 from .merge import MergeConfig, MergeResult
 from .methods import get_method
 from .options import DEFAULT_CHUNK  # adapters read at a time by stream_compress
@@ -119,6 +121,9 @@ class SharedSubspace:
             >>> SharedSubspace.from_adapters(adapters, task_ids=["a", "b", "c"], num_components=4)
         """
         config = CompressConfig(num_components, method, adaptive_k, variance_threshold)
+        adapters = [_as_adapter(a) for a in adapters]
+        device = None if device is None else check_device(device)
+        _warn_if_base_models_differ([(a.config, a.source or a.name) for a in adapters])
         calibration = _calibration(calibration, adapters, task_ids, base_model, damping)
         dtype = get_precision(dtype).name if dtype else default_precision([a.dtype for a in adapters])
         pieces = compress.fit(
@@ -301,9 +306,11 @@ class SharedSubspace:
         self, adapter: LoRAAdapter, task_id: str | None, check_free: bool = True
     ) -> tuple[str, dict[str, Factors]]:
         """A valid task id for ``adapter`` (free in this store), checked against its layers, and its factors."""
-        task_id = task_id or adapter.name
+        task_id = adapter.name if task_id is None else task_id
         task_id = compress.new_task_id(self.tasks, task_id) if check_free else check_task_id(task_id)
         compress.check_layers(self.shapes, adapter, "this store")
+        stored = [(t.config, f"task {t.id}") for t in self.tasks.values()]
+        _warn_if_base_models_differ([*stored, (adapter.config, adapter.source or adapter.name)])
         return task_id, compress.layer_factors([adapter], list(self.shapes))
 
     # ---- quality ----------------------------------------------------------------------------------
@@ -415,3 +422,28 @@ def stream_compress(
         paths, task_ids, config, chunk=chunk, headroom=headroom, measure=measure, progress=progress, precision=dtype
     )
     return SharedSubspace(config.method, *pieces, config.num_components, dtype)
+
+
+def _as_adapter(item: LoRAAdapter | str | Path) -> LoRAAdapter:
+    """An adapter given as itself or as its folder."""
+    if isinstance(item, LoRAAdapter):
+        return item
+    if isinstance(item, (str, Path)):
+        return load_adapter(item)
+    raise VLoRAError(f"expected a LoRAAdapter (load_adapter) or an adapter folder, got {type(item).__name__}.")
+
+
+def _warn_if_base_models_differ(items: list[tuple[dict, str]]) -> None:
+    """Say when adapters (their configs, and where each came from) name different base models: their shapes agree
+    (checked when fitting), so they can share a basis, but one may be for another model of the same shape; each
+    export keeps its own base_model_name_or_path."""
+    named: dict[str, list[str]] = {}
+    for config, source in items:
+        named.setdefault(str(config.get("base_model_name_or_path")), []).append(source)
+    if len(named) > 1:
+        log.warning(
+            "these adapters name %d base models: %s. Their shapes agree, so they share a basis; check that they "
+            "are meant for one model (each export keeps its own base_model_name_or_path).",
+            len(named),
+            "; ".join(f"{model} ({short_list(sources, limit=2)})" for model, sources in named.items()),
+        )

@@ -33,6 +33,8 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
     Example:
         >>> load_adapter("adapters/sentiment").ranks
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise AdapterError(f"load_adapter takes an adapter folder's path, not {type(path).__name__} {path!r}.")
     folder = Path(path)
     source = str(path)
     if not folder.is_dir():
