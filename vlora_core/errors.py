@@ -41,7 +41,9 @@ MAX_TASK_ID = 200  # characters
 def check_task_id(task_id: object) -> str:
     """A usable task id: a non-blank string of at most MAX_TASK_ID printable characters."""
     if not isinstance(task_id, str):
-        raise TaskError(f"task id {task_id!r} is not a string but {type(task_id).__name__}; use names like 'sentiment'.")
+        raise TaskError(
+            f"task id {task_id!r} is not a string but {type(task_id).__name__}; use names like 'sentiment'."
+        )
     if not task_id.strip():
         raise TaskError(f"task id {task_id!r} is empty; give each task a short name.")
     if len(task_id) > MAX_TASK_ID or any(ord(c) < 32 for c in task_id):
