@@ -217,3 +217,15 @@ def test_adapters_naming_different_base_models_are_stored_with_a_warning(adapter
     assert result.returncode == 0 and "base models" not in result.stderr
     result = vlora("add", tmp_path / "t", other, "--incremental")
     assert result.returncode == 0 and "org/another-model (" in result.stderr and "task " in result.stderr
+
+
+def test_compress_force_names_the_tasks_it_replaces(adapter_dirs, tmp_path):
+    store = tmp_path / "s"
+    assert vlora("compress", *adapter_dirs[:3], "-o", store, "-k", "1").returncode == 0
+    result = vlora("compress", *adapter_dirs[2:], "-o", store, "-k", "1", "--force")
+    assert result.returncode == 0, result.stderr
+    gone = [d.name for d in adapter_dirs[:2]]
+    assert f"replaced a store of 3 tasks (--force); not in the new one: {gone[0]!r}, {gone[1]!r}" in result.stderr
+    assert SharedSubspace.load(store).task_ids == [d.name for d in adapter_dirs[2:]]
+    again = vlora("compress", *adapter_dirs[2:], "-o", store, "-k", "1", "--force")  # the same tasks: nothing to say
+    assert again.returncode == 0 and "replaced a store" not in again.stderr

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +36,7 @@ from safetensors.torch import save as save_bytes
 
 from ..basis import Basis
 from ..constants import SIDES, STORE_FORMAT, STORE_FORMAT_VERSION, STORE_LOCK, STORE_MANIFEST, int8_scale_shapes
-from ..errors import StoreError
+from ..errors import StoreError, short_list
 from ..methods import get_method
 from ..precision import SCALE, Precision, get_precision
 from ..records import LayerShape, Task
@@ -112,6 +113,15 @@ def _save_locked(folder: Path, pieces: tuple, loaded_generation: int | None, for
             raise
         keep = set(manifest["checksums"]) | set((previous or {}).get("checksums", {}))
         _remove_unreferenced(folder, keep)
+        if force and previous is not None and previous["generation"] != loaded_generation:  # another store replaced
+            dropped = [t["id"] for t in previous["tasks"] if t["id"] not in pieces[3]]
+            if dropped:
+                logging.getLogger("vlora").warning(
+                    "%s: replaced a store of %d tasks (--force); not in the new one: %s",
+                    folder,
+                    len(previous["tasks"]),
+                    short_list([repr(i) for i in dropped], limit=10),
+                )
         return manifest["generation"]
 
 
