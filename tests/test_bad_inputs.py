@@ -5,6 +5,7 @@ exit code 1, a message naming the problem, no traceback, and the store byte for 
 """
 
 import json
+import os
 import struct
 
 import pytest
@@ -22,6 +23,11 @@ KEY_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 
 def _weights(f):
     return f / "adapter_model.safetensors"
+
+
+def _relink(file, target):
+    file.unlink()
+    file.symlink_to(target)
 
 
 def _config(f):
@@ -102,6 +108,9 @@ CORPUS = {  # name -> (damage the folder, words the message must contain)
         "lora_magnitude_vector",
     ),
     "weights missing": (lambda f: _weights(f).unlink(), "no adapter_model.safetensors"),
+    "weights a link to a device": (lambda f: _relink(_weights(f), "/dev/zero"), "is not a regular file"),
+    "weights a pipe": (lambda f: (_weights(f).unlink(), os.mkfifo(_weights(f))), "is not a regular file"),
+    "weights a link to nothing": (lambda f: _relink(_weights(f), f / "gone"), "is not a regular file"),
     "rank mismatch with the store": (lambda f: None, "rank 8 differs from rank 4"),
     "module mismatch with the store": (lambda f: None, "targets different modules"),
 }

@@ -118,6 +118,9 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
         if not isinstance(state, dict):
             raise AdapterError(f"{legacy}: holds a {type(state).__name__}, not a state dict of tensors.")
         return state
+    for file in (weights, legacy):
+        if file.is_symlink() or file.exists():  # a device, a pipe, a folder, or a link to nothing
+            raise AdapterError(f"{file}: is not a regular file; put the adapter's weights file itself there.")
     raise AdapterError(f"{folder}: no {ADAPTER_WEIGHTS} (or legacy {ADAPTER_WEIGHTS_LEGACY}) in this folder.")
 
 
