@@ -60,6 +60,7 @@ def fit(
     device: str | torch.device | None = None,
     precision: str = "float32",
     calibration: Calibration | None = None,
+    scales: dict | None = None,
 ) -> Pieces:
     """Shapes, bases and tasks of ``adapters``: every direction, or cut to ``config``'s k.
 
@@ -70,7 +71,8 @@ def fit(
     store on disk. With ``device`` (e.g. "cuda") the gauge and the SVDs of each batch run there; what is
     kept comes back to the CPU. With a ``calibration`` (``vlora_core.calibration``) each batch is fitted in the
     whitened metric and its A sides taken back to plain coordinates after the cut; each task's
-    activation-weighted error is recorded next to its ΔW error.
+    activation-weighted error is recorded next to its ΔW error. A layer where one task's ΔW is too many times
+    another's is refused (``check_scales``; ``scales`` carries what earlier calls saw, for ``stream``).
     """
     ids = resolve_task_ids(adapters, task_ids)
     shapes = check_compatible(adapters)
@@ -85,7 +87,7 @@ def fit(
         stacked = batch_factors(adapters, batch, device, columns)  # F_A (L, N, d_in, r), F_B (L, N, d_out, r)
         if calibration is not None:
             stacked = calibration.whiten(batch, stacked)  # the factors of ΔW·S, in the whitened gauge
-        _fit_batch(method, batch, stacked, bases, tasks.values(), top, hints)
+        _fit_batch(method, batch, stacked, bases, tasks.values(), top, hints, scales)
         if device is not None:
             _to_cpu(bases, tasks.values(), batch)
             stacked = tuple(F.cpu() for F in stacked)
@@ -123,13 +125,15 @@ def _fit_batch(
     tasks: Iterable[Task],
     top: int | None = None,
     hints: dict | None = None,
+    scales: dict | None = None,
 ) -> None:
     """Fit same-shape layers from F_A (L, N, d_in, r), F_B (L, N, d_out, r), forming at most ``top``
     directions each; ``tasks`` (N of them) get their loadings. ``hints`` ((side, shape) -> ``krylov.Hint``,
-    filled here) carry the Krylov work from one batch to the next."""
+    filled here) carry the Krylov work from one batch to the next; ``scales`` the ``check_scales`` of each
+    layer's ΔW norms from one batch of tasks to the next."""
     rule = get_method(method)
     tasks = list(tasks)
-    check_scales(names, stacked, tasks)
+    check_scales(names, stacked, [t.source or t.id for t in tasks], scales)
     for side, F in zip(SIDES, stacked):
         vectors = rule.to_vectors(F.flatten(0, 1)).unflatten(0, F.shape[:2])  # (L, N, g, D), a view for flat
         hint = None if hints is None else hints.setdefault((side, F.shape[1:]), krylov.Hint())
@@ -139,24 +143,26 @@ def _fit_batch(
                 task.loadings.setdefault(name, {})[side] = rows
 
 
-def check_scales(names: list[str], stacked: Factors, tasks: list[Task]) -> None:
-    """Refuse to fit layers where one task's ΔW is more than MAX_SCALE_RATIO times another's: in one float32 basis
-    the smaller would be rounded away, and every task with it (one adapter scaled up 10^6 x in its factors, 10^12
-    in ΔW, left the others at a lossless k with 31-38 % ΔW error). Layers where a task's ΔW is zero do not count."""
-    F_A, F_B = (F.double() for F in stacked)  # (L, N, d, r): squared norms can pass float32's range
+def check_scales(names: list[str], stacked: Factors, labels: list[str], seen: dict | None = None) -> None:
+    """Refuse layers where one task's ΔW is more than MAX_SCALE_RATIO times another's: in one float32 basis the
+    smaller would be rounded away, and every task with it (one adapter scaled up 10^6 x in its factors, 10^12 in
+    ΔW, left the others at a lossless k with 31-38 % ΔW error). ``labels`` name the N tasks of F_A (L, N, d, r);
+    ``seen`` (layer -> the smallest and largest (‖ΔW‖, label) so far) carries the check across batches of tasks.
+    A zero ΔW does not count."""
+    F_A, F_B = (F.double() for F in stacked)  # squared norms can pass float32's range
     norms = ((F_B.mT @ F_B) * (F_A.mT @ F_A)).sum(dim=(-2, -1)).clamp(min=0).sqrt()  # (L, N) ‖ΔW‖
-    for name, row in zip(names, norms):
-        present = row > 0
-        if int(present.sum()) < 2:
+    seen = {} if seen is None else seen
+    for name, row in zip(names, norms.tolist()):
+        present = [(norm, label) for norm, label in zip(row, labels) if norm > 0] + seen.get(name, [])
+        if not present:
             continue
-        small, big = (int(i) for i in (row.where(present, torch.inf).argmin(), row.argmax()))
-        ratio = float(row[big] / row[small])
-        if ratio > MAX_SCALE_RATIO:
+        small, big = min(present), max(present)
+        seen[name] = [small, big]
+        if big[0] > MAX_SCALE_RATIO * small[0]:
             raise CompatibilityError(
-                f"layer {name}: the ΔW of {tasks[big].source or tasks[big].id} is {ratio:.1e} times that of "
-                f"{tasks[small].source or tasks[small].id} (at most {MAX_SCALE_RATIO:.0e} can share one float32 "
-                "basis: the smaller would be lost to rounding). Check the larger adapter's weights and lora_alpha, "
-                "or compress it in a store of its own."
+                f"layer {name}: the ΔW of {big[1]} is {big[0] / small[0]:.1e} times that of {small[1]} (at most "
+                f"{MAX_SCALE_RATIO:.0e} can share one float32 basis: the smaller would be lost to rounding). Check "
+                "the larger adapter's weights and lora_alpha, or compress it in a store of its own."
             )
 
 
@@ -338,25 +344,21 @@ def stream(
     check_stream_options(chunk, headroom)
     chunks = [range(i, min(i + chunk, len(paths))) for i in range(0, len(paths), chunk)]
     cap = CompressConfig(headroom * config.num_components, config.method)
-    shapes, bases, tasks = None, {}, {}
+    shapes, bases, tasks, scales = None, {}, {}, {}
     for part in tqdm(chunks, desc="streaming compress", disable=not progress):
         adapters = [load_adapter(paths[i], ids[i]) for i in part]
         if shapes is None:
-            shapes, bases, tasks = fit(adapters, [ids[i] for i in part], config.method)
+            shapes, bases, tasks = fit(adapters, [ids[i] for i in part], config.method, scales=scales)
             bases, tasks = cut(bases, tasks, layer_ks(bases, cap))
             continue
         new = []
         for adapter in adapters:
             check_layers(shapes, adapter, "this store")
             new.append(Task.from_adapter(adapter, new_task_id(tasks | {t.id: t for t in new}, adapter.name)))
-        extend(
-            config.method,
-            bases,
-            list(tasks.values()),
-            layer_factors(adapters, list(shapes)),
-            new,
-            max_k=cap.num_components,
-        )
+        factors = layer_factors(adapters, list(shapes))
+        for name, pair in factors.items():
+            check_scales([name], tuple(F[None] for F in pair), [a.source for a in adapters], scales)
+        extend(config.method, bases, list(tasks.values()), factors, new, max_k=cap.num_components)
         tasks.update({t.id: t for t in new})
     bases, tasks = cut(bases, tasks, layer_ks(bases, config))
     round_to(precision, bases, tasks.values())
