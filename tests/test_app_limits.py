@@ -278,6 +278,8 @@ def _damaged_tree(root: Path, template: Path, good: list[Path]) -> dict[str, str
     for i, (name, (damage, words)) in enumerate(CORPUS.items()):
         if "mismatch" in name:
             continue  # these load, listed with a compatibility problem (tested in test_app_api)
+        if name.startswith("weights a "):
+            continue  # a link or a pipe: an uploaded zip carries neither (links are refused: test_archive)
         folder = root / f"bad{i:02d}"
         shutil.copytree(template, folder)
         damage(folder)
