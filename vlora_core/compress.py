@@ -33,7 +33,7 @@ from .gauge import canonical_factors
 from .io.peft_files import folder_task_id, load_adapter
 from .methods import get_method
 from .precision import get_precision
-from .quality import delta_w_distance, delta_w_errors
+from .quality import delta_w_distance, delta_w_errors, delta_w_norms
 from .records import Factors, LayerKs, LayerShape, Task, check_task_id
 
 Bases = dict[str, dict[str, basis_math.Basis]]  # layer -> side -> Basis
@@ -149,10 +149,7 @@ def check_scales(names: list[str], stacked: Factors, labels: list[str], seen: di
     ΔW, left the others at a lossless k with 31-38 % ΔW error). ``labels`` name the N tasks of F_A (L, N, d, r);
     ``seen`` (layer -> the smallest and largest (‖ΔW‖, label) so far) carries the check across batches of tasks.
     A zero ΔW does not count."""
-    grams = [F.mT @ F for F in stacked]  # (L, N, r, r) in float32 (each below 2^64: adapter._check_magnitude) ...
-    if not all(bool(G.isfinite().all()) for G in grams):  # ... unless calibration's whitening made them larger
-        grams = [F.double().mT @ F.double() for F in stacked]
-    norms = (grams[0].double() * grams[1].double()).sum(dim=(-2, -1)).clamp(min=0).sqrt()  # (L, N) ‖ΔW‖, in float64
+    norms = delta_w_norms(*stacked)  # (L, N)
     seen = {} if seen is None else seen
     for name, row in zip(names, norms.tolist()):
         present = [(norm, label) for norm, label in zip(row, labels) if norm > 0] + seen.get(name, [])

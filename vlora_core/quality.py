@@ -60,6 +60,16 @@ def delta_w_distance(reference: tuple[torch.Tensor, torch.Tensor], other: tuple[
     return ((X.mT @ X) * (Y.mT @ Y)).sum(dim=(1, 2)).clamp(min=0).sqrt()
 
 
+def delta_w_norms(F_A: torch.Tensor, F_B: torch.Tensor) -> torch.Tensor:
+    """‖ΔW‖ = ⟨F_BᵀF_B, F_AᵀF_A⟩^½ per task, float64, for factors (..., d, r) of any gauge -> (...,). The r x r
+    Grams are formed in float32 (below 2^64 for factors the adapter reader accepts: ``adapter._check_magnitude``;
+    in float64 where they are not finite, e.g. after calibration's whitening) and multiplied in float64."""
+    grams = [F.mT @ F for F in (F_A, F_B)]
+    if not all(bool(G.isfinite().all()) for G in grams):
+        grams = [F.double().mT @ F.double() for F in (F_A, F_B)]
+    return (grams[0].double() * grams[1].double()).sum(dim=(-2, -1)).clamp(min=0).sqrt()
+
+
 def stored_bytes(subspace, bytes_per_number: int | None = None) -> int:
     """Bytes of the shared basis plus every task's loadings in the store's precision (int8: with its scales),
     or at ``bytes_per_number``; extras, singular values and file headers not counted."""
