@@ -114,7 +114,8 @@ def _save_locked(folder: Path, pieces: tuple, loaded_generation: int | None, for
         keep = set(manifest["checksums"]) | set((previous or {}).get("checksums", {}))
         _remove_unreferenced(folder, keep)
         if force and previous is not None and previous["generation"] != loaded_generation:  # another store replaced
-            dropped = [t["id"] for t in previous["tasks"] if t["id"] not in pieces[3]]
+            tasks = pieces[3]  # save_store's order: method, shapes, bases, tasks, ...
+            dropped = [t["id"] for t in previous["tasks"] if t["id"] not in tasks]
             if dropped:
                 logging.getLogger("vlora").warning(
                     "%s: replaced a store of %d tasks (--force); not in the new one: %s",
